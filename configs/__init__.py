@@ -1,0 +1,1 @@
+"""Bundled TriangleMix layer maps (installed as ``vllm_trianglemix.configs``)."""

@@ -1,0 +1,93 @@
+"""An independent float64 Llama forward with the exact TriangleMix mask per layer.
+
+It reads the tiny model's safetensors and config directly (no vLLM, no
+transformers modelling code) and applies, in each layer, the mask from
+``vllm_trianglemix.pattern.visible`` with the layer's parameters: the same
+definition the plugin uses, so the tests compare vLLM with the rule itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from vllm_trianglemix.config import LayerMap
+from vllm_trianglemix.pattern import dense_start, visible
+
+
+class ReferenceLlama:
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float64):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.cfg = json.load(f)
+        self.dtype = dtype
+        self.w = {k: v.to(dtype) for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
+        c = self.cfg
+        self.num_layers = c["num_hidden_layers"]
+        self.num_heads = c["num_attention_heads"]
+        self.num_kv_heads = c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.num_heads
+        self.eps = c["rms_norm_eps"]
+        theta = c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta", 10000.0)
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=dtype) / self.head_dim))
+
+    def _norm(self, x, weight):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * weight
+
+    def _rope(self, x, pos):
+        freqs = pos[:, None].to(self.dtype) * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.no_grad()
+    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None):
+        """log-softmax of the logits at every position, [T, vocab].
+
+        ``prompt_len`` (default: all tokens) is the L of the rule; positions at
+        or past it (generated tokens) are dense rows, as in the plugin.
+        ``layer_map=None`` runs every layer dense.
+        """
+        n = len(token_ids)
+        prompt_len = n if prompt_len is None else prompt_len
+        pos = torch.arange(n)
+        x = self.w["model.embed_tokens.weight"][torch.tensor(token_ids)]
+        group = self.num_heads // self.num_kv_heads
+        scale = self.head_dim ** -0.5
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            h = self._norm(x, self.w[p + "input_layernorm.weight"])
+            q = (h @ self.w[p + "self_attn.q_proj.weight"].T).view(n, self.num_heads, self.head_dim)
+            k = (h @ self.w[p + "self_attn.k_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
+            v = (h @ self.w[p + "self_attn.v_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            params = layer_map.params_for(i) if layer_map is not None else None
+            if params is None:
+                mask = visible(pos[:, None], pos[None, :], 0, 0, 1)
+            else:
+                ds = int(dense_start(prompt_len, params.n_last, layer_map.min_prompt_len))
+                mask = visible(pos[:, None], pos[None, :], ds, params.n_init, params.n_local)
+            kk = k.repeat_interleave(group, dim=1).transpose(0, 1)
+            vv = v.repeat_interleave(group, dim=1).transpose(0, 1)
+            s = (q.transpose(0, 1) @ kk.transpose(1, 2)) * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            a = (torch.softmax(s, dim=-1) @ vv).transpose(0, 1).reshape(n, -1)
+            x = x + a @ self.w[p + "self_attn.o_proj.weight"].T
+            h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
+            gate = h @ self.w[p + "mlp.gate_proj.weight"].T
+            up = h @ self.w[p + "mlp.up_proj.weight"].T
+            x = x + (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
+        x = self._norm(x, self.w["model.norm.weight"])
+        logits = x @ self.w["lm_head.weight"].T
+        return torch.log_softmax(logits, dim=-1)
+
+    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None) -> torch.Tensor:
+        """Logprob of each token given the ones before it (positions 1..T-1)."""
+        lp = self.logprobs(token_ids, layer_map, prompt_len)
+        ids = torch.tensor(token_ids[1:])
+        return lp[:-1].gather(1, ids[:, None])[:, 0]

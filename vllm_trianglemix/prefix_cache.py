@@ -1,0 +1,118 @@
+"""Prefix caching under TriangleMix: which cached K/V may be reused.
+
+vLLM reuses a cached block when the hash chain of its token ids (plus "extra
+keys") matches. Under TriangleMix the K/V of a position also depend on how the
+rows up to it were computed: in layers after the first triangle layer, the K/V
+at position ``p`` differ depending on whether row ``p`` (and earlier rows) were
+triangle rows or dense rows, and that depends on the request's prompt length.
+
+The rule (exact in every case): each full block gets an extra hash key that
+records, per distinct parameter set of the map, how many of its rows are
+*sparse* rows, i.e. triangle rows that see fewer keys than dense attention
+(``first_sparse_row <= p < dense start``). Blocks without sparse rows get no
+extra key, so they hash exactly as under the stock backend. A cached block is
+reused only by a request that computes every row of it, and of every block
+before it (the hash is a chain), the same way; so a cache hit always gives
+what a fresh prefill gives.
+
+What that means in practice:
+
+* the same prompt again, a shared system prompt or document prefix, a
+  request resumed after preemption: hits, exactly as without TriangleMix;
+* short prompts (below ``min_prompt_len``) only share blocks computed dense;
+* multi-turn chat: the next turn's prompt contains the previous prompt's last
+  ``n_last`` rows and the previous answer, which were computed dense but are
+  sparse rows now. The cache hit stops at the first such block and the rest
+  (about ``n_last`` + answer + new message tokens) is recomputed as triangle
+  rows; everything before it is reused.
+
+The tag is added in the engine-core process (where vLLM hashes blocks); the
+hook is installed there only, and is a no-op unless the engine selected
+TriangleMix.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+
+from vllm_trianglemix.config import LayerMap
+from vllm_trianglemix.pattern import dense_start, first_sparse_row
+
+ENGINE_CORE_MODULE = "vllm.v1.engine.core"
+
+_tagger: "BlockTagger | None" = None
+
+
+class BlockTagger:
+    """Extra hash key of a block, from the request's prompt length and the map."""
+
+    def __init__(self, layer_map: LayerMap):
+        self.param_sets = sorted(set(layer_map.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last))
+        self.min_prompt_len = layer_map.min_prompt_len
+        self.digest = hashlib.sha256(layer_map.describe().split("; map ")[0].encode()).hexdigest()[:16]
+
+    def sparse_rows(self, prompt_len: int, start: int, end: int) -> tuple[int, ...]:
+        """Per parameter set: how many rows of block [start, end) are sparse."""
+        counts = []
+        for p in self.param_sets:
+            lo = max(start, first_sparse_row(p))
+            hi = min(end, int(dense_start(prompt_len, p.n_last, self.min_prompt_len)))
+            counts.append(max(0, hi - lo))
+        return tuple(counts)
+
+    def tag(self, prompt_len: int, start: int, end: int):
+        counts = self.sparse_rows(prompt_len, start, end)
+        if not any(counts):
+            return None
+        return ("trianglemix", self.digest, counts)
+
+
+def active_tagger() -> BlockTagger | None:
+    return _tagger
+
+
+def install() -> bool:
+    """In the engine-core process, hook block hashing and scheduler start-up."""
+    if ENGINE_CORE_MODULE not in sys.modules:
+        return False
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+    import vllm.v1.core.sched.scheduler as scheduler
+
+    if getattr(kv_cache_utils, "_trianglemix_wrapped", False):
+        return True
+    extra_keys = kv_cache_utils.generate_block_hash_extra_keys
+
+    @functools.wraps(extra_keys)
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm_idx = extra_keys(request, start_token_idx, end_token_idx, start_mm_idx)
+        tagger = _tagger
+        if tagger is None:
+            return keys, next_mm_idx
+        tag = tagger.tag(request.num_prompt_tokens, start_token_idx, end_token_idx)
+        if tag is None:
+            return keys, next_mm_idx
+        return (keys or ()) + (tag,), next_mm_idx
+
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    kv_cache_utils._trianglemix_wrapped = True
+
+    init = scheduler.Scheduler.__init__
+
+    @functools.wraps(init)
+    def scheduler_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _configure(self.vllm_config)
+
+    scheduler.Scheduler.__init__ = scheduler_init
+    return True
+
+
+def _configure(vllm_config) -> None:
+    global _tagger
+    from vllm_trianglemix import selection
+
+    _tagger = None
+    if selection.is_selected(vllm_config) and vllm_config.cache_config.enable_prefix_caching:
+        _tagger = BlockTagger(selection.engine_layer_map(vllm_config))

@@ -1,0 +1,136 @@
+"""What the plugin changes in vLLM, and when.
+
+In every process (front end, engine core, workers, Ray workers) ``register``:
+
+* names the backend: ``CUSTOM`` -> this package's backend for the platform,
+  and on vLLM >= 0.32 a new ``TRIANGLEMIX`` member as well;
+* wraps the platform's ``check_and_update_config`` so that, when an engine
+  selects TriangleMix, the layer map and the model are validated in the front
+  end before any engine process starts (and the INFO line is logged);
+* on the CPU platform, which otherwise ignores a selected backend, returns
+  the TriangleMix CPU backend when (and only when) it is the one selected;
+* in the engine-core process, installs the prefix-cache rule (no-op unless
+  the engine selected TriangleMix).
+
+Every wrapper passes straight through unless TriangleMix is selected, so an
+installed but unselected plugin leaves vLLM's behaviour as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.logger import init_logger
+
+from vllm_trianglemix import compat, prefix_cache, selection
+
+logger = init_logger("vllm.trianglemix")
+
+CUDA_BACKEND = "vllm_trianglemix.backends.cuda.TriangleMixFlashAttentionBackend"
+CPU_BACKEND = "vllm_trianglemix.backends.cpu.TriangleMixCPUBackend"
+
+
+def _backend_path(platform) -> str | None:
+    if platform.is_cuda():
+        return CUDA_BACKEND
+    if platform.is_cpu():
+        return CPU_BACKEND
+    return None
+
+
+def register_plugin() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if not compat.version_supported():
+        logger.warning(
+            "vllm-trianglemix supports vLLM >= %s and < %s (tested: %s); this is %s.",
+            ".".join(map(str, compat.SUPPORTED_MIN)),
+            ".".join(map(str, compat.SUPPORTED_MAX_EXCLUSIVE)),
+            ", ".join(compat.TESTED),
+            ".".join(map(str, compat.vllm_version())),
+        )
+    path = _backend_path(current_platform)
+    if path is None:
+        logger.debug("TriangleMix: no backend for platform %s", current_platform.device_name)
+        return
+
+    custom = AttentionBackendEnum.CUSTOM
+    if not custom.is_overridden():
+        register_backend(custom, path)
+    elif not custom.get_path().startswith(selection.BACKEND_PACKAGE):
+        logger.warning(
+            "TriangleMix: the CUSTOM attention backend is already registered to %s; "
+            "select TriangleMix with --attention-backend %s instead.",
+            custom.get_path(),
+            selection.BACKEND_NAME,
+        )
+    if compat.can_register_backend_name() and (
+        selection.BACKEND_NAME not in AttentionBackendEnum.__members__
+    ):
+        AttentionBackendEnum.register(selection.BACKEND_NAME, path)
+
+    _wrap_config_check(type(current_platform))
+    if current_platform.is_cpu():
+        _wrap_cpu_backend_choice(type(current_platform), path)
+    prefix_cache.install()
+
+
+def _wrap_config_check(platform_cls) -> None:
+    if getattr(platform_cls, "_trianglemix_config_check", False):
+        return
+    original = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(original)
+    def check_and_update_config(cls, vllm_config) -> None:
+        original(cls, vllm_config)
+        if not selection.is_selected(vllm_config):
+            return
+        first_time = selection.RESOLVED_KEY not in (vllm_config.additional_config or {})
+        from vllm.platforms import current_platform
+
+        layer_map = selection.check_engine_config(vllm_config, on_cuda=current_platform.is_cuda())
+        if first_time:
+            logger.info("TriangleMix attention: %s", layer_map.describe())
+        _select_by_static_member(vllm_config)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    platform_cls._trianglemix_config_check = True
+
+
+def _select_by_static_member(vllm_config) -> None:
+    """Carry the selection to the engine processes as ``CUSTOM``.
+
+    A member added with ``AttentionBackendEnum.register`` exists only in the
+    processes that ran the plugin before unpickling the config; the engine
+    core unpickles its config first, so ``TRIANGLEMIX`` would not resolve
+    there. ``CUSTOM`` is a static member, registered to this package in every
+    process.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = vllm_config.attention_config.backend
+    if backend.name == "CUSTOM":
+        return
+    custom = AttentionBackendEnum.CUSTOM
+    if not (custom.is_overridden() and custom.get_path().startswith(selection.BACKEND_PACKAGE)):
+        raise selection.TriangleMixUnsupportedError(
+            f"TriangleMix: --attention-backend {selection.BACKEND_NAME} needs the CUSTOM "
+            f"backend slot, which another plugin holds ({custom.get_path()})"
+        )
+    vllm_config.attention_config.backend = custom
+
+
+def _wrap_cpu_backend_choice(platform_cls, path: str) -> None:
+    if getattr(platform_cls, "_trianglemix_backend_choice", False):
+        return
+    original = platform_cls.get_attn_backend_cls.__func__
+
+    @functools.wraps(original)
+    def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
+        if selection.backend_is_ours(selected_backend):
+            return path
+        return original(cls, selected_backend, *args, **kwargs)
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls._trianglemix_backend_choice = True

@@ -1,0 +1,138 @@
+"""Whether an engine selected TriangleMix, and what it refuses to serve.
+
+``check_engine_config`` runs in the front-end process while vLLM builds its
+config (from the platform's ``check_and_update_config``), before any engine
+process starts: a bad layer map or a model TriangleMix cannot serve stops
+``vllm serve`` / ``LLM(...)`` right there, with the reason.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+
+from vllm_trianglemix.config import (
+    RESOLVED_KEY,
+    LayerMap,
+    resolve_layer_map,
+    to_additional_config,
+)
+
+logger = init_logger("vllm.trianglemix")
+
+BACKEND_NAME = "TRIANGLEMIX"
+BACKEND_PACKAGE = "vllm_trianglemix."
+
+SUPPORTED_DTYPES_CUDA = ("bfloat16", "float16")
+SUPPORTED_HEAD_SIZES_CUDA = (64, 128, 256)
+
+
+class TriangleMixUnsupportedError(ValueError):
+    """The served model or engine setting is one TriangleMix refuses."""
+
+
+def backend_is_ours(backend) -> bool:
+    """True for TRIANGLEMIX, and for CUSTOM while it is registered to this package."""
+    if backend is None:
+        return False
+    name = getattr(backend, "name", None)
+    if name == BACKEND_NAME:
+        return True
+    if name == "CUSTOM":
+        try:
+            return backend.get_path().startswith(BACKEND_PACKAGE)
+        except ValueError:  # CUSTOM not registered
+            return False
+    return False
+
+
+def is_selected(vllm_config) -> bool:
+    attention_config = getattr(vllm_config, "attention_config", None)
+    return backend_is_ours(getattr(attention_config, "backend", None))
+
+
+def num_hidden_layers(model_config) -> int:
+    return int(model_config.hf_text_config.num_hidden_layers)
+
+
+def _refusals(vllm_config, on_cuda: bool) -> list[str]:
+    """Reasons this engine cannot run TriangleMix (empty: it can)."""
+    mc = vllm_config.model_config
+    reasons = []
+    if mc is None:
+        return ["no model config"]
+    if getattr(mc, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder models are not supported")
+    if getattr(mc, "use_mla", False):
+        reasons.append("MLA attention (DeepSeek-style) is not supported")
+    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+        reasons.append("hybrid / attention-free models are not supported")
+    if mc.runner_type != "generate":
+        reasons.append(f"runner '{mc.runner_type}' is not supported (generation only)")
+    if mc.get_sliding_window() is not None or _has_sliding_layers(mc.hf_text_config):
+        reasons.append("sliding-window models are not supported")
+    if getattr(mc, "rswa_window", None) is not None:
+        reasons.append("reference sliding-window attention models are not supported")
+    if getattr(mc.hf_text_config, "model_type", "") in ("gpt_oss",):
+        reasons.append("attention-sink models are not supported")
+    head_size = mc.get_head_size()
+    dtype = str(mc.dtype).replace("torch.", "")
+    if on_cuda:
+        if head_size not in SUPPORTED_HEAD_SIZES_CUDA:
+            reasons.append(
+                f"head size {head_size} is not supported on GPU "
+                f"(supported: {', '.join(map(str, SUPPORTED_HEAD_SIZES_CUDA))})"
+            )
+        if dtype not in SUPPORTED_DTYPES_CUDA:
+            reasons.append(
+                f"dtype {dtype} is not supported on GPU (use --dtype bfloat16 or float16)"
+            )
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", None) and cache_dtype != dtype:
+        reasons.append(f"quantized KV cache ({cache_dtype}) is not supported")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding is not supported")
+    pc = vllm_config.parallel_config
+    if getattr(pc, "decode_context_parallel_size", 1) > 1 or getattr(
+        pc, "prefill_context_parallel_size", 1
+    ) > 1:
+        reasons.append("context parallelism is not supported")
+    if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
+        reasons.append("kv_sharing_fast_prefill is not supported")
+    return reasons
+
+
+def _has_sliding_layers(hf_config) -> bool:
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    return any("sliding" in str(t) for t in layer_types)
+
+
+def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
+    """Validate everything TriangleMix needs; refuse with the reason, else return the map.
+
+    Also stores the validated map in ``additional_config`` so that the engine
+    core and every worker (on any node) use exactly this map.
+    """
+    reasons = _refusals(vllm_config, on_cuda)
+    if reasons:
+        raise TriangleMixUnsupportedError(
+            "TriangleMix attention cannot serve this engine: "
+            + "; ".join(reasons)
+            + ". Serve it without --attention-backend TRIANGLEMIX/CUSTOM."
+        )
+    mc = vllm_config.model_config
+    layer_map = resolve_layer_map(
+        vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
+    )
+    layer_map.check_model(num_hidden_layers(mc))
+    if not isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config = {}
+    vllm_config.additional_config[RESOLVED_KEY] = to_additional_config(layer_map)
+    return layer_map
+
+
+def engine_layer_map(vllm_config) -> LayerMap:
+    """The map the front end validated (engine core and workers)."""
+    mc = vllm_config.model_config
+    layer_map = resolve_layer_map(vllm_config.additional_config, mc.model)
+    layer_map.check_model(num_hidden_layers(mc))
+    return layer_map
