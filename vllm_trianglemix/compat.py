@@ -26,11 +26,26 @@ def version_supported() -> bool:
     return SUPPORTED_MIN <= vllm_version() < SUPPORTED_MAX_EXCLUSIVE
 
 
-def can_register_backend_name() -> bool:
-    """vLLM >= 0.32 can add members to AttentionBackendEnum (a new name)."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+def register_backend_name(name: str, path: str) -> None:
+    """Add ``name`` to AttentionBackendEnum so ``--attention-backend NAME`` parses.
 
-    return hasattr(AttentionBackendEnum, "register")
+    vLLM >= 0.32 has ``AttentionBackendEnum.register``; on 0.26 the member is
+    added the same way that method does it (the enum's member tables).
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as enum
+
+    if name in enum.__members__:
+        return
+    if hasattr(enum, "register"):
+        enum.register(name, path)
+        return
+    member = object.__new__(enum)
+    member._name_ = name
+    member._value_ = path
+    setattr(enum, name, member)
+    enum._member_map_[name] = member
+    enum._value2member_map_[path] = member
+    enum._member_names_.append(name)
 
 
 # -- Common attention metadata: restricting a batch to some of its requests --

@@ -67,6 +67,29 @@ def visible(q_pos, k_pos, dense_from, n_init, n_local):
     )
 
 
+def tile_fully_visible(q_lo, q_hi, k_lo, k_hi, dense_from, n_init, n_local):
+    """True only if every query in ``[q_lo, q_hi]`` sees every key in ``[k_lo, k_hi]``.
+
+    Conservative (may say False for a fully visible tile, never True for a
+    tile with a hidden key); kernels skip the per-key mask where it is True.
+    Derived from :func:`visible`: causal at the tile's worst corner, and then
+    every row dense, or every key in every row's window, or every key a sink.
+    """
+    return (k_hi <= q_lo) & ((q_lo >= dense_from) | (k_lo > q_hi - n_local) | (k_hi < n_init))
+
+
+def unmasked_key_span(q_lo, q_hi, dense_from, n_init, n_local):
+    """Keys ``[lo, hi)`` that every query in ``[q_lo, q_hi]`` sees (may be empty).
+
+    Dense rows see everything up to ``q_lo``; triangle rows share the part of
+    the window common to all of them. Kernels visit tiles inside the span
+    without a per-key mask. Plain arithmetic (a bool times an int), so the
+    body also compiles in Triton.
+    """
+    lo = (q_lo < dense_from) * (q_hi - n_local + 1)
+    return lo, q_lo + 1
+
+
 @dataclass
 class BlockPlan:
     """Work items for the query rows of a batch, one row per item.
@@ -155,19 +178,19 @@ def plan_blocks(
         if n <= 0:
             continue
         p0 = int(seq_lens[r]) - n
-        cuts = list(range(p0, p0 + n, block_q))
+        cuts = np.arange(p0, p0 + n, block_q, dtype=np.int64)
         ds = int(dense_from[r])
-        if p0 < ds < p0 + n and ds not in cuts:
-            cuts = sorted(cuts + [ds])
-        ends = cuts[1:] + [p0 + n]
-        b_req += [r] * len(cuts)
-        b_tok += [tok0 + c - p0 for c in cuts]
-        b_lo += cuts
-        b_hi += [e - 1 for e in ends]
-    b_req = np.asarray(b_req, dtype=np.int64)
-    b_tok = np.asarray(b_tok, dtype=np.int64)
-    b_lo = np.asarray(b_lo, dtype=np.int64)
-    b_hi = np.asarray(b_hi, dtype=np.int64)
+        if p0 < ds < p0 + n and (ds - p0) % block_q:
+            cuts = np.insert(cuts, np.searchsorted(cuts, ds), ds)
+        b_req.append(np.full(cuts.shape, r, dtype=np.int64))
+        b_tok.append(cuts + (tok0 - p0))
+        b_lo.append(cuts)
+        b_hi.append(np.append(cuts[1:], p0 + n) - 1)
+    empty = np.zeros(0, dtype=np.int64)
+    b_req = np.concatenate(b_req) if b_req else empty
+    b_tok = np.concatenate(b_tok) if b_tok else empty
+    b_lo = np.concatenate(b_lo) if b_lo else empty
+    b_hi = np.concatenate(b_hi) if b_hi else empty
     b_dense = b_lo >= dense_from[b_req] if b_req.size else np.zeros(0, dtype=bool)
     sink_end, k_start, k_end = block_key_ranges(
         b_lo, b_hi, b_dense, params.n_init, params.n_local

@@ -58,8 +58,8 @@ def reference_attention(
 
     ``dense_from = 0`` gives plain causal attention.
     """
-    q_pos = torch.arange(q_start, q_start + q.shape[0])
-    k_pos = torch.arange(k.shape[0])
+    q_pos = torch.arange(q_start, q_start + q.shape[0], device=q.device)
+    k_pos = torch.arange(k.shape[0], device=q.device)
     return masked_attention(
         q, k, v, q_pos, k_pos, dense_from, n_init, n_local, scale, compute_dtype
     )

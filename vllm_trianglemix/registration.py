@@ -3,7 +3,7 @@
 In every process (front end, engine core, workers, Ray workers) ``register``:
 
 * names the backend: ``CUSTOM`` -> this package's backend for the platform,
-  and on vLLM >= 0.32 a new ``TRIANGLEMIX`` member as well;
+  and a new ``TRIANGLEMIX`` member as well;
 * wraps the platform's ``check_and_update_config`` so that, when an engine
   selects TriangleMix, the layer map and the model are validated in the front
   end before any engine process starts (and the INFO line is logged);
@@ -65,10 +65,7 @@ def register_plugin() -> None:
             custom.get_path(),
             selection.BACKEND_NAME,
         )
-    if compat.can_register_backend_name() and (
-        selection.BACKEND_NAME not in AttentionBackendEnum.__members__
-    ):
-        AttentionBackendEnum.register(selection.BACKEND_NAME, path)
+    compat.register_backend_name(selection.BACKEND_NAME, path)
 
     _wrap_config_check(type(current_platform))
     if current_platform.is_cpu():

@@ -49,13 +49,19 @@ class TriangleMixMetadata:
 
     def __getattr__(self, name: str):
         # Code outside the backend (KV connectors, logging) sees the stock view.
-        return getattr(self.__dict__["full"], name)
+        full = self.__dict__.get("full")
+        if full is None:
+            raise AttributeError(name)
+        return getattr(full, name)
 
 
 @dataclass
 class BatchRoute:
     triangle_reqs: np.ndarray
     stock_reqs: np.ndarray
+    prompt_len: np.ndarray  # per request of the batch (0 for padding)
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
 
 
 class TriangleMixBuilderMixin:
@@ -89,14 +95,17 @@ class TriangleMixBuilderMixin:
     def route(self, cam) -> BatchRoute | None:
         """Which requests of the batch need triangle work (None: none do)."""
         lengths = prompt_lens.current()
-        num_reqs = cam.num_reqs
-        if lengths is None or lengths.shape[0] < num_reqs:
+        if lengths is None:
             return None
+        num_reqs = cam.num_reqs
+        # Requests past the published ones are CUDA-graph padding (no rows).
+        prompt_len = np.zeros(num_reqs, dtype=np.int64)
+        known = min(num_reqs, lengths.shape[0])
+        prompt_len[:known] = lengths[:known]
         qsl = cam.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         seq = compat.seq_lens_cpu(cam).numpy().astype(np.int64)
         q_len = np.diff(qsl)
         first_pos = seq - q_len
-        prompt_len = lengths[:num_reqs].astype(np.int64)
         take = (
             (q_len > 0)
             & (prompt_len >= self.layer_map.min_prompt_len)
@@ -105,7 +114,7 @@ class TriangleMixBuilderMixin:
         )
         if not take.any():
             return None
-        return BatchRoute(np.nonzero(take)[0], np.nonzero(~take)[0])
+        return BatchRoute(np.nonzero(take)[0], np.nonzero(~take)[0], prompt_len, qsl, seq)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cam = common_attn_metadata
@@ -113,22 +122,19 @@ class TriangleMixBuilderMixin:
         route = self.route(cam)
         if route is None:
             return full
-        num_reqs = cam.num_reqs
-        qsl = cam.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-        seq = compat.seq_lens_cpu(cam).numpy().astype(np.int64)
-
         stock = stock_tokens = None
         if route.stock_reqs.size:
-            stock_tokens, stock = self._build_stock_subset(cam, route.stock_reqs, qsl, fast_build)
+            stock_tokens, stock = self._build_stock_subset(
+                cam, route.stock_reqs, route.query_start_loc, fast_build
+            )
             if stock is None:
                 return full
-        prompt_len = prompt_lens.current()[:num_reqs].astype(np.int64)
         plans = {}
         for params in self.param_sets:
-            dense_from = dense_start(prompt_len, params.n_last, self.layer_map.min_prompt_len)
+            dense_from = dense_start(route.prompt_len, params.n_last, self.layer_map.min_prompt_len)
             plan = plan_blocks(
-                qsl,
-                seq,
+                route.query_start_loc,
+                route.seq_lens,
                 dense_from,
                 route.triangle_reqs,
                 params,

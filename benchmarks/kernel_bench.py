@@ -1,0 +1,7 @@
+"""Kernel benchmark (GPU): ``vllm-trianglemix bench kernel`` from a checkout."""
+
+import sys
+
+from vllm_trianglemix.cli import main
+
+sys.exit(main(["bench", "kernel", *sys.argv[1:]]))

@@ -1,0 +1,98 @@
+"""`vllm-trianglemix check-accuracy` against two real vLLM servers of the tiny model on CPU.
+
+One server is stock, the other runs ``--attention-backend TRIANGLEMIX`` with the
+bundled tiny map. Prompts shorter than the map's ``min_prompt_len`` run dense
+on both, so the two must agree exactly; longer prompts exercise the pattern
+and the tool must report them end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.servers import CPU_ARGS, launch_server
+from vllm_trianglemix.config import bundled_map_paths, load_layer_map
+from vllm_trianglemix.demo_model import build_tiny_llama
+
+pytestmark = pytest.mark.e2e
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tiny_map():
+    path = next(p for p in bundled_map_paths() if p.endswith("tiny-llama-demo.yaml"))
+    return path, load_layer_map(path)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, tiny_map):
+    model_dir = build_tiny_llama(
+        str(tmp_path_factory.mktemp("model") / "tiny-llama-trianglemix-demo"))
+    common = ["--max-model-len", "4096", *CPU_ARGS]
+    tm_args = ["--attention-backend", "TRIANGLEMIX",
+               "--additional-config", json.dumps({"trianglemix_config": tiny_map[0]})]
+    handles = []
+    try:
+        handles.append(launch_server(model_dir, extra_args=common))
+        handles.append(launch_server(model_dir, extra_args=common + tm_args))
+        for h in handles:
+            h.wait_ready(timeout=240)
+        yield handles[0], handles[1]
+    finally:
+        for h in handles:
+            h.stop()
+
+
+def check_args(servers, report, *extra):
+    dense, tm = servers
+    return ["check-accuracy", "--dense-url", dense.url, "--trianglemix-url", tm.url,
+            "--report", str(report), *extra]
+
+
+def test_short_prompts_agree_exactly(servers, tiny_map, tmp_path):
+    """Below min_prompt_len TriangleMix is dense: same greedy text, same logprobs."""
+    prompt_len = tiny_map[1].min_prompt_len - 28
+    report = tmp_path / "short.json"
+    cmd = [sys.executable, "-m", "vllm_trianglemix",
+           *check_args(servers, report, "--prompt-len", str(prompt_len), "--num-prompts", "3",
+                       "--max-tokens", "8", "--min-agreement", "1.0")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "agreement 1.000" in proc.stdout
+    result = json.loads(report.read_text())
+    assert result["summary"]["agreement"] == 1.0
+    rows = result["prompts"]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["prompt_tokens"] == prompt_len
+        assert row["match"] and row["first_diff_token"] is None
+        assert row["dense_text"] == row["trianglemix_text"] != ""
+        assert row["top_tokens_shared"] >= 1
+        assert row["top_logprob_max_abs_delta"] <= 1e-4
+        assert isinstance(row["dense_found"], bool) and row["answer"].startswith("w")
+
+
+def test_long_prompts_run_end_to_end(servers, tiny_map, tmp_path, capsys):
+    """Above min_prompt_len the triangle layers change the logits; the tool reports
+    them, and exits 1 when the agreement is under --min-agreement (1.01: always)."""
+    from vllm_trianglemix.cli import main
+
+    report = tmp_path / "long.json"
+    rc = main(check_args(servers, report, "--prompt-len", "600", "--num-prompts", "2",
+                         "--max-tokens", "8", "--min-agreement", "1.01"))
+    assert rc == 1
+    assert "BELOW MINIMUM" in capsys.readouterr().out
+    result = json.loads(report.read_text())
+    summary, rows = result["summary"], result["prompts"]
+    assert [r["prompt_tokens"] for r in rows] == [600, 600]
+    assert 0.0 <= summary["agreement"] <= 1.0
+    assert 0.0 <= summary["dense_accuracy"] <= 1.0
+    assert all(r["top_tokens_shared"] >= 1 for r in rows)
+    # Layers 2-3 are triangle at 600 tokens: the first token's logprobs must move.
+    assert summary["top_logprob_max_abs_delta"] > 1e-6, summary

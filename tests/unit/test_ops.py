@@ -1,0 +1,125 @@
+"""The triangle ops against the brute-force float32 reference of the exact mask.
+
+The torch op (the CPU path) runs here directly. The Triton kernel runs under
+Triton's interpreter on the CPU (TRITON_INTERPRET=1, set before Triton is
+imported; tests/conftest.py sets it): the same kernel source the GPU compiles, checked on random paged
+caches; tests/gpu runs it compiled on the device. The interpreter emulates
+bfloat16 with integer arrays (its dot products on them are meaningless), so
+bfloat16 is checked on the GPU only.
+"""
+
+import os
+
+import pytest
+import torch
+
+from vllm_trianglemix.ops.triangle_torch import TorchTriangleOp
+from vllm_trianglemix.pattern import TriangleParams
+from tests.paged import FakeCommonMetadata, make_batch, plan_for, reference_output, relative_error
+
+# (prompt_len, tokens already cached, query rows): chunks that start and end
+# inside the window, inside the last n_last rows, short prompts, a decode row,
+# lengths that are not multiples of the block size.
+BATCHES = {
+    "whole_prompt": [(300, 0, 300)],
+    "chunk_ends_in_last_rows": [(300, 0, 290), (300, 290, 10)],
+    "mixed": [(300, 100, 77), (45, 0, 45), (1000, 900, 13), (999, 0, 128), (200, 205, 1)],
+    "long_dense_tail": [(700, 600, 100)],
+}
+PARAMS = {
+    "paper_like": (TriangleParams(4, 32, 16), 64),
+    "no_sinks": (TriangleParams(0, 40, 24), 64),
+    "sinks_beyond_a_block": (TriangleParams(40, 24, 8), 64),
+    "window_wider_than_chunk": (TriangleParams(8, 200, 16), 64),
+}
+HEADS = {"mha": (4, 4), "gqa4": (8, 2), "gqa8": (8, 1), "gqa3": (6, 2)}
+
+
+def _run(op, batch, params, min_prompt_len, split_kv=0):
+    plan, dense_from = plan_for(batch, params, min_prompt_len, op.block_q, split_kv)
+    prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
+    out = torch.full_like(batch.query, float("nan"))  # poison: every row must be written
+    op.run(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out)
+    return out
+
+
+@pytest.mark.parametrize("batch_name", list(BATCHES))
+@pytest.mark.parametrize("params_name", list(PARAMS))
+@pytest.mark.parametrize("heads", ["mha", "gqa4"])
+def test_torch_op_matches_reference(batch_name, params_name, heads):
+    params, min_len = PARAMS[params_name]
+    batch = make_batch(BATCHES[batch_name], *HEADS[heads], head_dim=32, block_size=16, seed=1)
+    out = _run(TorchTriangleOp(), batch, params, min_len)
+    assert not torch.isnan(out).any()
+    assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5
+
+
+def test_torch_op_reads_channel_major_keys():
+    """The CPU kernel stores keys channel-major; the op reads any strided view."""
+    params, min_len = PARAMS["paper_like"]
+    batch = make_batch(BATCHES["mixed"], 8, 2, 32, 16, seed=2, key_layout="channel_major")
+    out = _run(TorchTriangleOp(), batch, params, min_len)
+    assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5
+
+
+def test_wrong_mask_is_detected():
+    """The comparison can fail: dense attention is far from the triangle reference."""
+    params, min_len = PARAMS["paper_like"]
+    batch = make_batch(BATCHES["whole_prompt"], 4, 4, 32, 16, seed=3)
+    dense = _run(TorchTriangleOp(), batch, params, min_prompt_len=10**9)
+    assert relative_error(dense, reference_output(batch, params, min_len)) > 1e-2
+
+
+# -- The Triton kernel, interpreted on the CPU --------------------------------
+
+def _triton_op(num_heads, num_kv_heads, head_dim, **cfg):
+    if torch.cuda.is_available():
+        pytest.skip("compiled on the GPU by tests/gpu instead")
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" or "Interpreted" not in type(triton.language.zeros).__name__:
+        pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported (tests/conftest.py sets it)")
+    from vllm_trianglemix.ops import triangle_triton as tt
+
+    config = tt.KernelConfig(**{"block_m": 32, "block_n": 16, "num_warps": 1, "num_stages": 1,
+                                "split_kv": 0, **cfg})
+    return tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=config)
+
+
+@pytest.mark.parametrize(
+    "batch_name,params_name,heads,dtype",
+    [
+        ("mixed", "paper_like", "gqa4", torch.float32),
+        ("mixed", "sinks_beyond_a_block", "mha", torch.float32),
+        ("chunk_ends_in_last_rows", "no_sinks", "gqa8", torch.float16),
+        ("whole_prompt", "window_wider_than_chunk", "gqa3", torch.float16),
+    ],
+)
+def test_triton_kernel_interpreted(batch_name, params_name, heads, dtype):
+    params, min_len = PARAMS[params_name]
+    op = _triton_op(*HEADS[heads], 64)
+    batch = make_batch(BATCHES[batch_name], *HEADS[heads], head_dim=64, block_size=16, dtype=dtype, seed=4)
+    out = _run(op, batch, params, min_len)
+    assert not torch.isnan(out).any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relative_error(out, reference_output(batch, params, min_len)) < tol
+
+
+def test_triton_kernel_per_tile_mask_variant():
+    """The kernel's other masking variant (a per-tile check) is exact too."""
+    params, min_len = PARAMS["paper_like"]
+    op = _triton_op(8, 2, 64, mask_split=0)
+    batch = make_batch(BATCHES["mixed"], 8, 2, 64, 16, seed=6)
+    out = _run(op, batch, params, min_len)
+    assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5
+
+
+def test_triton_kernel_split_rows_merge():
+    """Dense rows over long contexts split into partials and merge exactly."""
+    params, min_len = PARAMS["paper_like"]
+    op = _triton_op(8, 2, 64, split_kv=48)
+    batch = make_batch(BATCHES["long_dense_tail"] + [(300, 0, 300)], 8, 2, 64, 16, seed=5)
+    plan, _ = plan_for(batch, params, min_len, op.block_q, op.split_kv)
+    assert plan.num_partials > 0
+    out = _run(op, batch, params, min_len, split_kv=op.split_kv)
+    assert not torch.isnan(out).any()
+    assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5

@@ -1,0 +1,88 @@
+"""TriangleMix on CUDA: stock FlashAttention plus the Triton triangle kernel.
+
+Dense layers, decode tokens and short prompts run vLLM's FlashAttention
+backend (FA3 on Hopper) unchanged, decode batches with full CUDA graphs; the
+prompt rows of triangle layers run :class:`TritonTriangleOp` on the same
+paged KV cache, viewed exactly as the stock impl views it.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadataBuilder,
+)
+
+from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
+from vllm_trianglemix.ops.triangle_triton import TritonTriangleOp
+from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA
+
+_OPS: dict[tuple[int, int, int], TritonTriangleOp] = {}
+
+
+def flash_kv_cache_views(kv_cache, head_size: int):
+    """The stock FlashAttention impl's view of its cache, exactly.
+
+    (blocks, kv_heads, block_size, 2*dim), in whatever physical stride order
+    vLLM allocated, -> key and value views, each (blocks, block_size, kv_heads, dim).
+    """
+    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+
+
+def triangle_op(num_heads: int, num_kv_heads: int, head_size: int) -> TritonTriangleOp:
+    """One op (kernel configuration) per model shape, shared by builder and impls."""
+    key = (num_heads, num_kv_heads, head_size)
+    if key not in _OPS:
+        _OPS[key] = TritonTriangleOp(num_heads, num_kv_heads, head_size)
+    return _OPS[key]
+
+
+class TriangleMixFlashAttentionMetadataBuilder(
+    TriangleMixBuilderMixin, FlashAttentionMetadataBuilder
+):
+    stock_builder_cls = FlashAttentionMetadataBuilder
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.triangle_op = triangle_op(self.num_heads_q, self.num_heads_kv, self.headdim)
+
+
+class TriangleMixFlashAttentionImpl(TriangleMixImplMixin, FlashAttentionImpl):
+    @property
+    def triangle_op(self) -> TritonTriangleOp:
+        return triangle_op(self.num_heads, self.num_kv_heads, self.head_size)
+
+    def kv_cache_views(self, layer, kv_cache):
+        return flash_kv_cache_views(kv_cache, self.head_size)
+
+
+class TriangleMixFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return TriangleMixFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return TriangleMixFlashAttentionMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES_CUDA)
+
+    @classmethod
+    def validate_configuration(cls, **kwargs) -> list[str]:
+        reasons = list(super().validate_configuration(**kwargs))
+        if kwargs.get("use_mla"):
+            reasons.append("TriangleMix does not support MLA")
+        if kwargs.get("has_sink"):
+            reasons.append("TriangleMix does not support attention sinks")
+        if kwargs.get("has_sliding_window"):
+            reasons.append("TriangleMix does not support sliding-window layers")
+        if kwargs.get("head_size") not in SUPPORTED_HEAD_SIZES_CUDA:
+            reasons.append(f"TriangleMix supports head sizes {SUPPORTED_HEAD_SIZES_CUDA}")
+        return reasons

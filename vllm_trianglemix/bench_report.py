@@ -1,0 +1,112 @@
+"""bench report: write BENCHMARKS.md from the JSON of ``bench kernel`` and ``bench ttft``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+KERNEL_TARGETS = {32000: 13.0, 64000: 23.0, 128000: 60.0}
+TTFT_TARGETS = {32000: -16.0, 64000: -25.0, 128000: -32.0}
+ITL_TARGET_PCT = 2.0
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--kernel", required=True, help="JSON from `bench kernel`")
+    ap.add_argument("--ttft", required=True, help="JSON from `bench ttft` (dense and trianglemix)")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--notes", default=None, help="a markdown file appended at the end")
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def kernel_section(k: dict) -> list[str]:
+    lines = [
+        "## 1. Kernel: one triangle layer vs dense FlashAttention 3",
+        "",
+        f"{k['gpu']}, vLLM {k['vllm']}, Triton {k['triton']}, torch {k['torch']}, {k['date']}.",
+        "Llama-3.1-8B shape (32 q heads, 8 kv heads, head dim 128, bf16), one sequence prefilled whole,",
+        "K/V in vLLM's FlashAttention paged cache (block 16); median of `triton.testing.do_bench`.",
+        "TriangleMix: n_init 8, n_local 512, n_last 128, one launch (+ a merge launch for split dense rows).",
+        "Stock pieces: FA3 with a 512-key window over every row + FA3 for the last 128 rows (no sinks).",
+        "",
+        f"Command: `{k['command']}`",
+        "",
+        "| length | FA3 dense ms | FA3 pieces ms | TriangleMix ms | vs dense | target | vs pieces | kernel config |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in k["rows"]:
+        speed = r["fa3_dense_ms"] / r["trianglemix_ms"]
+        target = KERNEL_TARGETS.get(r["length"])
+        lines.append(
+            f"| {r['length']} | {r['fa3_dense_ms']:.3f} | {r['stock_pieces_ms']:.3f} | {r['trianglemix_ms']:.3f} | "
+            f"{speed:.1f}x | {f'>= {target:.0f}x: ' + _met(speed >= target) if target else '-'} | "
+            f"{r['stock_pieces_ms'] / r['trianglemix_ms']:.2f}x | `{r['best_config']}` |"
+        )
+    lines += ["", "All configurations swept in that run (ms; plan = host time to build the work list):", ""]
+    lines += ["| length | config | ms | plan ms | dense rows vs FA3 (rel. err) |", "|---|---|---|---|---|"]
+    for r in k["rows"]:
+        for c, v in r["configs"].items():
+            lines.append(f"| {r['length']} | `{c}` | {v['ms']:.3f} | {v['plan_ms']:.2f} | {v['dense_rows_rel_err']:.1e} |")
+    return lines
+
+
+def ttft_section(t: dict) -> list[str]:
+    res = t["results"]
+    d, m = res["dense"], res["trianglemix"]
+    lines = [
+        "## 2. End to end: time to first token, dense vs TriangleMix",
+        "",
+        f"{t['gpu']}, vLLM {t.get('vllm', '?')}, {t['date']}. Llama-3.1-8B config, random weights "
+        "(`load_format=\"dummy\"`), one request per run, `max_tokens=1`, "
+        f"max_num_batched_tokens {t['max_num_batched_tokens']}, torch.compile and CUDA graphs on, "
+        "prefix caching on with a fresh prompt per run; one warm-up then the median of the runs. "
+        "TriangleMix: bundled map (layers 16-31, n_init 8, n_local 512, n_last 128); "
+        f"kernel config `{t.get('kernel_config', 'default')}`.",
+        "",
+        f"Commands: `{d.get('command', t.get('command'))}` / `{m.get('command', t.get('command'))}`",
+        "",
+        "| prompt tokens | dense TTFT s | TriangleMix TTFT s | change | target | runs (dense / TriangleMix) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, dv in d["ttft_s"].items():
+        mv = m["ttft_s"][n]
+        pct = 100 * (mv - dv) / dv
+        target = TTFT_TARGETS.get(int(n))
+        runs = f"{', '.join(f'{x:.3f}' for x in d['ttft_runs_s'][n])} / {', '.join(f'{x:.3f}' for x in m['ttft_runs_s'][n])}"
+        lines.append(f"| {n} | {dv:.3f} | {mv:.3f} | {pct:+.1f}% | "
+                     f"{f'<= {target:.0f}%: ' + _met(pct <= target) if target else '-'} | {runs} |")
+    lines += [
+        "",
+        "## 3. Decode: inter-token latency",
+        "",
+        f"One request, {t['itl_context']}-token prompt, {t['itl_tokens']} generated tokens, "
+        "(last token time - first token time) / (tokens - 1) from vLLM's request metrics; median.",
+        "",
+        "| | dense ms | TriangleMix ms | change | target | runs (dense / TriangleMix) |",
+        "|---|---|---|---|---|---|",
+    ]
+    pct = 100 * (m["itl_ms"] - d["itl_ms"]) / d["itl_ms"]
+    runs = f"{', '.join(f'{x:.3f}' for x in d['itl_runs_ms'])} / {', '.join(f'{x:.3f}' for x in m['itl_runs_ms'])}"
+    lines.append(f"| ITL | {d['itl_ms']:.3f} | {m['itl_ms']:.3f} | {pct:+.2f}% | "
+                 f"within ±{ITL_TARGET_PCT:.0f}%: {_met(abs(pct) <= ITL_TARGET_PCT)} | {runs} |")
+    lines += ["", f"Engine start (s): dense {d['engine_start_s']:.0f}, TriangleMix {m['engine_start_s']:.0f}."]
+    return lines
+
+
+def run(args) -> int:
+    with open(args.kernel) as f:
+        kernel = json.load(f)
+    with open(args.ttft) as f:
+        ttft = json.load(f)
+    lines = ["# Benchmarks", "",
+             "Written by `vllm-trianglemix bench report` from one device session; the commands, date and GPU",
+             "are those of the runs. Regenerate them with the commands shown.", ""]
+    lines += kernel_section(kernel) + [""] + ttft_section(ttft)
+    if args.notes:
+        with open(args.notes) as f:
+            lines += ["", f.read().rstrip()]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0

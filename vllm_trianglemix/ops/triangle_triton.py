@@ -1,0 +1,349 @@
+"""Triangle attention in Triton, read straight from vLLM's paged KV cache (GPU path).
+
+One launch computes every triangle-layer prompt row of a batch: the work
+items of a :class:`~vllm_trianglemix.pattern.BlockPlan` (any number of
+requests, chunked prefills, dense and triangle rows). A program takes one
+item and one KV head and packs the item's rows of all the query heads that
+share that KV head (GQA) into one ``BLOCK_M = BLOCK_Q * GROUP_P`` tile, so a
+K/V tile loaded once serves the whole group. It visits only the item's key
+ranges (sinks, then the window or the whole row), reading K/V through the
+block table with the strides of the cache views it is given (the layout of
+the stock backend, never assumed), masks with :func:`pattern.visible` only
+where :func:`pattern.tile_fully_visible` says a tile needs it, and keeps an
+online softmax in float32.
+
+Dense rows over long contexts are split into items of ``split_kv`` keys
+(``plan_blocks`` does it) so that the last ``n_last`` rows of a 128K prompt
+spread over many programs; their partial results (normalised output and
+log-sum-exp) are merged by a second, small kernel, launched only when a batch
+has split rows. Items come heaviest first, so long items start first.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from vllm_trianglemix import pattern
+from vllm_trianglemix.pattern import ITEM_FIELDS, BlockPlan, TriangleParams
+
+LOG2E = 1.4426950408889634
+CONFIG_ENV = "VLLM_TRIANGLEMIX_KERNEL_CONFIG"
+
+
+def _jit_rule(fn):
+    """``triton.jit`` a rule from pattern.py (which does not import Triton)."""
+    return triton.jit(
+        types.FunctionType(fn.__code__, {**fn.__globals__, "tl": tl}, fn.__name__)
+    )
+
+
+_visible = _jit_rule(pattern.visible)
+_tile_fully_visible = _jit_rule(pattern.tile_fully_visible)
+_unmasked_key_span = _jit_rule(pattern.unmasked_key_span)
+
+MASK_NONE, MASK_ALWAYS, MASK_PER_TILE = 0, 1, 2
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q, lo, t_begin, t_end, hi,
+    q_pos, q_lo, q_hi, dense_from, n_init, n_local,
+    K, V, bt_row, block_size, kv_head,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASK: tl.constexpr,
+):
+    """Online softmax over key tiles ``lo + t*BLOCK_N`` for t in [t_begin, t_end), keys < hi.
+
+    MASK: 0 = tiles known fully visible, 1 = mask every tile,
+    2 = mask the tiles ``tile_fully_visible`` cannot vouch for.
+    """
+    offs_d = tl.arange(0, HEAD_D)
+    for t in range(t_begin, t_end):
+        n0 = lo + t * BLOCK_N
+        k_idx = n0 + tl.arange(0, BLOCK_N)
+        in_range = k_idx < hi
+        blk = tl.load(bt_row + k_idx // block_size, mask=in_range, other=0).to(tl.int64)
+        slot = (k_idx % block_size).to(tl.int64)
+        k = tl.load(
+            K + blk[None, :] * stride_kb + slot[None, :] * stride_ks
+            + kv_head * stride_kh + offs_d[:, None] * stride_kd,
+            mask=in_range[None, :], other=0.0,
+        )
+        s = tl.dot(q, k) * qk_scale
+        if MASK == 1:
+            seen = _visible(q_pos[:, None], k_idx[None, :], dense_from, n_init, n_local)
+            s = tl.where(seen & in_range[None, :], s, float("-inf"))
+        if MASK == 2:
+            full = _tile_fully_visible(q_lo, q_hi, n0, n0 + BLOCK_N - 1, dense_from, n_init, n_local)
+            if (n0 + BLOCK_N > hi) | (full == 0):
+                seen = _visible(q_pos[:, None], k_idx[None, :], dense_from, n_init, n_local)
+                s = tl.where(seen & in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + blk[:, None] * stride_vb + slot[:, None] * stride_vs
+            + kv_head * stride_vh + offs_d[None, :] * stride_vd,
+            mask=in_range[:, None], other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _triangle_attention_kernel(
+    Q, K, V, O, O_part, LSE_part,
+    items, dense_from_ptr, block_table,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt, num_kv_heads, num_q_heads, block_size, n_init, n_local, qk_scale,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_SINK: tl.constexpr, HEAD_D: tl.constexpr,
+    MASK_SPLIT: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+    pid = tl.program_id(0)
+    item = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    it = items + item * 8
+    req = tl.load(it + 0)
+    q_tok = tl.load(it + 1)
+    q_lo = tl.load(it + 2)
+    n_q = tl.load(it + 3)
+    sink_end = tl.load(it + 4)
+    k_start = tl.load(it + 5)
+    k_end = tl.load(it + 6)
+    split_id = tl.load(it + 7)
+    dense_from = tl.load(dense_from_ptr + req)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    g = offs_m // BLOCK_Q
+    i = offs_m % BLOCK_Q
+    row_ok = (g < GROUP) & (i < n_q)
+    q_head = (kv_head * GROUP + g).to(tl.int64)
+    tok = (q_tok + i).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(
+        Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )
+    q_pos = q_lo + i
+    q_hi = q_lo + n_q - 1
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    bt_row = block_table + req.to(tl.int64) * stride_bt
+    # Sinks: a few keys, narrow tiles, always masked.
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, 0, 0, tl.cdiv(sink_end, BLOCK_N_SINK), sink_end,
+        q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
+        stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+        qk_scale, BLOCK_N_SINK, HEAD_D, 1,
+    )
+    n_tiles = tl.cdiv(k_end - k_start, BLOCK_N)
+    if MASK_SPLIT:
+        # Masked tiles before the span every row sees, unmasked tiles inside it, masked after.
+        span_lo, span_hi = _unmasked_key_span(q_lo, q_hi, dense_from, n_init, n_local)
+        a = tl.minimum(tl.maximum(span_lo, k_start), k_end)
+        b = tl.minimum(tl.maximum(span_hi, a), k_end)
+        t1 = tl.cdiv(a - k_start, BLOCK_N)
+        t2 = tl.maximum((b - k_start) // BLOCK_N, t1)
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_start, 0, t1, k_end,
+            q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            qk_scale, BLOCK_N, HEAD_D, 1,
+        )
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_start, t1, t2, k_end,
+            q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            qk_scale, BLOCK_N, HEAD_D, 0,
+        )
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_start, t2, n_tiles, k_end,
+            q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            qk_scale, BLOCK_N, HEAD_D, 1,
+        )
+    else:
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_start, 0, n_tiles, k_end,
+            q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            qk_scale, BLOCK_N, HEAD_D, 2,
+        )
+    seen_any = l_i > 0.0
+    out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
+    if split_id < 0:
+        tl.store(
+            O + tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
+            out.to(O.dtype.element_ty), mask=row_ok[:, None],
+        )
+    else:
+        # Partial result of one split of a dense block: rows [BLOCK_Q] per head.
+        prow = (split_id.to(tl.int64) * num_q_heads + q_head) * BLOCK_Q + i
+        tl.store(O_part + prow[:, None] * HEAD_D + offs_d[None, :], out, mask=row_ok[:, None])
+        lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_part + prow, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    O, O_part, LSE_part, merges, stride_ot, stride_oh, num_q_heads,
+    BLOCK_Q: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block = pid // num_q_heads
+    head = (pid % num_q_heads).to(tl.int64)
+    mg = merges + block * 4
+    q_tok = tl.load(mg + 0)
+    n_q = tl.load(mg + 1)
+    first = tl.load(mg + 2)
+    count = tl.load(mg + 3)
+    i = tl.arange(0, BLOCK_Q)
+    row_ok = i < n_q
+    offs_d = tl.arange(0, HEAD_D)
+    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    w = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_D], dtype=tl.float32)
+    for s in range(first, first + count):
+        prow = (s * num_q_heads + head) * BLOCK_Q + i
+        lse = tl.load(LSE_part + prow, mask=row_ok, other=float("-inf"))
+        part = tl.load(O_part + prow[:, None] * HEAD_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        beta = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + part * beta[:, None]
+        w = w * alpha + beta
+        m = m_new
+    out = acc / tl.where(w > 0.0, w, 1.0)[:, None]
+    tok = (q_tok + i).to(tl.int64)
+    tl.store(
+        O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(O.dtype.element_ty), mask=row_ok[:, None],
+    )
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int = 128
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    split_kv: int = 8192
+    mask_split: int = 1  # 1: masked/unmasked loops; 0: a per-tile check
+
+    @classmethod
+    def default_for(cls, head_size: int) -> "KernelConfig":
+        if head_size >= 256:
+            return cls(block_m=64, block_n=32, num_warps=8, num_stages=1)
+        return cls()
+
+    @classmethod
+    def from_env(cls, head_size: int) -> "KernelConfig":
+        """Defaults, with ``VLLM_TRIANGLEMIX_KERNEL_CONFIG="block_n=64,num_warps=8"`` overrides."""
+        config = cls.default_for(head_size)
+        text = os.environ.get(CONFIG_ENV, "").strip()
+        if not text:
+            return config
+        values = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in cls.__dataclass_fields__:
+                raise ValueError(f"{CONFIG_ENV}: unknown field '{key.strip()}'")
+            values[key.strip()] = int(value)
+        return cls(**{**config.__dict__, **values})
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class TritonPlan:
+    items: torch.Tensor  # int32 [num_items, 8], ITEM_FIELDS order
+    merges: torch.Tensor  # int32 [num_merges, 4]
+    dense_from: torch.Tensor  # int32 [num_reqs]
+    block_table: torch.Tensor
+    num_items: int
+    num_merges: int
+    num_partials: int
+
+
+class TritonTriangleOp:
+    """Plans and launches the triangle kernel for one model shape."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int,
+                 config: KernelConfig | None = None):
+        if head_size not in (64, 128, 256):
+            raise ValueError(f"TriangleMix Triton kernel: head size {head_size} not in 64/128/256")
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.group = num_heads // num_kv_heads
+        self.group_p = _next_pow2(self.group)
+        self.config = config or KernelConfig.from_env(head_size)
+        self.block_q = max(self.config.block_m // self.group_p, 1)
+        self.split_kv = self.config.split_kv
+
+    def prepare(self, plan: BlockPlan, dense_from: np.ndarray, cam) -> TritonPlan:
+        device = cam.block_table_tensor.device
+        items = np.stack([getattr(plan, f) for f in ITEM_FIELDS], axis=1).astype(np.int32)
+        merges = np.stack(
+            [plan.merge_q_tok, plan.merge_n_q, plan.merge_first_split, plan.merge_num_splits], axis=1
+        ).astype(np.int32)
+        return TritonPlan(
+            items=torch.from_numpy(items).to(device, non_blocking=True),
+            merges=torch.from_numpy(merges).to(device, non_blocking=True),
+            dense_from=torch.from_numpy(np.asarray(dense_from, dtype=np.int32)).to(device, non_blocking=True),
+            block_table=cam.block_table_tensor,
+            num_items=plan.num_items,
+            num_merges=int(merges.shape[0]),
+            num_partials=plan.num_partials,
+        )
+
+    def run(self, query, key_cache, value_cache, prepared: TritonPlan,
+            params: TriangleParams, scale: float, output) -> None:
+        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim] views."""
+        if prepared.num_items == 0:
+            return
+        cfg = self.config
+        assert query.stride(-1) == 1 and output.stride(-1) == 1
+        o_part = lse_part = output  # placeholders when nothing is split
+        if prepared.num_partials:
+            rows = prepared.num_partials * self.num_heads * self.block_q
+            o_part = torch.empty((rows, self.head_size), dtype=torch.float32, device=query.device)
+            lse_part = torch.empty((rows,), dtype=torch.float32, device=query.device)
+        bt = prepared.block_table
+        _triangle_attention_kernel[(prepared.num_items * self.num_kv_heads,)](
+            query, key_cache, value_cache, output, o_part, lse_part,
+            prepared.items, prepared.dense_from, bt,
+            query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+            *key_cache.stride(), *value_cache.stride(),
+            bt.stride(0), self.num_kv_heads, self.num_heads, key_cache.shape[1],
+            params.n_init, params.n_local, scale * LOG2E,
+            GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=self.block_q,
+            BLOCK_N=cfg.block_n, BLOCK_N_SINK=16, HEAD_D=self.head_size,
+            MASK_SPLIT=bool(cfg.mask_split),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if prepared.num_merges:
+            _merge_splits_kernel[(prepared.num_merges * self.num_heads,)](
+                output, o_part, lse_part, prepared.merges,
+                output.stride(0), output.stride(1), self.num_heads,
+                BLOCK_Q=self.block_q, HEAD_D=self.head_size, num_warps=4,
+            )
