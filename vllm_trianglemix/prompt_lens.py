@@ -35,7 +35,6 @@ import numpy as np
 from vllm_trianglemix import compat
 
 _current: np.ndarray | None = None
-_installed = False
 
 
 def current() -> np.ndarray | None:
@@ -50,7 +49,6 @@ def publish(lengths: np.ndarray | None) -> None:
 
 def install() -> list[str]:
     """Wrap the loaded model runners; idempotent. Returns what was wrapped."""
-    global _installed
     wrapped: list[str] = []
     v1 = sys.modules.get(compat.V1_RUNNER_MODULE)
     if v1 is not None and not getattr(v1.GPUModelRunner, "_trianglemix_wrapped", False):
@@ -60,7 +58,6 @@ def install() -> list[str]:
     if v2 is not None and not getattr(v2.GPUModelRunner, "_trianglemix_wrapped", False):
         _wrap_v2(v2.GPUModelRunner)
         wrapped.append("V2")
-    _installed = True
     return wrapped
 
 

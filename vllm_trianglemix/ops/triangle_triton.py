@@ -112,7 +112,7 @@ def _triangle_attention_kernel(
     stride_bt, num_kv_heads, num_q_heads, block_size, n_init, n_local, qk_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_SINK: tl.constexpr, HEAD_D: tl.constexpr,
-    MASK_SPLIT: tl.constexpr,
+    MASK_MODE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     pid = tl.program_id(0)
@@ -155,7 +155,7 @@ def _triangle_attention_kernel(
         qk_scale, BLOCK_N_SINK, HEAD_D, 1,
     )
     n_tiles = tl.cdiv(k_end - k_start, BLOCK_N)
-    if MASK_SPLIT:
+    if MASK_MODE == 1:
         # Masked tiles before the span every row sees, unmasked tiles inside it, masked after.
         span_lo, span_hi = _unmasked_key_span(q_lo, q_hi, dense_from, n_init, n_local)
         a = tl.minimum(tl.maximum(span_lo, k_start), k_end)
@@ -180,7 +180,16 @@ def _triangle_attention_kernel(
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
             qk_scale, BLOCK_N, HEAD_D, 1,
         )
+    elif MASK_MODE == 2:
+        # One loop, every tile masked.
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_start, 0, n_tiles, k_end,
+            q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+            qk_scale, BLOCK_N, HEAD_D, 1,
+        )
     else:
+        # One loop, masking the tiles tile_fully_visible cannot vouch for.
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, k_start, 0, n_tiles, k_end,
             q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
@@ -247,7 +256,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_kv: int = 8192
-    mask_split: int = 1  # 1: masked/unmasked loops; 0: a per-tile check
+    mask_mode: int = 1  # 1: masked/unmasked/masked loops; 2: one loop, every tile masked; 0: one loop, a per-tile check
 
     @classmethod
     def default_for(cls, head_size: int) -> "KernelConfig":
@@ -338,7 +347,7 @@ class TritonTriangleOp:
             params.n_init, params.n_local, scale * LOG2E,
             GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=self.block_q,
             BLOCK_N=cfg.block_n, BLOCK_N_SINK=16, HEAD_D=self.head_size,
-            MASK_SPLIT=bool(cfg.mask_split),
+            MASK_MODE=cfg.mask_mode,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if prepared.num_merges:
