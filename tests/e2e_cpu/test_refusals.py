@@ -106,3 +106,15 @@ def test_mla_model_refused(tmp_path):
     extra, _ = with_map(tmp_path, "n_init: 4\nn_local: 64\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: [1]\n")
     with pytest.raises(Exception, match="MLA attention"):
         engine_config(d, additional_config=extra)
+
+
+def test_encoder_decoder_model_refused(tmp_path):
+    from transformers import WhisperConfig
+
+    d = tmp_path / "tiny-whisper"
+    WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=200,
+                  num_mel_bins=80, max_source_positions=1500, max_target_positions=448).save_pretrained(d)
+    extra, _ = with_map(tmp_path, "n_init: 4\nn_local: 64\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: [1]\n")
+    with pytest.raises(Exception, match="encoder-decoder models are not supported"):
+        engine_config(d, additional_config=extra)
