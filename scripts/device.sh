@@ -26,7 +26,8 @@ case "$1" in
     python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
       --backends "$2" --append --out /tmp/tmx/ttft.json > "/tmp/tmx/ttft_$2.log" 2>&1 || true
     cp /tmp/tmx/ttft.json "/tmp/tmx/ttft_$2.log" "$OUT"/ 2>/dev/null || true
-    grep -E "Error|Traceback" "/tmp/tmx/ttft_$2.log" | tail -3; tail -9 "/tmp/tmx/ttft_$2.log"
+    grep -E "Error|Traceback" "/tmp/tmx/ttft_$2.log" | tail -3 || true
+    tail -9 "/tmp/tmx/ttft_$2.log"
     ;;
   *) echo "usage: $0 check | ttft dense|trianglemix" >&2; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from vllm_trianglemix.pattern import TriangleParams
@@ -271,8 +272,15 @@ def load_layer_map(path: str) -> LayerMap:
 
 
 def bundled_map_paths() -> list[str]:
-    """The maps shipped with the package (configs/*.yaml)."""
-    root = resources.files("vllm_trianglemix.configs")
+    """The maps shipped with the package (configs/*.yaml).
+
+    Installed, configs/ is the subpackage ``vllm_trianglemix.configs``; imported
+    from a source checkout without installing, it is the checkout's configs/.
+    """
+    try:
+        root = resources.files("vllm_trianglemix.configs")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parent.parent / "configs"
     return sorted(str(p) for p in root.iterdir() if p.name.endswith(".yaml"))
 
 

@@ -251,12 +251,13 @@ def _merge_splits_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
+    # Defaults: the fastest of `bench kernel`'s sweep on an H100 (BENCHMARKS.md).
     block_m: int = 128
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3
     split_kv: int = 8192
-    mask_mode: int = 1  # 1: masked/unmasked/masked loops; 2: one loop, every tile masked; 0: one loop, a per-tile check
+    mask_mode: int = 0  # 0: one loop, a per-tile check; 1: masked/unmasked/masked loops; 2: one loop, every tile masked
 
     @classmethod
     def default_for(cls, head_size: int) -> "KernelConfig":
