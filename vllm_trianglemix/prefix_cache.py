@@ -51,7 +51,9 @@ class BlockTagger:
     def __init__(self, layer_map: LayerMap):
         self.param_sets = sorted(set(layer_map.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last))
         self.min_prompt_len = layer_map.min_prompt_len
-        self.digest = hashlib.sha256(layer_map.describe().split("; map ")[0].encode()).hexdigest()[:16]
+        # Which layers run which parameters: blocks computed under another map never match.
+        what = (sorted(layer_map.layers.items()), layer_map.min_prompt_len)
+        self.digest = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
 
     def sparse_rows(self, prompt_len: int, start: int, end: int) -> tuple[int, ...]:
         """Per parameter set: how many rows of block [start, end) are sparse."""
