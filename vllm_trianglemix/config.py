@@ -70,6 +70,11 @@ class LayerMap:
         return self.layers.get(layer_index)
 
     @property
+    def param_sets(self) -> list[TriangleParams]:
+        """The distinct parameter sets of the triangle layers, in a fixed order."""
+        return sorted(set(self.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last))
+
+    @property
     def min_n_last(self) -> int:
         return min(p.n_last for p in self.layers.values())
 

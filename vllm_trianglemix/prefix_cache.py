@@ -49,7 +49,7 @@ class BlockTagger:
     """Extra hash key of a block, from the request's prompt length and the map."""
 
     def __init__(self, layer_map: LayerMap):
-        self.param_sets = sorted(set(layer_map.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last))
+        self.param_sets = layer_map.param_sets
         self.min_prompt_len = layer_map.min_prompt_len
         # Which layers run which parameters: blocks computed under another map never match.
         what = (sorted(layer_map.layers.items()), layer_map.min_prompt_len)

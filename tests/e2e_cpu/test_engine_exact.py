@@ -8,7 +8,6 @@ mask, the prompt length or the chunking were wrong.
 """
 
 import pytest
-import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 

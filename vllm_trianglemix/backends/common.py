@@ -76,10 +76,8 @@ class TriangleMixBuilderMixin:
         self._builder_args = (kv_cache_spec, layer_names, vllm_config, device)
         self._stock_subset_builder = None
         self.layer_map = selection.engine_layer_map(vllm_config)
-        self.param_sets = sorted(
-            set(self.layer_map.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last)
-        )
-        self.min_n_last = min(p.n_last for p in self.param_sets)
+        self.param_sets = self.layer_map.param_sets
+        self.min_n_last = self.layer_map.min_n_last
         self.min_sparse_row = min(first_sparse_row(p) for p in self.param_sets)
         wrapped = prompt_lens.install()
         logger.debug("TriangleMix: prompt lengths from model runner %s", wrapped)
