@@ -2,6 +2,6 @@
 
 import sys
 
-from vllm_trianglemix.cli import main
+from vllm_trianglemix.tools.cli import main
 
 sys.exit(main(["bench", "kernel", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Real vLLM OpenAI servers for the tests (the package's launcher, plus CPU settings)."""
 
-from vllm_trianglemix.server_process import (  # noqa: F401
+from vllm_trianglemix.tools.server_process import (  # noqa: F401
     ServerHandle,
     free_port,
     launch_server,

@@ -1,5 +1,5 @@
 import sys
 
-from vllm_trianglemix.cli import main
+from vllm_trianglemix.tools.cli import main
 
 sys.exit(main())

@@ -279,13 +279,14 @@ def load_layer_map(path: str) -> LayerMap:
 def bundled_map_paths() -> list[str]:
     """The maps shipped with the package (configs/*.yaml).
 
-    Installed, configs/ is the subpackage ``vllm_trianglemix.configs``; imported
-    from a source checkout without installing, it is the checkout's configs/.
+    From a source checkout (installed editable or not), the checkout's configs/;
+    installed from a wheel, the subpackage ``vllm_trianglemix.configs``.
     """
-    try:
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if (checkout / "__init__.py").is_file():
+        root = checkout
+    else:
         root = resources.files("vllm_trianglemix.configs")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parent.parent / "configs"
     return sorted(str(p) for p in root.iterdir() if p.name.endswith(".yaml"))
 
 

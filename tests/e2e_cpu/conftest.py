@@ -27,7 +27,7 @@ ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, bloc
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from vllm_trianglemix.demo_model import build_tiny_llama
+    from vllm_trianglemix.tools.demo_model import build_tiny_llama
 
     return build_tiny_llama(str(tmp_path_factory.mktemp("model") / "tiny-llama-trianglemix-demo"))
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.servers import CPU_ARGS, launch_server
 from vllm_trianglemix.config import bundled_map_paths, load_layer_map
-from vllm_trianglemix.demo_model import build_tiny_llama
+from vllm_trianglemix.tools.demo_model import build_tiny_llama
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +81,7 @@ def test_short_prompts_agree_exactly(servers, tiny_map, tmp_path):
 def test_long_prompts_run_end_to_end(servers, tiny_map, tmp_path, capsys):
     """Above min_prompt_len the triangle layers change the logits; the tool reports
     them, and exits 1 when the agreement is under --min-agreement (1.01: always)."""
-    from vllm_trianglemix.cli import main
+    from vllm_trianglemix.tools.cli import main
 
     report = tmp_path / "long.json"
     rc = main(check_args(servers, report, "--prompt-len", "600", "--num-prompts", "2",

@@ -27,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from vllm_trianglemix.demo_model import build_tiny_llama
+    from vllm_trianglemix.tools.demo_model import build_tiny_llama
 
     return build_tiny_llama(str(tmp_path_factory.mktemp("m") / "tiny-llama-trianglemix-demo"))
 

@@ -14,9 +14,9 @@ import random
 import pytest
 
 from tests.reference_llama import ReferenceLlama
-from vllm_trianglemix.cli import main
+from vllm_trianglemix.tools.cli import main
 from vllm_trianglemix.config import load_layer_map, parse_layer_map
-from vllm_trianglemix.demo_model import build_tiny_llama
+from vllm_trianglemix.tools.demo_model import build_tiny_llama
 
 NUM_LAYERS = 4
 PARAMS = ["--n-init", "4", "--n-local", "64", "--n-last", "16", "--device", "cpu",

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from vllm_trianglemix.bench import command_line
+from vllm_trianglemix.tools.bench import command_line
 
 BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX"}
 

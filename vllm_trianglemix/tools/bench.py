@@ -12,9 +12,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "kernel": "vllm_trianglemix.bench_kernel",
-    "ttft": "vllm_trianglemix.bench_ttft",
-    "report": "vllm_trianglemix.bench_report",
+    "kernel": "vllm_trianglemix.tools.bench_kernel",
+    "ttft": "vllm_trianglemix.tools.bench_ttft",
+    "report": "vllm_trianglemix.tools.bench_report",
 }
 
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from vllm_trianglemix.bench import command_line
+from vllm_trianglemix.tools.bench import command_line
 from vllm_trianglemix.ops.triangle_triton import CONFIG_ENV, KernelConfig, TritonTriangleOp
 from vllm_trianglemix.pattern import TriangleParams, dense_start, plan_blocks
 

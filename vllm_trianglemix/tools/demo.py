@@ -18,8 +18,8 @@ import random
 import sys
 import urllib.request
 
-from vllm_trianglemix.demo_model import build_tiny_llama
-from vllm_trianglemix.server_process import start_server
+from vllm_trianglemix.tools.demo_model import build_tiny_llama
+from vllm_trianglemix.tools.server_process import start_server
 
 DEFAULT_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),

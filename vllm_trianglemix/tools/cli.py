@@ -14,11 +14,11 @@ import importlib.util
 import sys
 
 COMMANDS = {
-    "demo": "vllm_trianglemix.demo",
-    "serve": "vllm_trianglemix.serve",
-    "bench": "vllm_trianglemix.bench",
-    "calibrate": "vllm_trianglemix.calibrate",
-    "check-accuracy": "vllm_trianglemix.accuracy",
+    "demo": "vllm_trianglemix.tools.demo",
+    "serve": "vllm_trianglemix.tools.serve",
+    "bench": "vllm_trianglemix.tools.bench",
+    "calibrate": "vllm_trianglemix.tools.calibrate",
+    "check-accuracy": "vllm_trianglemix.tools.accuracy",
 }
 
 

@@ -1,0 +1,3 @@
+"""The command-line tools (``vllm-trianglemix demo | serve | bench | calibrate |
+check-accuracy``). Nothing here is imported by the plugin itself: the core route
+is config -> registration/selection -> backends -> ops."""
