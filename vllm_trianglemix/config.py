@@ -12,6 +12,13 @@ A layer map is a YAML file::
     triangle_layers: "16-31"                  # ints and "a-b" ranges, a list or one string
     layer_overrides:                          # optional, per triangle layer
       20: {n_local: 1024}
+    dynamic_layers: "0-15"                    # optional: TriangleMix + XAttention layers
+    dynamic:                                  # optional, their parameters (defaults below)
+      method: xattention
+      block_size: 128
+      stride: 8
+      threshold: 0.9
+      max_density: 0.2                        # optional fixed budget
     notes: "where the numbers come from"      # optional, free text
 
 Every error names the file and the field, so a bad map stops the engine at
@@ -27,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vllm_trianglemix.pattern import TriangleParams
+from vllm_trianglemix.pattern import DynamicParams, TriangleParams
 
 ADDITIONAL_CONFIG_KEY = "trianglemix_config"
 """``--additional-config '{"trianglemix_config": "/path/map.yaml"}'``."""
@@ -38,7 +45,15 @@ so that workers on other nodes need no access to the file."""
 
 PARAM_KEYS = ("n_init", "n_local", "n_last")
 REQUIRED_KEYS = PARAM_KEYS + ("min_prompt_len", "triangle_layers")
-OPTIONAL_KEYS = ("model", "match", "num_hidden_layers", "layer_overrides", "notes")
+OPTIONAL_KEYS = (
+    "model", "match", "num_hidden_layers", "layer_overrides", "dynamic_layers", "dynamic", "notes",
+)
+
+DYNAMIC_METHODS = ("xattention",)
+DYNAMIC_DEFAULTS = {"method": "xattention", "block_size": 128, "stride": 8, "threshold": 0.9,
+                    "max_density": None}
+"""XAttention's settings for language models (Xu et al., arXiv 2503.16428, and the
+defaults of its reference code's ``xattn_estimate``): block 128, stride 8, threshold 0.9."""
 
 
 class TriangleMixConfigError(ValueError):
@@ -59,14 +74,17 @@ class LayerMap:
     min_prompt_len: int
     defaults: TriangleParams
     layers: dict[int, TriangleParams]
+    dynamic_layers: dict[int, DynamicParams] = field(default_factory=dict)
     model: str | None = None
     match: tuple[str, ...] = ()
     num_hidden_layers: int | None = None
     notes: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def params_for(self, layer_index: int) -> TriangleParams | None:
-        """The layer's parameters, or ``None`` for a dense layer."""
+    def params_for(self, layer_index: int) -> TriangleParams | DynamicParams | None:
+        """The layer's parameters (triangle or dynamic), or ``None`` for a dense layer."""
+        if layer_index in self.dynamic_layers:
+            return self.dynamic_layers[layer_index]
         return self.layers.get(layer_index)
 
     @property
@@ -75,8 +93,14 @@ class LayerMap:
         return sorted(set(self.layers.values()), key=lambda p: (p.n_init, p.n_local, p.n_last))
 
     @property
+    def dynamic_param_sets(self) -> list[DynamicParams]:
+        """The distinct parameter sets of the dynamic layers, in a fixed order."""
+        return sorted(set(self.dynamic_layers.values()), key=repr)
+
+    @property
     def min_n_last(self) -> int:
-        return min(p.n_last for p in self.layers.values())
+        values = list(self.layers.values()) + list(self.dynamic_layers.values())
+        return min(p.n_last for p in values)
 
     def check_model(self, num_layers: int) -> None:
         """Refuse layer ids the served model does not have."""
@@ -87,14 +111,15 @@ class LayerMap:
                 f"the map is for a model with {self.num_hidden_layers} layers, "
                 f"the served model has {num_layers}",
             )
-        for layer in sorted(self.layers):
-            if layer >= num_layers:
-                raise TriangleMixConfigError(
-                    self.source,
-                    "triangle_layers",
-                    f"layer {layer} is outside the model "
-                    f"({num_layers} layers: 0-{num_layers - 1})",
-                )
+        for name, layers in (("triangle_layers", self.layers), ("dynamic_layers", self.dynamic_layers)):
+            for layer in sorted(layers):
+                if layer >= num_layers:
+                    raise TriangleMixConfigError(
+                        self.source,
+                        name,
+                        f"layer {layer} is outside the model "
+                        f"({num_layers} layers: 0-{num_layers - 1})",
+                    )
 
     def describe(self) -> str:
         """One line: which layers run triangle, with their parameters."""
@@ -105,6 +130,16 @@ class LayerMap:
             f"layers {format_layer_ranges(ids)} (n_init={p.n_init}, "
             f"n_local={p.n_local}, n_last={p.n_last})"
             for p, ids in groups.items()
+        ]
+        dyn: dict[DynamicParams, list[int]] = {}
+        for layer in sorted(self.dynamic_layers):
+            dyn.setdefault(self.dynamic_layers[layer], []).append(layer)
+        parts += [
+            f"dynamic layers {format_layer_ranges(ids)} ({p.method}: block_size={p.block_size}, "
+            f"stride={p.stride}, threshold={p.threshold}"
+            + (f", max_density={p.max_density}" if p.max_density is not None else "")
+            + f", n_last={p.n_last})"
+            for p, ids in dyn.items()
         ]
         return (
             f"{'; '.join(parts)}; prompts shorter than {self.min_prompt_len} "
@@ -141,8 +176,7 @@ _MINIMUM = {"n_init": 0, "n_local": 1, "n_last": 0, "min_prompt_len": 0}
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
-def _layer_ids(source: str, value: Any) -> list[int]:
-    name = "triangle_layers"
+def _layer_ids(source: str, value: Any, name: str = "triangle_layers") -> list[int]:
     if isinstance(value, str):
         items: list[Any] = [s for s in value.split(",")]
     elif isinstance(value, list):
@@ -235,6 +269,8 @@ def parse_layer_map(data: Any, source: str) -> LayerMap:
             merged[k] = _int_field(source, f"{where}.{k}", v, _MINIMUM[k])
         layers[layer_id] = TriangleParams(**merged)
 
+    dynamic_layers = _dynamic_layers(source, data, defaults.n_last, set(layers))
+
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise TriangleMixConfigError(source, "model", "must be a model name (a string)")
@@ -254,12 +290,72 @@ def parse_layer_map(data: Any, source: str) -> LayerMap:
         min_prompt_len=values["min_prompt_len"],
         defaults=defaults,
         layers=layers,
+        dynamic_layers=dynamic_layers,
         model=model,
         match=tuple(match),
         num_hidden_layers=num_layers,
         notes=notes,
         raw=dict(data),
     )
+
+
+def _number_field(source: str, name: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TriangleMixConfigError(
+            source, name, f"must be a number, got {value!r} ({type(value).__name__})"
+        )
+    if not lo < value <= hi:
+        raise TriangleMixConfigError(source, name, f"must be in ({lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _dynamic_layers(source: str, data: dict, n_last: int, triangle: set[int]) -> dict[int, DynamicParams]:
+    """``dynamic_layers`` and ``dynamic``: validated, with XAttention's defaults."""
+    spec = data.get("dynamic")
+    if "dynamic_layers" not in data:
+        if spec is not None:
+            raise TriangleMixConfigError(
+                source, "dynamic", "given without 'dynamic_layers' (which layers use it?)"
+            )
+        return {}
+    ids = _layer_ids(source, data["dynamic_layers"], "dynamic_layers")
+    both = sorted(triangle.intersection(ids))
+    if both:
+        raise TriangleMixConfigError(
+            source, "dynamic_layers", f"layers {format_layer_ranges(both)} are also in triangle_layers"
+        )
+    spec = {} if spec is None else spec
+    if not isinstance(spec, dict):
+        raise TriangleMixConfigError(
+            source, "dynamic", "must be a mapping (method, block_size, stride, threshold, max_density)"
+        )
+    unknown = sorted(str(k) for k in spec if k not in DYNAMIC_DEFAULTS)
+    if unknown:
+        raise TriangleMixConfigError(
+            source, f"dynamic.{unknown[0]}", f"unknown key (known: {', '.join(DYNAMIC_DEFAULTS)})"
+        )
+    values = {**DYNAMIC_DEFAULTS, **spec}
+    if values["method"] not in DYNAMIC_METHODS:
+        raise TriangleMixConfigError(
+            source, "dynamic.method",
+            f"unknown method {values['method']!r} (supported: {', '.join(DYNAMIC_METHODS)})",
+        )
+    block_size = _int_field(source, "dynamic.block_size", values["block_size"], 16)
+    if block_size % 16:
+        raise TriangleMixConfigError(
+            source, "dynamic.block_size", f"must be a multiple of 16, got {block_size}"
+        )
+    stride = _int_field(source, "dynamic.stride", values["stride"], 1)
+    if block_size % stride:
+        raise TriangleMixConfigError(
+            source, "dynamic.stride", f"must divide block_size ({block_size}), got {stride}"
+        )
+    threshold = _number_field(source, "dynamic.threshold", values["threshold"], 0.0, 1.0)
+    max_density = values["max_density"]
+    if max_density is not None:
+        max_density = _number_field(source, "dynamic.max_density", max_density, 0.0, 1.0)
+    params = DynamicParams(values["method"], block_size, stride, threshold, max_density, n_last)
+    return {i: params for i in ids}
 
 
 def load_layer_map(path: str) -> LayerMap:

@@ -158,6 +158,7 @@ def plan_blocks(
     params: TriangleParams,
     block_q: int,
     split_kv: int = 0,
+    dense_rows_only: bool = False,
 ) -> BlockPlan:
     """Cut the query rows of requests ``reqs`` into work items.
 
@@ -168,6 +169,9 @@ def plan_blocks(
     at each request's dense start. With ``split_kv > 0`` a dense block whose
     key range is longer than ``split_kv`` becomes one item per ``split_kv``
     keys. Items come heaviest first (most keys), so the longest start first.
+    ``dense_rows_only`` plans only the rows at or past each dense start (a
+    dynamic layer's dense rows; its other rows are planned by
+    :func:`plan_query_blocks`).
     """
     qsl = np.asarray(query_start_loc, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
@@ -192,6 +196,8 @@ def plan_blocks(
     b_lo = np.concatenate(b_lo) if b_lo else empty
     b_hi = np.concatenate(b_hi) if b_hi else empty
     b_dense = b_lo >= dense_from[b_req] if b_req.size else np.zeros(0, dtype=bool)
+    if dense_rows_only:
+        b_req, b_tok, b_lo, b_hi, b_dense = (a[b_dense] for a in (b_req, b_tok, b_lo, b_hi, b_dense))
     sink_end, k_start, k_end = block_key_ranges(
         b_lo, b_hi, b_dense, params.n_init, params.n_local
     )
@@ -234,3 +240,175 @@ def plan_blocks(
 
 
 ITEM_FIELDS = ("req", "q_tok", "q_pos", "n_q", "sink_end", "k_start", "k_end", "split_id")
+
+
+# ---------------------------------------------------------------------------
+# Dynamic layers: TriangleMix + XAttention block-sparse prefill
+# ---------------------------------------------------------------------------
+#
+# In a *dynamic* layer (a map's ``dynamic_layers``) the rows past the dense
+# start are dense exactly as in a triangle layer, prompts shorter than
+# ``min_prompt_len`` run dense (stock), and decode is unchanged. The other
+# prompt rows attend block-sparsely, the blocks chosen per prompt by the
+# XAttention estimate (Xu et al., 2025, arXiv 2503.16428), defined here on
+# absolute positions:
+#
+# * Blocks are aligned to absolute positions: query block ``b`` holds the
+#   dynamic rows ``[b*B, (b+1)*B)`` (``B = block_size``) that are below the
+#   dense start; key block ``j`` holds keys ``[j*B, (j+1)*B)``. A row of query
+#   block ``b`` sees key ``k`` iff ``k <= q`` and ``j = k // B`` is *kept* for
+#   ``(b, kv_head)``.
+# * Antidiagonal score (stride ``S``, which divides ``B``). Rows and keys form
+#   groups of ``S`` consecutive positions; for query group ``g`` and key group
+#   ``h <= g`` and a query head,
+#       a(g, h) = scale / S * sum_s q[g*S + S-1-s] . k[h*S + s]
+#   over ``s`` in ``0..S-1`` whose row ``g*S + S-1-s`` is *present* (a dynamic
+#   row of this query block in the step that computes it) and whose key is
+#   causal (``h*S + s <= g*S + S-1-s``, which only removes terms when h == g).
+#   ``a(g, h)`` is defined when at least one term is; groups without present
+#   rows take no part.
+# * ``p(g, .)`` is the softmax of ``a(g, h)`` over the defined ``h``; the mass of
+#   key block ``j`` for query block ``b`` and KV head ``t`` is the sum of
+#   ``p(g, h)`` over the query heads of ``t`` (GQA: one selection per KV head,
+#   shared by its query heads), the groups ``g`` of block ``b`` and the groups
+#   ``h`` of block ``j``; masses are normalised to sum to 1 over ``j <= b``.
+# * :func:`select_key_blocks` keeps, per (query block, KV head), the first key
+#   block and the diagonal block, then the fewest other blocks, by descending
+#   mass (ties: lower index first), that bring the kept mass to ``threshold``;
+#   ``threshold >= 1`` keeps every block. With ``max_density`` at most
+#   ``max(2, ceil(max_density * (b + 1)))`` blocks are kept (a fixed budget when
+#   ``threshold`` is 1).
+#
+# The selection of query block ``b`` is a function of the prompt's queries and
+# keys at absolute positions up to ``min((b+1)*B, dense start)``. When every
+# chunk boundary is a multiple of ``B`` (chunk sizes that are multiples of
+# ``B``, and prefix-cache hits, which the prefix-cache rule aligns to query
+# blocks), every query block is present whole in one step, so results do not
+# depend on chunk size, batch mix, preemption or prefix-cache hits. When a
+# chunk boundary cuts a query block, only that block changes: each step
+# selects for its part of the block from the rows the step holds ("present"
+# rows above). Nothing else differs.
+
+
+@dataclass(frozen=True)
+class DynamicParams:
+    """Per-layer parameters of a dynamic (TriangleMix + XAttention) layer."""
+
+    method: str
+    block_size: int
+    stride: int
+    threshold: float
+    max_density: float | None
+    n_last: int
+
+    @property
+    def keeps_everything(self) -> bool:
+        """True when no block can be dropped (the layer then equals dense)."""
+        return self.threshold >= 1.0 and self.max_density is None
+
+
+def dynamic_first_sparse_row(params: DynamicParams) -> int:
+    """Rows of query block 0 see every key (its only key block is kept)."""
+    return 1 << 62 if params.keeps_everything else params.block_size
+
+
+def select_key_blocks(mass, q_block, threshold: float, max_density: float | None):
+    """The kept key blocks of query blocks, from their (unnormalised) masses.
+
+    ``mass``: float tensor ``[..., n]`` (entries ``j > q_block`` are ignored);
+    ``q_block``: int tensor broadcastable to ``mass.shape[:-1]``, the query
+    block index ``b``. Returns a bool tensor like ``mass``: kept blocks.
+    Torch only (CPU and GPU paths share it).
+    """
+    import torch
+
+    n = mass.shape[-1]
+    j = torch.arange(n, device=mass.device)
+    b = torch.as_tensor(q_block, device=mass.device)[..., None]
+    causal = j <= b
+    forced = causal & ((j == 0) | (j == b))
+    if threshold >= 1.0 and max_density is None:
+        return causal.expand(mass.shape).clone()
+    m = torch.where(causal, mass.to(torch.float64), torch.zeros((), dtype=torch.float64, device=mass.device))
+    total = m.sum(-1, keepdim=True)
+    m = m / torch.where(total > 0, total, torch.ones_like(total))
+    forced_mass = torch.where(forced, m, torch.zeros_like(m)).sum(-1, keepdim=True)
+    # Others by descending mass, ties by lower index (stable sort of -mass).
+    rank_key = torch.where(causal & ~forced, -m, torch.full_like(m, float("inf")))
+    order = torch.sort(rank_key, dim=-1, stable=True).indices
+    sorted_m = torch.gather(torch.where(causal & ~forced, m, torch.zeros_like(m)), -1, order)
+    before = forced_mass + torch.cumsum(sorted_m, -1) - sorted_m  # kept mass before taking each
+    n_others = (causal & ~forced).sum(-1, keepdim=True)
+    if threshold >= 1.0:
+        take = n_others
+    else:
+        take = (before < threshold).sum(-1, keepdim=True).clamp(max=n_others)
+    if max_density is not None:
+        nb = b + 1
+        cap = torch.clamp(torch.ceil(max_density * nb.to(torch.float64)).to(torch.int64), min=2)
+        take = torch.minimum(take, torch.clamp(cap - forced.sum(-1, keepdim=True), min=0))
+    taken_sorted = torch.arange(n, device=mass.device) < take
+    taken = torch.zeros_like(causal.expand(mass.shape)).scatter(-1, order, taken_sorted.expand(order.shape))
+    return forced | (taken & causal)
+
+
+DENSE_ROWS = 1 << 30
+"""``n_local`` that makes every row dense: :func:`visible` is then plain causal."""
+
+
+def dense_row_params(n_last: int) -> TriangleParams:
+    """Triangle parameters whose rows are all dense (a dynamic layer's dense rows)."""
+    return TriangleParams(0, DENSE_ROWS, n_last)
+
+
+@dataclass
+class QueryBlockPlan:
+    """The dynamic rows of a batch, one item per (request, query block part).
+
+    Item ``i`` covers rows ``[q_pos, q_pos + n_q)`` (absolute positions) of
+    request ``req``, the part of query block ``q_block`` (rows
+    ``[q_block*B, (q_block+1)*B)``) that lies below the request's dense start and
+    in this step; its first row is at index ``q_tok`` of the batch's queries.
+    """
+
+    req: np.ndarray
+    q_tok: np.ndarray
+    q_pos: np.ndarray
+    n_q: np.ndarray
+    q_block: np.ndarray
+    block_size: int
+
+    @property
+    def num_items(self) -> int:
+        return int(self.req.shape[0])
+
+
+QUERY_BLOCK_FIELDS = ("req", "q_tok", "q_pos", "n_q", "q_block")
+
+
+def plan_query_blocks(query_start_loc, seq_lens, dense_from, reqs, block_size: int) -> QueryBlockPlan:
+    """Cut the rows below each dense start into parts of absolute query blocks."""
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    dense_from = np.asarray(dense_from, dtype=np.int64)
+    out = {f: [] for f in QUERY_BLOCK_FIELDS}
+    for r in np.asarray(reqs, dtype=np.int64).tolist():
+        tok0, n = int(qsl[r]), int(qsl[r + 1] - qsl[r])
+        p0 = int(seq_lens[r]) - n
+        end = min(p0 + n, int(dense_from[r]))
+        if end <= p0:
+            continue
+        lo = np.concatenate([[p0], np.arange((p0 // block_size + 1) * block_size, end, block_size)])
+        hi = np.append(lo[1:], end)
+        out["req"].append(np.full(lo.shape, r, dtype=np.int64))
+        out["q_tok"].append(lo - p0 + tok0)
+        out["q_pos"].append(lo)
+        out["n_q"].append(hi - lo)
+        out["q_block"].append(lo // block_size)
+    arrays = {
+        f: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)).astype(np.int64)
+        for f, v in out.items()
+    }
+    # Heaviest (most key blocks) first.
+    order = np.argsort(-arrays["q_block"], kind="stable")
+    return QueryBlockPlan(**{f: a[order] for f, a in arrays.items()}, block_size=block_size)

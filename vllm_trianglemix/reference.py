@@ -32,12 +32,27 @@ def masked_attention(
     head ``h`` reads KV head ``h // (Hq // Hkv)``). Returns [Tq, Hq, D] in
     ``compute_dtype``. Every row must see at least one key.
     """
+    mask = visible(q_pos[:, None], k_pos[None, :], dense_from, n_init, n_local)
+    return attention_with_mask(q, k, v, mask, scale, compute_dtype)
+
+
+def attention_with_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Softmax attention under a boolean ``mask``: ``[Tq, Tk]`` for every head,
+    or ``[Hkv, Tq, Tk]`` per KV head (shared by that head's query heads)."""
     group = q.shape[1] // k.shape[1]
     qf = q.to(compute_dtype).transpose(0, 1)  # [Hq, Tq, D]
     kf = k.to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)
     vf = v.to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, Tq, Tk]
-    mask = visible(q_pos[:, None], k_pos[None, :], dense_from, n_init, n_local)
+    if mask.dim() == 3:
+        mask = mask.repeat_interleave(group, dim=0)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, vf).transpose(0, 1)

@@ -28,7 +28,16 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_trianglemix import compat, prompt_lens, selection
-from vllm_trianglemix.pattern import TriangleParams, dense_start, first_sparse_row, plan_blocks
+from vllm_trianglemix.pattern import (
+    DynamicParams,
+    TriangleParams,
+    dense_row_params,
+    dense_start,
+    dynamic_first_sparse_row,
+    first_sparse_row,
+    plan_blocks,
+    plan_query_blocks,
+)
 
 logger = init_logger("vllm.trianglemix")
 
@@ -43,8 +52,10 @@ class TriangleMixMetadata:
     """Stock metadata for the requests the triangle path does not take."""
     stock_tokens: slice | torch.Tensor | None
     """Their query tokens in the batch (a slice when contiguous)."""
-    plans: dict[TriangleParams, Any]
-    """Triangle op plans, per parameter set."""
+    plans: dict[TriangleParams | DynamicParams, Any]
+    """Per parameter set: the triangle op's plan (triangle layers), or the
+    triangle op's plan of the dense rows and the dynamic op's plan of the
+    other rows (dynamic layers)."""
     num_actual_tokens: int
 
     def __getattr__(self, name: str):
@@ -69,6 +80,7 @@ class TriangleMixBuilderMixin:
 
     stock_builder_cls: ClassVar[type]
     triangle_op: ClassVar[Any]
+    dynamic_op: ClassVar[Any]
     supports_update_block_table: bool = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
@@ -77,8 +89,12 @@ class TriangleMixBuilderMixin:
         self._stock_subset_builder = None
         self.layer_map = selection.engine_layer_map(vllm_config)
         self.param_sets = self.layer_map.param_sets
+        self.dynamic_sets = self.layer_map.dynamic_param_sets
         self.min_n_last = self.layer_map.min_n_last
-        self.min_sparse_row = min(first_sparse_row(p) for p in self.param_sets)
+        self.min_sparse_row = min(
+            [first_sparse_row(p) for p in self.param_sets]
+            + [dynamic_first_sparse_row(p) for p in self.dynamic_sets]
+        )
         wrapped = prompt_lens.install()
         logger.debug("TriangleMix: prompt lengths from model runner %s", wrapped)
         self._warned_unsplittable = False
@@ -140,6 +156,26 @@ class TriangleMixBuilderMixin:
                 self.triangle_op.split_kv,
             )
             plans[params] = self.triangle_op.prepare(plan, dense_from, cam)
+        for params in self.dynamic_sets:
+            dense_from = dense_start(route.prompt_len, params.n_last, self.layer_map.min_prompt_len)
+            dense_plan = plan_blocks(
+                route.query_start_loc,
+                route.seq_lens,
+                dense_from,
+                route.triangle_reqs,
+                dense_row_params(params.n_last),
+                self.triangle_op.block_q,
+                self.triangle_op.split_kv,
+                dense_rows_only=True,
+            )
+            block_plan = plan_query_blocks(
+                route.query_start_loc, route.seq_lens, dense_from, route.triangle_reqs,
+                params.block_size,
+            )
+            plans[params] = (
+                self.triangle_op.prepare(dense_plan, dense_from, cam),
+                self.dynamic_op.prepare(block_plan, dense_from, cam),
+            )
         return TriangleMixMetadata(
             full=full,
             stock=stock,
@@ -193,6 +229,7 @@ class TriangleMixImplMixin:
     """Mixed in before the platform's stock attention impl."""
 
     triangle_op: ClassVar[Any]
+    dynamic_op: ClassVar[Any]
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes,
                  sliding_window, kv_cache_dtype, *args, **kwargs):
@@ -218,7 +255,7 @@ class TriangleMixImplMixin:
         from vllm.config import get_current_vllm_config
 
         self._layer_map = selection.engine_layer_map(get_current_vllm_config())
-        self._layer_params: dict[str, TriangleParams | None] = {}
+        self._layer_params: dict[str, TriangleParams | DynamicParams | None] = {}
 
     def kv_cache_views(self, layer, kv_cache: torch.Tensor):
         """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]."""
@@ -246,11 +283,17 @@ class TriangleMixImplMixin:
                 super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, out_sub)
                 output[idx] = out_sub
         key_cache, value_cache = self.kv_cache_views(layer, kv_cache)
-        self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output)
+        if isinstance(params, DynamicParams):
+            dense_plan, block_plan = plan
+            self.triangle_op.run(query, key_cache, value_cache, dense_plan,
+                                 dense_row_params(params.n_last), self.scale, output)
+            self.dynamic_op.run(query, key_cache, value_cache, block_plan, params, self.scale, output)
+        else:
+            self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output)
         return output
 
-    def layer_params(self, layer) -> TriangleParams | None:
-        """This layer's triangle parameters, or None for a dense layer."""
+    def layer_params(self, layer) -> TriangleParams | DynamicParams | None:
+        """This layer's triangle or dynamic parameters, or None for a dense layer."""
         name = layer.layer_name
         if name not in self._layer_params:
             index = layer_index(name)

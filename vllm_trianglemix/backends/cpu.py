@@ -20,6 +20,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
 from vllm_trianglemix.ops.triangle_torch import TorchTriangleOp
+from vllm_trianglemix.ops.xattention_torch import TorchXAttentionOp
 from vllm_trianglemix.selection import TriangleMixUnsupportedError
 
 # How the stock CPU kernel lays out K inside a (block, head): per ISA, probed.
@@ -74,6 +75,7 @@ def probe_key_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: i
 class TriangleMixCPUMetadataBuilder(TriangleMixBuilderMixin, CPUAttentionMetadataBuilder):
     stock_builder_cls = CPUAttentionMetadataBuilder
     triangle_op = TorchTriangleOp()
+    dynamic_op = TorchXAttentionOp()
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -82,6 +84,7 @@ class TriangleMixCPUMetadataBuilder(TriangleMixBuilderMixin, CPUAttentionMetadat
 
 class TriangleMixCPUImpl(TriangleMixImplMixin, CPUAttentionBackendImpl):
     triangle_op = TriangleMixCPUMetadataBuilder.triangle_op
+    dynamic_op = TriangleMixCPUMetadataBuilder.dynamic_op
 
     def kv_cache_views(self, layer, kv_cache):
         return kv_cache_views(kv_cache, _KEY_LAYOUTS[layer.isa])
