@@ -14,8 +14,9 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from tests.xattention_reference import dynamic_attention
 from vllm_trianglemix.config import LayerMap
-from vllm_trianglemix.pattern import dense_start, visible
+from vllm_trianglemix.pattern import DynamicParams, dense_start, visible
 
 
 class ReferenceLlama:
@@ -46,13 +47,19 @@ class ReferenceLlama:
         return x * cos + rotated * sin
 
     @torch.no_grad()
-    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None):
+    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None,
+                 chunk_starts=()):
         """log-softmax of the logits at every position, [T, vocab].
 
         ``prompt_len`` (default: all tokens) is the L of the rule; positions at
         or past it (generated tokens) are dense rows, as in the plugin.
-        ``layer_map=None`` runs every layer dense.
+        ``layer_map=None`` runs every layer dense. Dynamic layers select their
+        blocks with tests/xattention_reference.py (float64, its own estimate);
+        ``chunk_starts`` are the positions where the engine's steps begin
+        (only matters when one cuts a query block). ``self.margin`` is then the
+        smallest distance of a selection decision from flipping.
         """
+        self.margin = float("inf")
         n = len(token_ids)
         prompt_len = n if prompt_len is None else prompt_len
         pos = torch.arange(n)
@@ -67,6 +74,16 @@ class ReferenceLlama:
             v = (h @ self.w[p + "self_attn.v_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
             q, k = self._rope(q, pos), self._rope(k, pos)
             params = layer_map.params_for(i) if layer_map is not None else None
+            if isinstance(params, DynamicParams):
+                ds = int(dense_start(prompt_len, params.n_last, layer_map.min_prompt_len))
+                a, margin = dynamic_attention(
+                    q, k, v, 0, ds, params.block_size, params.stride, params.threshold,
+                    params.max_density, scale, chunk_starts,
+                )
+                self.margin = min(self.margin, margin)
+                x = x + a.reshape(n, -1) @ self.w[p + "self_attn.o_proj.weight"].T
+                x = self._mlp(x, p)
+                continue
             if params is None:
                 mask = visible(pos[:, None], pos[None, :], 0, 0, 1)
             else:
@@ -78,16 +95,19 @@ class ReferenceLlama:
             s = s.masked_fill(~mask, float("-inf"))
             a = (torch.softmax(s, dim=-1) @ vv).transpose(0, 1).reshape(n, -1)
             x = x + a @ self.w[p + "self_attn.o_proj.weight"].T
-            h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
-            gate = h @ self.w[p + "mlp.gate_proj.weight"].T
-            up = h @ self.w[p + "mlp.up_proj.weight"].T
-            x = x + (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
+            x = self._mlp(x, p)
         x = self._norm(x, self.w["model.norm.weight"])
         logits = x @ self.w["lm_head.weight"].T
         return torch.log_softmax(logits, dim=-1)
 
-    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None) -> torch.Tensor:
+    def _mlp(self, x, p):
+        h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
+        gate = h @ self.w[p + "mlp.gate_proj.weight"].T
+        up = h @ self.w[p + "mlp.up_proj.weight"].T
+        return x + (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
+
+    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None, chunk_starts=()) -> torch.Tensor:
         """Logprob of each token given the ones before it (positions 1..T-1)."""
-        lp = self.logprobs(token_ids, layer_map, prompt_len)
+        lp = self.logprobs(token_ids, layer_map, prompt_len, chunk_starts)
         ids = torch.tensor(token_ids[1:])
         return lp[:-1].gather(1, ids[:, None])[:, 0]

@@ -392,22 +392,36 @@ def _model_key(name: str) -> str:
 
 
 def find_bundled_map(model_name: str) -> LayerMap | None:
-    """The bundled map whose ``model`` or ``match`` names the served model."""
+    """The bundled map whose ``match`` names the served model.
+
+    Bundled maps without ``match`` (the opt-in variants, e.g. ``*-dynamic``)
+    are never chosen automatically: select them by name (:func:`bundled_map_by_name`).
+    """
     key = _model_key(model_name)
     for path in bundled_map_paths():
         layer_map = load_layer_map(path)
-        names = {_model_key(n) for n in layer_map.match}
-        if layer_map.model:
-            names.add(_model_key(layer_map.model))
-        if key in names:
+        if key in {_model_key(n) for n in layer_map.match}:
             return layer_map
+    return None
+
+
+def bundled_map_names() -> list[str]:
+    return [os.path.basename(p)[: -len(".yaml")] for p in bundled_map_paths()]
+
+
+def bundled_map_by_name(name: str) -> LayerMap | None:
+    """``llama-3.1-8b-instruct-dynamic`` -> that bundled map (None if there is none)."""
+    for path in bundled_map_paths():
+        if os.path.basename(path) in (name, f"{name}.yaml"):
+            return load_layer_map(path)
     return None
 
 
 def resolve_layer_map(
     additional_config: dict | None, model_name: str, served_name: str | None = None
 ) -> LayerMap:
-    """The map for this engine: the user's file, else the bundled one for the model."""
+    """The map for this engine: the user's file (or a bundled map's name), else
+    the bundled one for the model."""
     additional_config = additional_config or {}
     resolved = additional_config.get(RESOLVED_KEY)
     if resolved is not None:
@@ -418,7 +432,17 @@ def resolve_layer_map(
             raise TriangleMixConfigError(
                 f"--additional-config {ADDITIONAL_CONFIG_KEY}", None, "must be a file path"
             )
-        return load_layer_map(os.path.expanduser(path))
+        path = os.path.expanduser(path)
+        if not os.path.exists(path) and os.sep not in path:
+            bundled = bundled_map_by_name(path)
+            if bundled is None:
+                raise TriangleMixConfigError(
+                    path, None,
+                    "no such file, and no bundled map of that name "
+                    f"(bundled: {', '.join(bundled_map_names())})",
+                )
+            return bundled
+        return load_layer_map(path)
     for name in (model_name, served_name):
         if name:
             layer_map = find_bundled_map(name)

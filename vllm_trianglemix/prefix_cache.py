@@ -26,6 +26,19 @@ What that means in practice:
   (about ``n_last`` + answer + new message tokens) is recomputed as triangle
   rows; everything before it is reused.
 
+Dynamic layers (TriangleMix + XAttention) extend the rule in two ways. The
+tag also counts each block's *sparse dynamic* rows (``block_size <= p <
+dense start``, unless the layer keeps every block). And a dynamic row's output
+depends on the selection of its query block (``block_size`` rows at absolute
+positions), which reads every row of that block below the dense start,
+including rows *after* the row itself: so a cache hit is cut back to the last
+query-block boundary when it would end inside a query block with sparse
+dynamic rows (hooked at ``KVCacheManager.get_computed_blocks``). Every block
+of a hit then depends only on tokens inside the hit, and the request's next
+step starts on a query-block boundary, as a fresh prefill's does. (Blocks are
+cached as the request that computed them chunked them: a chunk boundary that
+cut a query block there changed that block's selection, see pattern.py.)
+
 The tag is added in the engine-core process (where vLLM hashes blocks); the
 hook is installed there only, and is a no-op unless the engine selected
 TriangleMix.
@@ -34,11 +47,13 @@ TriangleMix.
 from __future__ import annotations
 
 import functools
+import dataclasses
 import hashlib
+import math
 import sys
 
 from vllm_trianglemix.config import LayerMap
-from vllm_trianglemix.pattern import dense_start, first_sparse_row
+from vllm_trianglemix.pattern import dense_start, dynamic_first_sparse_row, first_sparse_row
 
 ENGINE_CORE_MODULE = "vllm.v1.engine.core"
 
@@ -50,9 +65,12 @@ class BlockTagger:
 
     def __init__(self, layer_map: LayerMap):
         self.param_sets = layer_map.param_sets
+        self.dynamic_sets = layer_map.dynamic_param_sets
         self.min_prompt_len = layer_map.min_prompt_len
         # Which layers run which parameters: blocks computed under another map never match.
         what = (sorted(layer_map.layers.items()), layer_map.min_prompt_len)
+        if layer_map.dynamic_layers:
+            what += (sorted(layer_map.dynamic_layers.items()),)
         self.digest = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
 
     def sparse_rows(self, prompt_len: int, start: int, end: int) -> tuple[int, ...]:
@@ -64,11 +82,29 @@ class BlockTagger:
             counts.append(max(0, hi - lo))
         return tuple(counts)
 
+    def dynamic_rows(self, prompt_len: int, start: int, end: int) -> tuple[int, ...]:
+        """Per dynamic parameter set: how many rows of block [start, end) are sparse."""
+        counts = []
+        for p in self.dynamic_sets:
+            ds = int(dense_start(prompt_len, p.n_last, self.min_prompt_len))
+            counts.append(max(0, min(end, ds) - max(start, dynamic_first_sparse_row(p))))
+        return tuple(counts)
+
     def tag(self, prompt_len: int, start: int, end: int):
-        counts = self.sparse_rows(prompt_len, start, end)
+        counts = self.sparse_rows(prompt_len, start, end) + self.dynamic_rows(prompt_len, start, end)
         if not any(counts):
             return None
         return ("trianglemix", self.digest, counts)
+
+    def aligned_hit(self, prompt_len: int, hit: int, kv_block_size: int) -> int:
+        """A cache hit of ``hit`` tokens, cut back so that it does not end inside
+        a query block with sparse dynamic rows (a multiple of ``kv_block_size``)."""
+        for p in self.dynamic_sets:
+            ds = int(dense_start(prompt_len, p.n_last, self.min_prompt_len))
+            if dynamic_first_sparse_row(p) <= hit < ds and hit % p.block_size:
+                unit = math.lcm(p.block_size, kv_block_size)
+                hit = hit // unit * unit
+        return hit
 
 
 def active_tagger() -> BlockTagger | None:
@@ -108,7 +144,32 @@ def install() -> bool:
         _configure(self.vllm_config)
 
     scheduler.Scheduler.__init__ = scheduler_init
+    _wrap_cache_hits()
     return True
+
+
+def _wrap_cache_hits() -> None:
+    """Cut cache hits back to query-block boundaries (dynamic layers only)."""
+    import vllm.v1.core.kv_cache_manager as kv_cache_manager
+
+    manager = kv_cache_manager.KVCacheManager
+    get_computed_blocks = manager.get_computed_blocks
+
+    @functools.wraps(get_computed_blocks)
+    def wrapped(self, request):
+        result = get_computed_blocks(self, request)
+        tagger = _tagger
+        if tagger is None or not tagger.dynamic_sets or not result[1]:
+            return result
+        blocks, hit = result[0], result[1]
+        sizes = [g.kv_cache_spec.block_size for g in self.kv_cache_config.kv_cache_groups]
+        kept = tagger.aligned_hit(request.num_prompt_tokens, hit, math.lcm(*sizes))
+        if kept == hit:
+            return result
+        trimmed = tuple(list(group[: kept // size]) for group, size in zip(blocks.blocks, sizes))
+        return (dataclasses.replace(blocks, blocks=trimmed), kept, *result[2:])
+
+    manager.get_computed_blocks = wrapped
 
 
 def _configure(vllm_config) -> None:

@@ -115,3 +115,58 @@ def test_layers_outside_the_model():
     with pytest.raises(TriangleMixConfigError) as e:
         m.check_model(32)
     assert e.value.field == "num_hidden_layers"
+
+
+# -- dynamic layers (TriangleMix + XAttention) --
+
+DYN = {**GOOD, "dynamic_layers": "0-15"}
+
+
+def test_dynamic_layers_take_xattention_defaults():
+    m = parse_layer_map(DYN, "d.yaml")
+    p = m.params_for(3)
+    assert (p.method, p.block_size, p.stride, p.threshold, p.max_density, p.n_last) == (
+        "xattention", 128, 8, 0.9, None, 128)
+    assert m.params_for(20) == TriangleParams(8, 512, 128)
+    assert "dynamic layers 0-15 (xattention: block_size=128, stride=8, threshold=0.9" in m.describe()
+    m2 = parse_layer_map({**DYN, "dynamic": {"block_size": 64, "stride": 16, "threshold": 1.0, "max_density": 0.25}}, "d")
+    assert m2.params_for(0).max_density == 0.25 and m2.params_for(0).block_size == 64
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"dynamic_layers": "10-20"}, "dynamic_layers", "16-20 are also in triangle_layers"),
+    ({"dynamic": {"method": "minference"}}, "dynamic.method", "unknown method"),
+    ({"dynamic": {"block_size": 100}}, "dynamic.block_size", "multiple of 16"),
+    ({"dynamic": {"block_size": 64, "stride": 5}}, "dynamic.stride", "must divide block_size"),
+    ({"dynamic": {"threshold": 0}}, "dynamic.threshold", "must be in (0.0, 1.0]"),
+    ({"dynamic": {"threshold": "high"}}, "dynamic.threshold", "must be a number"),
+    ({"dynamic": {"max_density": 1.5}}, "dynamic.max_density", "must be in (0.0, 1.0]"),
+    ({"dynamic": {"tau": 0.9}}, "dynamic.tau", "unknown key"),
+    ({"dynamic": [1, 2]}, "dynamic", "must be a mapping"),
+    ({"dynamic_layers": "x"}, "dynamic_layers[0]", "not a layer id"),
+])
+def test_dynamic_refusals_name_the_field(change, field, words):
+    with pytest.raises(TriangleMixConfigError) as e:
+        parse_layer_map({**DYN, **change}, "d.yaml")
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_dynamic_without_layers_is_refused():
+    with pytest.raises(TriangleMixConfigError, match="given without 'dynamic_layers'"):
+        parse_layer_map({**GOOD, "dynamic": {"threshold": 0.8}}, "d.yaml")
+
+
+def test_dynamic_layers_outside_the_model_are_refused():
+    with pytest.raises(TriangleMixConfigError, match="field 'dynamic_layers': layer 40 is outside"):
+        parse_layer_map({**GOOD, "dynamic_layers": [0, 40]}, "d").check_model(32)
+
+
+def test_dynamic_variants_are_opt_in_and_selected_by_name():
+    assert find_bundled_map("meta-llama/Llama-3.1-8B-Instruct").dynamic_layers == {}
+    for name in ("llama-3.1-8b-instruct", "llama-3-8b-instruct-262k", "qwen2.5-7b-instruct"):
+        base = resolve_layer_map({ADDITIONAL_CONFIG_KEY: name}, "any")
+        dyn = resolve_layer_map({ADDITIONAL_CONFIG_KEY: f"{name}-dynamic"}, "any")
+        assert dyn.layers == base.layers  # the existing triangle layers, unchanged
+        assert sorted(dyn.dynamic_layers) == list(range(min(base.layers)))
+    with pytest.raises(TriangleMixConfigError, match="no bundled map of that name"):
+        resolve_layer_map({ADDITIONAL_CONFIG_KEY: "llama-9-dynamic"}, "any")

@@ -16,6 +16,14 @@ random prompt for every run so nothing is reused.
 
 ``--append`` merges into an existing JSON (when the two engines are run in
 separate invocations).
+
+Backends: ``dense`` (the stock backend), ``trianglemix`` (the bundled map),
+``dynamic`` (TriangleMix + XAttention: the bundled ``<model>-dynamic`` map or
+``--dynamic-map``), and ``dynamic@D``: the same map with a fixed budget, every
+dynamic layer keeping a fraction ``D`` of the causal key blocks (threshold 1,
+``max_density D``). Random weights give diffuse attention, on which a
+threshold keeps nearly every block; a fixed density measures the cost at the
+density a real model reaches.
 """
 
 from __future__ import annotations
@@ -31,7 +39,30 @@ import time
 
 from vllm_trianglemix.tools.bench import command_line
 
-BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX"}
+BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX", "dynamic": "TRIANGLEMIX"}
+
+
+def _backend_kind(name: str) -> str:
+    kind = name.split("@", 1)[0]
+    if kind not in BACKENDS:
+        raise SystemExit(f"bench ttft: unknown backend '{name}' (known: dense, trianglemix, dynamic, dynamic@D)")
+    return kind
+
+
+def _dynamic_map_file(args, name: str) -> str:
+    """The layer map of a ``dynamic`` / ``dynamic@D`` engine, written to a temp file."""
+    import yaml
+
+    from vllm_trianglemix.config import resolve_layer_map
+
+    ref = args.dynamic_map or os.path.basename(args.model.rstrip("/")).lower() + "-dynamic"
+    data = dict(resolve_layer_map({"trianglemix_config": ref}, args.model).raw)
+    if "@" in name:
+        density = float(name.split("@", 1)[1])
+        data["dynamic"] = {**(data.get("dynamic") or {}), "threshold": 1.0, "max_density": density}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f)
+    return f.name
 
 
 def _worker(args) -> dict:
@@ -41,6 +72,10 @@ def _worker(args) -> dict:
 
     rng = np.random.default_rng(0)
     max_len = max(args.lengths + [args.itl_context + args.itl_tokens]) + 16
+    kind = _backend_kind(args.worker)
+    extra = {}
+    if kind == "dynamic":
+        extra["additional_config"] = {"trianglemix_config": _dynamic_map_file(args, args.worker)}
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -49,10 +84,11 @@ def _worker(args) -> dict:
         max_model_len=min(max_len, args.max_model_len),
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=BACKENDS[args.worker],
+        attention_backend=BACKENDS[kind],
         disable_log_stats=False,
         enforce_eager=args.enforce_eager,
         seed=0,
+        **extra,
     )
     start_s = time.perf_counter() - t0
 
@@ -86,25 +122,34 @@ def _worker(args) -> dict:
 
 
 def _table(report: dict) -> str:
+    """TTFT per length and ITL, every backend against ``dense`` (ratio = backend / dense)."""
     res = report["results"]
-    lines = ["| prompt tokens | dense TTFT s | TriangleMix TTFT s | change |", "|---|---|---|---|"]
-    if "dense" in res and "trianglemix" in res:
-        for n in res["dense"]["ttft_s"]:
-            d, t = res["dense"]["ttft_s"][n], res["trianglemix"]["ttft_s"].get(n)
-            if t is not None:
-                lines.append(f"| {n} | {d:.3f} | {t:.3f} | {100 * (t - d) / d:+.1f}% |")
-        d, t = res["dense"]["itl_ms"], res["trianglemix"]["itl_ms"]
-        lines.append("")
-        lines.append("| decode ITL at {} tokens | dense ms | TriangleMix ms | change |".format(report["itl_context"]))
-        lines.append("|---|---|---|---|")
-        lines.append(f"| {report['itl_tokens']} tokens | {d:.3f} | {t:.3f} | {100 * (t - d) / d:+.2f}% |")
+    if "dense" not in res:
+        return ""
+    others = [b for b in res if b != "dense"]
+    head = "| prompt tokens | dense TTFT s | " + " | ".join(f"{b} s (vs dense)" for b in others) + " |"
+    lines = [head, "|---" * (2 + len(others)) + "|"]
+    for n, d in res["dense"]["ttft_s"].items():
+        cells = []
+        for b in others:
+            t = res[b]["ttft_s"].get(n)
+            cells.append("-" if t is None else f"{t:.3f} ({100 * (t - d) / d:+.1f}%, {t / d:.2f}x)")
+        lines.append(f"| {n} | {d:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"| decode ITL, {report['itl_tokens']} tokens at {report['itl_context']} | dense ms | "
+              + " | ".join(f"{b} ms" for b in others) + " |", "|---" * (2 + len(others)) + "|"]
+    d = res["dense"]["itl_ms"]
+    lines.append(f"| median | {d:.3f} | " + " | ".join(
+        f"{res[b]['itl_ms']:.3f} ({100 * (res[b]['itl_ms'] - d) / d:+.2f}%)" for b in others) + " |")
     return "\n".join(lines)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True,
                     help="a model folder (config.json is enough: weights are random)")
-    ap.add_argument("--backends", default="dense,trianglemix")
+    ap.add_argument("--backends", default="dense,trianglemix",
+                    help="comma-separated: dense, trianglemix, dynamic, dynamic@D (fixed density D)")
+    ap.add_argument("--dynamic-map", default=None,
+                    help="map of the dynamic engines (default: the bundled <model>-dynamic)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--itl-context", type=int, default=32000)
@@ -136,9 +181,11 @@ def run(args) -> int:
             path = tmp.name
         cmd = [sys.executable, "-m", "vllm_trianglemix", "bench", "ttft",
                "--worker", backend, "--worker-out", path]
+        _backend_kind(backend)
         for flag in ("model", "repeats", "itl_context", "itl_tokens", "max_num_batched_tokens",
-                     "max_model_len", "gpu_memory_utilization"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+                     "max_model_len", "gpu_memory_utilization", "dynamic_map"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--lengths", *map(str, args.lengths)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")

@@ -1,0 +1,168 @@
+"""Dynamic layers (TriangleMix + XAttention) inside real vLLM engines, against the
+independent float64 reference.
+
+The tiny Llama runs the bundled ``tiny-llama-demo-dynamic`` map: triangle
+layers 2-3 as in the demo map, XAttention in layers 0-1 (blocks of 64 rows,
+stride 8, threshold 0.9). The reference (tests/reference_llama.py with
+tests/xattention_reference.py) derives every selection itself in float64 and
+reports how close each decision came to flipping; the prompts below were
+chosen with every margin above ``MARGIN``, so the float32 engine and the
+float64 reference must make the same selections, and the logprobs agree to
+``TOL``. The dynamic layers change the result by far more than that (``FAR``),
+so a wrong selection fails.
+
+Chunk boundaries: on query-block boundaries (chunk sizes 64/128/256 and prompt
+lengths that keep the splits there) results do not depend on the chunking; a
+chunk size of 96 cuts query blocks, and the engine then equals the reference
+told where the steps begin (the documented behaviour).
+"""
+
+from contextlib import contextmanager
+
+import pytest
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from tests.e2e_cpu.conftest import BLOCK, first_token_logprobs, make_llm, prompt_logprobs, random_prompt
+from vllm_trianglemix.config import ADDITIONAL_CONFIG_KEY, parse_layer_map, resolve_layer_map
+
+pytestmark = pytest.mark.e2e
+
+TOL = 2e-4
+FAR = 1e-2
+MARGIN = 1e-5  # selection decisions of the chosen prompts are at least this far from flipping;
+# the float32 block masses of the engine are within 1e-6 of float64 ones (test_xattention_mass.py)
+MAP_NAME = "tiny-llama-demo-dynamic"
+
+
+@pytest.fixture(scope="module")
+def dyn_map():
+    return resolve_layer_map({ADDITIONAL_CONFIG_KEY: MAP_NAME}, "any")
+
+
+@pytest.fixture(scope="module")
+def tri_map():
+    return resolve_layer_map({ADDITIONAL_CONFIG_KEY: "tiny-llama-demo"}, "any")
+
+
+@contextmanager
+def engine(model_dir, map_ref=MAP_NAME, **overrides):
+    llm = make_llm(model_dir, "TRIANGLEMIX", additional_config={ADDITIONAL_CONFIG_KEY: map_ref},
+                   **overrides)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def gen(llm, prompts, **sp):
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(temperature=0, **sp), use_tqdm=False)
+
+
+def checked_reference(reference, prompt, layer_map, chunk_starts=()):
+    lp = reference.prompt_logprobs(prompt, layer_map, chunk_starts=chunk_starts)
+    assert reference.margin > MARGIN, (len(prompt), reference.margin)
+    return lp
+
+
+# Lengths: multiples of 64 (so batched splits stay on query-block boundaries), and odd ones
+# that go alone or last in a batch; 127/128 straddle min_prompt_len.
+ALONE = [701, 1500]
+BATCH = [640, 384, 203]
+
+
+def test_chunk_sizes_give_the_same_logprobs_and_match_the_reference(model_dir, reference, dyn_map, tri_map):
+    prompts = [random_prompt(n, seed=n) for n in ALONE]
+    results = {}
+    for chunk in (64, 128, 256):
+        with engine(model_dir, max_num_batched_tokens=chunk, enable_prefix_caching=False) as llm:
+            results[chunk] = [prompt_logprobs(gen(llm, [p], max_tokens=1, prompt_logprobs=0)[0], p)
+                              for p in prompts]
+    for i, p in enumerate(prompts):
+        ref = checked_reference(reference, p, dyn_map)
+        assert (ref - reference.prompt_logprobs(p, tri_map)).abs().max().item() > FAR, len(p)
+        for chunk in (128, 256):
+            assert (results[chunk][i] - results[64][i]).abs().max().item() < 1e-5, (chunk, len(p))
+        assert (results[64][i] - ref).abs().max().item() < TOL, len(p)
+
+
+@pytest.fixture(scope="module")
+def dyn64(model_dir):
+    with engine(model_dir, max_num_batched_tokens=64) as llm:  # prefix caching on (conftest)
+        yield llm
+
+
+def test_batched_requests_match_the_reference(dyn64, reference, dyn_map):
+    prompts = [random_prompt(n, seed=n + 7) for n in BATCH] + [random_prompt(100, seed=3)]
+    outs = gen(dyn64, prompts, max_tokens=1, prompt_logprobs=0)
+    for p, out in zip(prompts, outs):
+        got = prompt_logprobs(out, p)
+        assert (got - checked_reference(reference, p, dyn_map)).abs().max().item() < TOL, len(p)
+
+
+def assert_first_token_matches(out, ref_last):
+    got = first_token_logprobs(out)
+    assert max(abs(v - ref_last[t].item()) for t, v in got.items()) < TOL
+
+
+def test_prefix_hits_end_on_query_block_boundaries_and_are_exact(dyn64, reference, dyn_map):
+    a = random_prompt(700, seed=801)
+    first = gen(dyn64, [a], max_tokens=1, logprobs=5)[0]
+    again = gen(dyn64, [a], max_tokens=1, logprobs=5)[0]
+    # Stock would reuse 672 tokens (21 blocks of 32); 672 is inside query block [640, 704).
+    assert again.num_cached_tokens == 640
+    ref = reference.logprobs(a, dyn_map)[-1]
+    assert reference.margin > MARGIN
+    assert_first_token_matches(first, ref)
+    assert_first_token_matches(again, ref)
+    b = a[:420] + random_prompt(300, seed=802)[1:]  # shares 420 tokens: blocks up to 416, cut to 384
+    out = gen(dyn64, [b], max_tokens=1, logprobs=5)[0]
+    assert out.num_cached_tokens == 384
+    ref_b = reference.logprobs(b, dyn_map)[-1]
+    assert reference.margin > MARGIN
+    assert_first_token_matches(out, ref_b)
+
+
+def preemptions(llm) -> float:
+    return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def test_preempted_prefills_match_the_reference(model_dir, reference, dyn_map):
+    # 4 KiB per token (conftest's model in float32): 40 blocks of 32 tokens, room for about two
+    # prompts. At most 128 tokens per prefill per step: the three prefills run side by side and
+    # outgrow the cache; every split stays on a query-block boundary (multiples of 128).
+    prompts = [random_prompt(n, seed=n + 11) for n in (640, 704, 768)]
+    with engine(model_dir, max_model_len=1024, max_num_batched_tokens=512,
+                long_prefill_token_threshold=128, max_num_seqs=3,
+                kv_cache_memory_bytes=40 * BLOCK * 4096, disable_log_stats=False) as llm:
+        before = preemptions(llm)
+        outs = gen(llm, prompts, max_tokens=1, prompt_logprobs=0)
+        assert preemptions(llm) > before, "the test must force preemption"
+    for p, out in zip(prompts, outs):
+        got = prompt_logprobs(out, p)
+        assert (got - checked_reference(reference, p, dyn_map)).abs().max().item() < TOL, len(p)
+
+
+def test_chunks_that_cut_query_blocks_change_only_those_blocks(model_dir, reference, dyn_map):
+    p = random_prompt(701, seed=701)
+    with engine(model_dir, max_num_batched_tokens=96, enable_prefix_caching=False) as llm:
+        got = prompt_logprobs(gen(llm, [p], max_tokens=1, prompt_logprobs=0)[0], p)
+    ref_cut = checked_reference(reference, p, dyn_map, chunk_starts=range(96, 701, 96))
+    assert (got - ref_cut).abs().max().item() < TOL
+
+
+def test_threshold_one_equals_the_map_without_dynamic_layers(model_dir, reference, dyn_map, tri_map,
+                                                              tmp_path):
+    keep_all = dict(dyn_map.raw, dynamic={**dyn_map.raw["dynamic"], "threshold": 1.0})
+    path = tmp_path / "keep-all.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(keep_all))
+    parse_layer_map(keep_all, str(path))
+    prompts = [random_prompt(n, seed=n + 5) for n in (701, 203)]
+    with engine(model_dir, map_ref=str(path), max_num_batched_tokens=64) as llm:
+        outs = gen(llm, prompts, max_tokens=1, prompt_logprobs=0)
+    for p, out in zip(prompts, outs):
+        got = prompt_logprobs(out, p)
+        assert (got - reference.prompt_logprobs(p, tri_map)).abs().max().item() < TOL, len(p)
