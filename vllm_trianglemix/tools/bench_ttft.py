@@ -16,6 +16,14 @@ random prompt for every run so nothing is reused.
 
 ``--append`` merges into an existing JSON (when the two engines are run in
 separate invocations).
+
+``--distributed-executor-backend mp|ray`` runs the engine on that executor;
+its results are stored as ``BACKEND@EXECUTOR`` (e.g. ``trianglemix@ray``),
+and a second table compares the executors of each backend:
+
+    vllm-trianglemix bench ttft --model ... --backends trianglemix --lengths 32000 64000 \
+        --distributed-executor-backend mp --append --out ttft_executors.json
+    (the same with ray)
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ def _worker(args) -> dict:
         attention_backend=BACKENDS[args.worker],
         disable_log_stats=False,
         enforce_eager=args.enforce_eager,
+        distributed_executor_backend=args.distributed_executor_backend,
         seed=0,
     )
     start_s = time.perf_counter() - t0
@@ -77,6 +86,7 @@ def _worker(args) -> dict:
     itl = itl[1:]  # the first is a warm-up
     return dict(
         backend=args.worker,
+        executor=llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend,
         engine_start_s=start_s,
         ttft_s={str(n): statistics.median(v) for n, v in ttft.items()},
         ttft_runs_s={str(n): v for n, v in ttft.items()},
@@ -101,6 +111,37 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _executor_table(report: dict) -> str:
+    """TTFT of each backend on the executors it was run on (keys ``BACKEND@EXECUTOR``).
+
+    The change column compares the second executor (sorted: ``ray``) with the first (``mp``).
+    """
+    by_backend: dict[str, dict[str, dict]] = {}
+    for key, res in report["results"].items():
+        if "@" in key:
+            backend, executor = key.split("@", 1)
+            by_backend.setdefault(backend, {})[executor] = res
+    lines = []
+    for backend, runs in by_backend.items():
+        ex = sorted(runs)
+        lines += ["", f"| {backend}: prompt tokens | "
+                  + " | ".join(f"{e} TTFT s" for e in ex) + " | change | runs |",
+                  "|---" * (len(ex) + 3) + "|"]
+        for n in runs[ex[0]]["ttft_s"]:
+            vals = [runs[e]["ttft_s"].get(n) for e in ex]
+            change = ("-" if len(vals) != 2 or None in vals
+                      else f"{100 * (vals[1] - vals[0]) / vals[0]:+.1f}%")
+            each = " / ".join(", ".join(f"{x:.3f}" for x in runs[e]["ttft_runs_s"].get(n, []))
+                              for e in ex)
+            lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
+                         + f" | {change} | {each} |")
+    return "\n".join(lines)
+
+
+def _key(backend: str, executor: str | None) -> str:
+    return backend if executor is None else f"{backend}@{executor}"
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True,
                     help="a model folder (config.json is enough: weights are random)")
@@ -113,6 +154,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=131072)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"],
+                    help="vLLM's executor (default: vLLM's choice, uni for one GPU); "
+                         "results are then stored as BACKEND@EXECUTOR")
     ap.add_argument("--out", default="ttft.json")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
@@ -142,9 +186,12 @@ def run(args) -> int:
         cmd += ["--lengths", *map(str, args.lengths)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
+        if args.distributed_executor_backend:
+            cmd += ["--distributed-executor-backend", args.distributed_executor_backend]
         subprocess.run(cmd, check=True)
         with open(path) as f:
-            report["results"][backend] = {**json.load(f), "command": command_line()}
+            key = _key(backend, args.distributed_executor_backend)
+            report["results"][key] = {**json.load(f), "command": command_line()}
     import torch
 
     report.update(
@@ -164,6 +211,6 @@ def run(args) -> int:
         pass
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    sys.stdout.write("\n" + _table(report) + "\n")
+    sys.stdout.write("\n" + _table(report) + "\n" + _executor_table(report) + "\n")
     return 0
 
