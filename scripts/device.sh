@@ -4,18 +4,27 @@
 #
 #   bash scripts/device.sh check     install the plugin, GPU tests, kernel benchmark (+ best config)
 #   bash scripts/device.sh ttft dense|trianglemix   one engine of the TTFT/ITL benchmark
+#   bash scripts/device.sh ray test          the Ray executor test (tests/gpu/test_ray_gpu.py)
+#   bash scripts/device.sh ray ttft [mp|ray] TriangleMix TTFT at 32K and 64K on the mp and the Ray
+#                                            executor (both by default; one when named)
+# The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
 #
 # Results accumulate in /tmp/tmx (kept while the machine is warm) and are copied to $OUT.
 set -euo pipefail
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tmx-out}
 mkdir -p /tmp/tmx "$OUT"
+install_plugin() {  # into /tmp/site, entry point included: vLLM's processes (Ray workers too) load it there
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
+    > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
+}
 case "$1" in
   check)
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
-      > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
+    install_plugin
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > /tmp/tmx/gpu.txt
-    python3 -m pytest -q -p no:cacheprovider tests/gpu > /tmp/tmx/gpu_tests.log 2>&1 || true
+    # the Ray test runs on its own (ray test): two more engines in this process would not fit
+    python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_ray_gpu.py \
+      > /tmp/tmx/gpu_tests.log 2>&1 || true
     python3 -m vllm_trianglemix bench kernel --out /tmp/tmx/kernel.json --best-env /tmp/tmx/kernel.env \
       > /tmp/tmx/kernel.log 2>&1 || true
     cp /tmp/tmx/* "$OUT"/
@@ -29,5 +38,32 @@ case "$1" in
     grep -E "Error|Traceback" "/tmp/tmx/ttft_$2.log" | tail -3 || true
     tail -9 "/tmp/tmx/ttft_$2.log"
     ;;
-  *) echo "usage: $0 check | ttft dense|trianglemix" >&2; exit 2 ;;
+  ray)
+    python3 -c "import ray; print('ray', ray.__version__)" || { echo "ray is not staged" >&2; exit 1; }
+    install_plugin
+    case "${2:-}" in
+      test)
+        python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_ray_gpu.py > /tmp/tmx/ray_test.log 2>&1 || true
+        cp /tmp/tmx/ray_test.log "$OUT"/
+        grep -E "^(FAILED|ERROR|SKIPPED)|Error:" /tmp/tmx/ray_test.log | tail -6 || true
+        tail -2 /tmp/tmx/ray_test.log
+        ;;
+      ttft)
+        [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
+        for executor in ${3:-mp ray}; do
+          python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
+            --backends trianglemix --lengths 32000 64000 --itl-tokens 64 \
+            --distributed-executor-backend "$executor" --append --out /tmp/tmx/ttft_executors.json \
+            > "/tmp/tmx/ttft_executor_$executor.log" 2>&1 || true
+          grep -E "Error|Traceback" "/tmp/tmx/ttft_executor_$executor.log" | tail -3 || true
+        done
+        cp /tmp/tmx/ttft_executors.json /tmp/tmx/ttft_executor_*.log "$OUT"/ 2>/dev/null || true
+        python3 -c "import json; r = json.load(open('/tmp/tmx/ttft_executors.json'))['results']; \
+print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})" || true
+        tail -4 "/tmp/tmx/ttft_executor_${3:-ray}.log"
+        ;;
+      *) echo "usage: $0 ray test | ray ttft [mp|ray]" >&2; exit 2 ;;
+    esac
+    ;;
+  *) echo "usage: $0 check | ttft dense|trianglemix | ray test | ray ttft [mp|ray]" >&2; exit 2 ;;
 esac

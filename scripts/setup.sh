@@ -15,5 +15,7 @@ if ! .venv/bin/python -c "import vllm, pytest" 2>/dev/null; then
   # Text models need none of them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
+# the deployment-file linters (tests/unit/test_deploy_lint.py); a no-op once installed
+.venv/bin/python -m pip install -q -r requirements/ci-tools.txt
 .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import vllm, vllm_trianglemix; print('vllm', vllm.__version__, '+ vllm-trianglemix', vllm_trianglemix.__version__)"

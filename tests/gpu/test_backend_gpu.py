@@ -32,13 +32,13 @@ def model_dir(tmp_path_factory):
     return build_tiny_llama(str(tmp_path_factory.mktemp("m") / "tiny-llama-trianglemix-demo"))
 
 
-def _engine(model_dir, backend):
+def _engine(model_dir, backend, **overrides):
     pytest.importorskip("vllm")
     from vllm import LLM
 
-    return LLM(model=model_dir, dtype="float16", enforce_eager=True, max_model_len=4096,
-               max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.25,
-               seed=0, attention_backend=backend)
+    args = dict(dtype="float16", enforce_eager=True, max_model_len=4096,
+                max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.25, seed=0)
+    return LLM(model=model_dir, attention_backend=backend, **{**args, **overrides})
 
 
 @pytest.fixture(scope="module")

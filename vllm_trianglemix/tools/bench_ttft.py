@@ -24,6 +24,15 @@ dynamic layer keeping a fraction ``D`` of the causal key blocks (threshold 1,
 ``max_density D``). Random weights give diffuse attention, on which a
 threshold keeps nearly every block; a fixed density measures the cost at the
 density a real model reaches.
+
+Engine-wide options that are not vLLM's defaults label the results
+``BACKEND+LABEL`` (e.g. ``--distributed-executor-backend ray`` gives
+``trianglemix+ray``); each label gets its own table against ``dense+LABEL``,
+and a last table compares one backend's runs under different labels:
+
+    vllm-trianglemix bench ttft --model ... --backends trianglemix --lengths 32000 64000 \
+        --distributed-executor-backend mp --append --out ttft_executors.json
+    (the same with ray)
 """
 
 from __future__ import annotations
@@ -87,6 +96,7 @@ def _worker(args) -> dict:
         attention_backend=BACKENDS[kind],
         disable_log_stats=False,
         enforce_eager=args.enforce_eager,
+        distributed_executor_backend=args.distributed_executor_backend,
         seed=0,
         **extra,
     )
@@ -113,6 +123,7 @@ def _worker(args) -> dict:
     itl = itl[1:]  # the first is a warm-up
     return dict(
         backend=args.worker,
+        executor=llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend,
         engine_start_s=start_s,
         ttft_s={str(n): statistics.median(v) for n, v in ttft.items()},
         ttft_runs_s={str(n): v for n, v in ttft.items()},
@@ -121,13 +132,63 @@ def _worker(args) -> dict:
     )
 
 
-def _table(report: dict) -> str:
+def _labels(args) -> list[str]:
+    """Engine-wide options that differ from vLLM's defaults, as result labels."""
+    return [args.distributed_executor_backend] if args.distributed_executor_backend else []
+
+
+def _key(backend: str, labels: list[str]) -> str:
+    return "+".join([backend, *labels])
+
+
+def _split(key: str) -> tuple[str, str]:
+    backend, _, label = key.partition("+")
+    return backend, label
+
+
+def _tables(report: dict) -> str:
+    """One :func:`_table` per label, then the label comparison."""
+    by_label: dict[str, dict] = {}
+    for key, res in report["results"].items():
+        backend, label = _split(key)
+        by_label.setdefault(label, {})[backend] = res
+    out = [_table({**report, "results": res}, label) for label, res in by_label.items()]
+    return "\n\n".join(t for t in out + [_label_table(report)] if t)
+
+
+def _label_table(report: dict) -> str:
+    """TTFT of each backend under the labels it was run with (e.g. mp vs ray)."""
+    by_backend: dict[str, dict[str, dict]] = {}
+    for key, res in report["results"].items():
+        backend, label = _split(key)
+        if label:
+            by_backend.setdefault(backend, {})[label] = res
+    lines = []
+    for backend, runs in by_backend.items():
+        ex = sorted(runs)
+        if len(ex) < 2:
+            continue
+        lines += ["", f"| {backend}: prompt tokens | "
+                  + " | ".join(f"{e} TTFT s" for e in ex) + " | change | runs |",
+                  "|---" * (len(ex) + 3) + "|"]
+        for n in runs[ex[0]]["ttft_s"]:
+            vals = [runs[e]["ttft_s"].get(n) for e in ex]
+            change = ("-" if len(vals) != 2 or None in vals
+                      else f"{100 * (vals[1] - vals[0]) / vals[0]:+.1f}%")
+            each = " / ".join(", ".join(f"{x:.3f}" for x in runs[e]["ttft_runs_s"].get(n, []))
+                              for e in ex)
+            lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
+                         + f" | {change} | {each} |")
+    return "\n".join(lines)
+
+
+def _table(report: dict, label: str = "") -> str:
     """TTFT per length and ITL, every backend against ``dense`` (ratio = backend / dense)."""
     res = report["results"]
     if "dense" not in res:
         return ""
     others = [b for b in res if b != "dense"]
-    head = "| prompt tokens | dense TTFT s | " + " | ".join(f"{b} s (vs dense)" for b in others) + " |"
+    head = f"| prompt tokens{' (' + label + ')' if label else ''} | dense TTFT s | " + " | ".join(f"{b} s (vs dense)" for b in others) + " |"
     lines = [head, "|---" * (2 + len(others)) + "|"]
     for n, d in res["dense"]["ttft_s"].items():
         cells = []
@@ -158,6 +219,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=131072)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"],
+                    help="vLLM's executor (default: vLLM's choice, uni for one GPU); "
+                         "results are then labelled BACKEND+EXECUTOR")
     ap.add_argument("--out", default="ttft.json")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
@@ -189,9 +253,12 @@ def run(args) -> int:
         cmd += ["--lengths", *map(str, args.lengths)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
+        if args.distributed_executor_backend:
+            cmd += ["--distributed-executor-backend", args.distributed_executor_backend]
         subprocess.run(cmd, check=True)
         with open(path) as f:
-            report["results"][backend] = {**json.load(f), "command": command_line()}
+            key = _key(backend, _labels(args))
+            report["results"][key] = {**json.load(f), "command": command_line()}
     import torch
 
     report.update(
@@ -211,6 +278,6 @@ def run(args) -> int:
         pass
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    sys.stdout.write("\n" + _table(report) + "\n")
+    sys.stdout.write("\n" + _tables(report) + "\n")
     return 0
 
