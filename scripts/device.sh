@@ -7,6 +7,9 @@
 #   bash scripts/device.sh ray test          the Ray executor test (tests/gpu/test_ray_gpu.py)
 #   bash scripts/device.sh ray ttft [mp|ray] TriangleMix TTFT at 32K and 64K on the mp and the Ray
 #                                            executor (both by default; one when named)
+#   bash scripts/device.sh tp2 test          TP=2 exactness, mp and Ray executors (two GPUs)
+#   bash scripts/device.sh tp2 ttft          TP=2 TTFT/ITL, dense vs TriangleMix, 32K/64K/128K
+#   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
 # The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
 #
 # Results accumulate in /tmp/tmx (kept while the machine is warm) and are copied to $OUT.
@@ -65,5 +68,31 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
       *) echo "usage: $0 ray test | ray ttft [mp|ray]" >&2; exit 2 ;;
     esac
     ;;
-  *) echo "usage: $0 check | ttft dense|trianglemix | ray test | ray ttft [mp|ray]" >&2; exit 2 ;;
+  tp2)
+    install_plugin
+    case "${2:-}" in
+      test)
+        python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_tp2_gpu.py > /tmp/tmx/tp2_test.log 2>&1 || true
+        cp /tmp/tmx/tp2_test.log "$OUT"/
+        grep -E "^(FAILED|ERROR|SKIPPED)|Error:" /tmp/tmx/tp2_test.log | tail -6 || true
+        tail -2 /tmp/tmx/tp2_test.log
+        ;;
+      ttft|256k)
+        [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
+        if [ "$2" = ttft ]; then
+          model=benchmarks/models/llama-3.1-8b-instruct; lengths="32000 64000 128000"; extra=""
+        else
+          model=benchmarks/models/llama-3-8b-instruct-262k; lengths="256000"
+          extra="--max-model-len 262144 --itl-tokens 16 --repeats ${TP2_REPEATS:-2}"
+        fi
+        # shellcheck disable=SC2086
+        python3 -m vllm_trianglemix bench ttft --model "$model" --backends dense,trianglemix           --lengths $lengths --tensor-parallel-size 2 ${TP2_EAGER:+--enforce-eager} $extra           --out "/tmp/tmx/ttft_tp2_$2.json" > "/tmp/tmx/ttft_tp2_$2.log" 2>&1 || true
+        cp /tmp/tmx/ttft_tp2_"$2".* "$OUT"/ 2>/dev/null || true
+        grep -E "Error|Traceback" "/tmp/tmx/ttft_tp2_$2.log" | tail -3 || true
+        tail -9 "/tmp/tmx/ttft_tp2_$2.log"
+        ;;
+      *) echo "usage: $0 tp2 test | tp2 ttft | tp2 256k" >&2; exit 2 ;;
+    esac
+    ;;
+  *) echo "usage: $0 check | ttft dense|trianglemix | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k" >&2; exit 2 ;;
 esac

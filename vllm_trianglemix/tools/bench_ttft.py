@@ -97,6 +97,7 @@ def _worker(args) -> dict:
         disable_log_stats=False,
         enforce_eager=args.enforce_eager,
         distributed_executor_backend=args.distributed_executor_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
         seed=0,
         **extra,
     )
@@ -134,7 +135,10 @@ def _worker(args) -> dict:
 
 def _labels(args) -> list[str]:
     """Engine-wide options that differ from vLLM's defaults, as result labels."""
-    return [args.distributed_executor_backend] if args.distributed_executor_backend else []
+    labels = [args.distributed_executor_backend] if args.distributed_executor_backend else []
+    if args.tensor_parallel_size > 1:
+        labels.append(f"tp{args.tensor_parallel_size}")
+    return labels
 
 
 def _key(backend: str, labels: list[str]) -> str:
@@ -219,6 +223,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=131072)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="results are labelled BACKEND+tpN when > 1")
     ap.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"],
                     help="vLLM's executor (default: vLLM's choice, uni for one GPU); "
                          "results are then labelled BACKEND+EXECUTOR")
@@ -247,7 +253,8 @@ def run(args) -> int:
                "--worker", backend, "--worker-out", path]
         _backend_kind(backend)
         for flag in ("model", "repeats", "itl_context", "itl_tokens", "max_num_batched_tokens",
-                     "max_model_len", "gpu_memory_utilization", "dynamic_map"):
+                     "max_model_len", "gpu_memory_utilization", "dynamic_map",
+                     "tensor_parallel_size"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--lengths", *map(str, args.lengths)]
