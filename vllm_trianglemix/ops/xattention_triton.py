@@ -46,25 +46,10 @@ from vllm_trianglemix.pattern import (
     QueryBlockPlan,
     select_key_blocks,
 )
+from vllm_trianglemix.selection import dynamic_gpu_problems
 
 CONFIG_ENV = "VLLM_TRIANGLEMIX_XATTN_CONFIG"
-MAX_GROUPS_PER_BLOCK = 128
-"""``block_size / stride`` the estimate handles (key groups of one block in one tile)."""
 HEAD_SIZES = (64, 128, 256)
-
-
-def gpu_problems(params: DynamicParams) -> list[str]:
-    """What the Triton path cannot run for these parameters (empty: it can)."""
-    problems = []
-    if params.block_size % 16:
-        problems.append(f"dynamic.block_size must be a multiple of 16 on GPU, got {params.block_size}")
-    if params.block_size % params.stride == 0 and params.block_size // params.stride > MAX_GROUPS_PER_BLOCK:
-        problems.append(
-            f"dynamic.stride {params.stride} gives {params.block_size // params.stride} groups per "
-            f"block of {params.block_size}; the GPU estimate handles at most {MAX_GROUPS_PER_BLOCK} "
-            f"(use stride >= {-(-params.block_size // MAX_GROUPS_PER_BLOCK)})"
-        )
-    return problems
 
 
 # -- 1. Estimate ---------------------------------------------------------------
@@ -362,7 +347,7 @@ class TritonXAttentionOp:
     def estimate(self, query, key_cache, prepared: TritonDynamicPlan, params: DynamicParams,
                  scale: float) -> torch.Tensor:
         """Block masses ``[items, kv_heads, num_blocks]`` (float32; zero past each item's block)."""
-        problems = gpu_problems(params)
+        problems = dynamic_gpu_problems(params)  # refused at start (selection.py); a direct caller too
         if problems:
             raise ValueError("; ".join(problems))
         cfg = self.config
