@@ -308,16 +308,20 @@ class KeptBlocks:
 
 
 def kept_blocks_from_mask(keep: torch.Tensor, q_block: torch.Tensor) -> KeptBlocks:
-    """Compact a kept-block mask ``[items, kv, n]`` into the lists the attention kernel reads."""
-    n = keep.shape[-1]
+    """Compact a kept-block mask ``[items, kv, n]`` into the lists the attention kernel reads.
+
+    Torch on the mask's device, no host synchronisation: each kept block before the
+    diagonal is scattered to its rank among them (ascending); the others to a spare column.
+    """
+    items, kv, n = keep.shape
     j = torch.arange(n, device=keep.device)
     b = q_block.to(keep.device)[:, None, None]
     before = keep & (j < b)
+    rank = torch.cumsum(before, -1) - 1
+    kept = torch.zeros((items, kv, n + 1), dtype=torch.int32, device=keep.device)
+    kept.scatter_(-1, torch.where(before, rank, n), j.to(torch.int32).expand(items, kv, n).contiguous())
     diag = (keep & (j == b)).any(-1)
-    order = torch.sort((~before).to(torch.int8), dim=-1, stable=True).indices
-    kept = torch.where(torch.arange(n, device=keep.device) < before.sum(-1, keepdim=True), order, 0)
-    return KeptBlocks(kept.to(torch.int32), before.sum(-1).to(torch.int32).contiguous(),
-                      diag.to(torch.int32).contiguous())
+    return KeptBlocks(kept, before.sum(-1).to(torch.int32), diag.to(torch.int32))
 
 
 class TritonXAttentionOp:
@@ -397,6 +401,8 @@ class TritonXAttentionOp:
         row_tiles = -(-B // block_q)
         bt = prepared.block_table
         assert query.stride(-1) == 1 and output.stride(-1) == 1
+        assert blocks.kept.stride(0) == blocks.kept.stride(1) * self.num_kv_heads
+        assert blocks.n_kept.is_contiguous() and blocks.diag_kept.is_contiguous()
         _xattn_attention_kernel[(prepared.num_items * self.num_kv_heads * row_tiles,)](
             query, key_cache, value_cache, output, prepared.items, bt,
             blocks.kept, blocks.n_kept, blocks.diag_kept,
