@@ -4,6 +4,7 @@
 #
 #   bash scripts/device.sh check     install the plugin, GPU tests, kernel benchmark (+ best config)
 #   bash scripts/device.sh ttft dense|trianglemix   one engine of the TTFT/ITL benchmark
+#   bash scripts/device.sh dynamic   install, dynamic-layer (XAttention) GPU tests, bench dynamic (~4 min)
 #
 # Results accumulate in /tmp/tmx (kept while the machine is warm) and are copied to $OUT.
 set -euo pipefail
@@ -29,5 +30,19 @@ case "$1" in
     grep -E "Error|Traceback" "/tmp/tmx/ttft_$2.log" | tail -3 || true
     tail -9 "/tmp/tmx/ttft_$2.log"
     ;;
-  *) echo "usage: $0 check | ttft dense|trianglemix" >&2; exit 2 ;;
+  dynamic)
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
+      > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
+      > /tmp/tmx/dynamic_tests.log 2>&1 || true
+    timeout 230 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json \
+      > /tmp/tmx/dynamic.log 2>&1 || true
+    cp /tmp/tmx/dynamic_tests.log /tmp/tmx/dynamic.log /tmp/tmx/dynamic.json "$OUT"/ 2>/dev/null || true
+    grep -E "^(FAILED|ERROR)|Error" /tmp/tmx/dynamic_tests.log | head -5 || true
+    tail -2 /tmp/tmx/dynamic_tests.log
+    grep -E "Error|Traceback" /tmp/tmx/dynamic.log | tail -3 || true
+    grep -E "^config:" /tmp/tmx/dynamic.log || true
+    grep -E "^\|" /tmp/tmx/dynamic.log || tail -5 /tmp/tmx/dynamic.log
+    ;;
+  *) echo "usage: $0 check | ttft dense|trianglemix | dynamic" >&2; exit 2 ;;
 esac

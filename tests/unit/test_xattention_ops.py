@@ -273,3 +273,17 @@ def test_triton_interpreted_wrong_selection_is_detected():
     out = _run_layer(dyn, tri, tri.block_q, batch, params, select=_drop_diagonal)
     ref, _ = _reference(batch, params)
     assert relative_error(out, ref) > 1e-2
+
+
+def test_gpu_limits_refused_with_the_field_named():
+    """What the GPU kernels cannot run is refused at start (selection.check_engine_config)."""
+    from vllm_trianglemix.config import parse_layer_map
+    from vllm_trianglemix.selection import dynamic_gpu_problems
+
+    base = {"n_init": 8, "n_local": 64, "n_last": 16, "min_prompt_len": 128, "triangle_layers": [1],
+            "dynamic_layers": [0]}
+    ok = parse_layer_map({**base, "dynamic": {"block_size": 128, "stride": 8}}, "m.yaml")
+    assert [p for s in ok.dynamic_param_sets for p in dynamic_gpu_problems(s)] == []
+    too_fine = parse_layer_map({**base, "dynamic": {"block_size": 256, "stride": 1}}, "m.yaml")
+    (problem,) = [p for s in too_fine.dynamic_param_sets for p in dynamic_gpu_problems(s)]
+    assert "dynamic.stride" in problem and "stride >= 2" in problem

@@ -387,7 +387,7 @@ class TritonXAttentionOp:
         n, kv, dev = prepared.num_items, self.num_kv_heads, prepared.q_block.device
         kept = torch.arange(max(prepared.num_blocks, 1), dtype=torch.int32, device=dev)
         n_kept = prepared.q_block.to(torch.int32)[:, None].expand(n, kv).contiguous()
-        return KeptBlocks(kept[None, None, :].expand(n, kv, -1), n_kept,
+        return KeptBlocks(kept.expand(n * kv, -1).view(n, kv, -1), n_kept,
                           torch.ones((n, kv), dtype=torch.int32, device=dev))
 
     # 3.
@@ -401,14 +401,14 @@ class TritonXAttentionOp:
         row_tiles = -(-B // block_q)
         bt = prepared.block_table
         assert query.stride(-1) == 1 and output.stride(-1) == 1
-        assert blocks.kept.stride(0) == blocks.kept.stride(1) * self.num_kv_heads
+        kept = blocks.kept.reshape(-1, blocks.kept.shape[-1])  # row item * kv_heads + kv_head
         assert blocks.n_kept.is_contiguous() and blocks.diag_kept.is_contiguous()
         _xattn_attention_kernel[(prepared.num_items * self.num_kv_heads * row_tiles,)](
             query, key_cache, value_cache, output, prepared.items, bt,
-            blocks.kept, blocks.n_kept, blocks.diag_kept,
+            kept, blocks.n_kept, blocks.diag_kept,
             query.stride(0), query.stride(1), output.stride(0), output.stride(1),
             *key_cache.stride(), *value_cache.stride(),
-            bt.stride(0), blocks.kept.stride(1), blocks.kept.stride(2),
+            bt.stride(0), kept.stride(0), kept.stride(1),
             self.num_kv_heads, key_cache.shape[1], B, scale * LOG2E,
             GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=block_q, ROW_TILES=row_tiles,
             BLOCK_N=block_n, TILES_PER_BLOCK=B // block_n, HEAD_D=self.head_size,
