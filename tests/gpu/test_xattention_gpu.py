@@ -257,12 +257,15 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-def test_estimate_is_exact_against_float32_op():
-    """The bf16 estimate's block masses equal the float32 CPU op's on the same inputs."""
+@pytest.mark.parametrize("one_pass", [1, 0])
+def test_estimate_is_exact_against_float32_op(one_pass):
+    """The bf16 estimate's block masses (one pass or two) equal the float32 CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
     params = PARAMS["default"]
-    dyn, _ = _ops(32, 8, 128)
+    base = _ops(32, 8, 128)[0].config
+    dyn = TritonXAttentionOp(32, 8, 128, config=base.with_overrides(f"est_one_pass={one_pass}"))
     with _vllm_config():
         batch = flash_batch(BATCHES["mixed"], 32, 8, 128, 16, torch.bfloat16, seed=5)
     dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)

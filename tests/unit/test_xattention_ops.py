@@ -199,7 +199,7 @@ def test_reads_channel_major_keys():
 
 # -- The Triton kernels, interpreted on the CPU ----------------------------------
 
-def _triton_ops(num_heads, num_kv_heads, head_dim):
+def _triton_ops(num_heads, num_kv_heads, head_dim, est_one_pass=1):
     if torch.cuda.is_available():
         pytest.skip("compiled on the GPU by tests/gpu instead")
     triton = pytest.importorskip("triton")
@@ -211,7 +211,7 @@ def _triton_ops(num_heads, num_kv_heads, head_dim):
     tri = tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=tt.KernelConfig(
         block_m=32, block_n=16, num_warps=1, num_stages=1, split_kv=0))
     dyn = xt.TritonXAttentionOp(num_heads, num_kv_heads, head_dim, config=xt.XAttnKernelConfig(
-        est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1,
+        est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1, est_one_pass=est_one_pass,
         block_m=32, block_n=16, num_warps=1, num_stages=1))
     return dyn, tri
 
@@ -238,12 +238,13 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
     _check_selection(batch, params, recorder, batched=True)
 
 
-def test_triton_interpreted_masses_match_torch_op():
-    """The estimate's block masses equal the CPU op's (float32), item by item."""
+@pytest.mark.parametrize("one_pass", [1, 0])
+def test_triton_interpreted_masses_match_torch_op(one_pass):
+    """The estimate's block masses (one pass with scratch, or two passes) equal the CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["tau_and_budget"]
-    dyn, _ = _triton_ops(8, 2, 64)
+    dyn, _ = _triton_ops(8, 2, 64, est_one_pass=one_pass)
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
     dense_from, _, plan = _plans(batch, params)
     mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),

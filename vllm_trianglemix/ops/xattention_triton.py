@@ -12,10 +12,14 @@ all on the device and without a host synchronisation:
    key at ``h*S + s``), bf16/fp16 inputs with float32 accumulation. Absent rows
    load as zero (they add no term); the diagonal group ``h == g`` takes the
    causal half of its terms, computed separately; undefined scores are
-   ``-inf``. The softmax per query group is exact in two passes over the keys
-   (row max and sum, then the normalised block sums); the block masses are
-   summed over the tile's rows (groups and query heads), giving float32
-   ``[items, kv_heads, blocks]``. Memory O(items * kv_heads * blocks).
+   ``-inf``. The softmax per query group is exact: by default one pass over
+   the keys keeps, per row and key tile, the running max and the block sums
+   relative to it in a float32 scratch buffer (rows x blocks per program,
+   ``est_scratch_mb`` at most per launch), then rescales them to the final
+   max and sum; or (``est_one_pass=0``, or a launch over the limit) two passes
+   (row max and sum, then normalised block sums), with no scratch. The block
+   masses are summed over the tile's rows (groups and query heads), giving
+   float32 ``[items, kv_heads, blocks]``.
 2. **Select**: :func:`~vllm_trianglemix.pattern.select_key_blocks` on the
    masses (torch, on the device), compacted into per (item, KV head) the
    ascending list of kept off-diagonal blocks, their count, and whether the
@@ -91,12 +95,20 @@ def _antidiagonal_scores(
 
 @triton.jit
 def _xattn_estimate_kernel(
-    Q, K, MASS, items, block_table,
+    Q, K, MASS, BSUM, TMAX, items, block_table,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_kd, stride_bt,
-    num_kv_heads, max_blocks, page_size, qk_scale,
+    num_kv_heads, max_blocks, max_tiles, page_size, qk_scale,
     GROUP: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
     KB: tl.constexpr, BLOCK_M: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
+    """Block masses of one (item, KV head, row tile).
+
+    Two passes over the keys (row max and sum, then normalised block sums), or
+    with ``ONE_PASS`` one pass that keeps, per row and tile, the running max
+    and the block sums relative to it in a scratch buffer (``BSUM``/``TMAX``)
+    and rescales them to the final max and sum afterwards: the same sums.
+    """
     pid = tl.program_id(0)
     rt = pid % ROW_TILES
     rest = pid // ROW_TILES
@@ -139,38 +151,67 @@ def _xattn_estimate_kernel(
         diag += tl.sum(q_s.to(tl.float32) * k_s.to(tl.float32), 1)
 
     n_tiles = tl.cdiv(b + 1, KB)
-    # Pass 1: each row's max and sum over its defined key groups.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for t in range(n_tiles):
-        sc = _antidiagonal_scores(
-            Q, K, bt_row, q_tok, q_pos0, end, t, b, kv_head, q_head, grow0, g_abs, row_ok,
-            present_any, diag, diag_def, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-            stride_kd, page_size, qk_scale, S, G, G_P, KB, BLOCK_M, HEAD_D,
-        )
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(sc - m_safe[:, None]), 1)
-        m_i = m_new
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-
-    # Pass 2: normalised block sums over the rows (query groups and heads).
     N: tl.constexpr = KB * G_P
     col_block = tl.arange(0, N) // G_P
     kb = tl.arange(0, KB)
-    out = MASS + ((item * num_kv_heads + kv_head) * ROW_TILES + rt).to(tl.int64) * max_blocks
-    for t in range(n_tiles):
-        sc = _antidiagonal_scores(
-            Q, K, bt_row, q_tok, q_pos0, end, t, b, kv_head, q_head, grow0, g_abs, row_ok,
-            present_any, diag, diag_def, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-            stride_kd, page_size, qk_scale, S, G, G_P, KB, BLOCK_M, HEAD_D,
-        )
-        p = tl.exp2(sc - m_safe[:, None]) * inv_l[:, None]
-        col = tl.sum(p, 0)
-        mass = tl.sum(tl.where(col_block[None, :] == kb[:, None], col[None, :], 0.0), 1)
-        j = t * KB + kb
-        tl.store(out + j, mass, mask=j <= b)
+    prog = ((item * num_kv_heads + kv_head) * ROW_TILES + rt).to(tl.int64)
+    out = MASS + prog * max_blocks
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ONE_PASS:
+        local = tl.arange(0, BLOCK_M).to(tl.int64)
+        bsum_rows = BSUM + (prog * BLOCK_M + local) * (max_tiles * KB)
+        tmax_rows = TMAX + (prog * BLOCK_M + local) * max_tiles
+        for t in range(n_tiles):
+            sc = _antidiagonal_scores(
+                Q, K, bt_row, q_tok, q_pos0, end, t, b, kv_head, q_head, grow0, g_abs, row_ok,
+                present_any, diag, diag_def, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_kd, page_size, qk_scale, S, G, G_P, KB, BLOCK_M, HEAD_D,
+            )
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
+            m_i = m_new
+            block_sums = tl.sum(tl.reshape(p, (BLOCK_M, KB, G_P)), 2)  # relative to m_new
+            tl.store(bsum_rows[:, None] + (t * KB + kb)[None, :], block_sums)
+            tl.store(tmax_rows + t, m_new)
+        tl.debug_barrier()  # this program's scratch, written by other threads
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+        for t in range(n_tiles):
+            t_max = tl.load(tmax_rows + t)
+            factor = tl.where(t_max > float("-inf"), tl.exp2(t_max - m_safe), 0.0) * inv_l
+            block_sums = tl.load(bsum_rows[:, None] + (t * KB + kb)[None, :])
+            mass = tl.sum(block_sums * factor[:, None], 0)
+            j = t * KB + kb
+            tl.store(out + j, mass, mask=j <= b)
+    else:
+        # Pass 1: each row's max and sum over its defined key groups.
+        for t in range(n_tiles):
+            sc = _antidiagonal_scores(
+                Q, K, bt_row, q_tok, q_pos0, end, t, b, kv_head, q_head, grow0, g_abs, row_ok,
+                present_any, diag, diag_def, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_kd, page_size, qk_scale, S, G, G_P, KB, BLOCK_M, HEAD_D,
+            )
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(sc - m_safe[:, None]), 1)
+            m_i = m_new
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+        # Pass 2: normalised block sums over the rows (query groups and heads).
+        for t in range(n_tiles):
+            sc = _antidiagonal_scores(
+                Q, K, bt_row, q_tok, q_pos0, end, t, b, kv_head, q_head, grow0, g_abs, row_ok,
+                present_any, diag, diag_def, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_kd, page_size, qk_scale, S, G, G_P, KB, BLOCK_M, HEAD_D,
+            )
+            p = tl.exp2(sc - m_safe[:, None]) * inv_l[:, None]
+            col = tl.sum(p, 0)
+            mass = tl.sum(tl.where(col_block[None, :] == kb[:, None], col[None, :], 0.0), 1)
+            j = t * KB + kb
+            tl.store(out + j, mass, mask=j <= b)
 
 
 # -- 3. Attend -----------------------------------------------------------------
@@ -258,6 +299,8 @@ class XAttnKernelConfig:
     est_block_n: int = 128  # key groups per estimate tile (rounded to whole blocks)
     est_num_warps: int = 4
     est_num_stages: int = 2
+    est_one_pass: int = 1  # 1: one pass over the keys with a scratch buffer; 0: two passes
+    est_scratch_mb: int = 1024  # one-pass scratch limit per launch (larger launches take two passes)
     block_m: int = 128  # attention rows (query rows x heads) per program
     block_n: int = 64  # attention keys per tile (a divisor of block_size)
     num_warps: int = 4
@@ -364,14 +407,23 @@ class TritonXAttentionOp:
         kb = max(1, _next_pow2(cfg.est_block_n) // G_P, 16 // G_P)
         mass = torch.zeros((prepared.num_items, self.num_kv_heads, row_tiles, prepared.num_blocks),
                            dtype=torch.float32, device=query.device)
+        max_tiles = -(-prepared.num_blocks // kb)
+        programs = prepared.num_items * self.num_kv_heads * row_tiles
+        scratch_rows = programs * block_m
+        one_pass = bool(cfg.est_one_pass) and (
+            scratch_rows * max_tiles * (kb + 1) * 4 <= cfg.est_scratch_mb * 2**20)
+        bsum = tmax = mass  # unused placeholders for two passes
+        if one_pass:
+            bsum = torch.empty((scratch_rows, max_tiles * kb), dtype=torch.float32, device=query.device)
+            tmax = torch.empty((scratch_rows, max_tiles), dtype=torch.float32, device=query.device)
         bt = prepared.block_table
         assert query.stride(-1) == 1
-        _xattn_estimate_kernel[(prepared.num_items * self.num_kv_heads * row_tiles,)](
-            query, key_cache, mass, prepared.items, bt,
+        _xattn_estimate_kernel[(programs,)](
+            query, key_cache, mass, bsum, tmax, prepared.items, bt,
             query.stride(0), query.stride(1), *key_cache.stride(), bt.stride(0),
-            self.num_kv_heads, prepared.num_blocks, key_cache.shape[1], scale / S * LOG2E,
+            self.num_kv_heads, prepared.num_blocks, max_tiles, key_cache.shape[1], scale / S * LOG2E,
             GROUP=self.group, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
-            BLOCK_M=block_m, ROW_TILES=row_tiles, HEAD_D=self.head_size,
+            BLOCK_M=block_m, ROW_TILES=row_tiles, HEAD_D=self.head_size, ONE_PASS=one_pass,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )
         return mass[:, :, 0] if row_tiles == 1 else mass.sum(2)

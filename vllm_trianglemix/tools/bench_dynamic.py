@@ -44,10 +44,11 @@ from vllm_trianglemix.tools.bench import command_line
 HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
 BLOCK, STRIDE, N_LAST = 128, 8, 128
 EST_SWEEP = [
-    "est_block_n=128,est_num_warps=4,est_num_stages=2",
-    "est_block_n=128,est_num_warps=8,est_num_stages=2",
-    "est_block_n=64,est_num_warps=4,est_num_stages=3",
-    "est_block_n=256,est_num_warps=8,est_num_stages=2",
+    "est_one_pass=1,est_block_n=128,est_num_warps=4,est_num_stages=2",
+    "est_one_pass=1,est_block_n=128,est_num_warps=8,est_num_stages=2",
+    "est_one_pass=1,est_block_n=64,est_num_warps=4,est_num_stages=3",
+    "est_one_pass=1,est_block_n=256,est_num_warps=8,est_num_stages=2",
+    "est_one_pass=0,est_block_n=128,est_num_warps=4,est_num_stages=2",
 ]
 ATTN_SWEEP = [
     "block_m=128,block_n=64,num_warps=4,num_stages=3",
