@@ -33,9 +33,9 @@ case "$1" in
   dynamic)
     python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
       > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
-    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
       > /tmp/tmx/dynamic_tests.log 2>&1 || true
-    timeout 230 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json \
+    timeout 200 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json \
       > /tmp/tmx/dynamic.log 2>&1 || true
     cp /tmp/tmx/dynamic_tests.log /tmp/tmx/dynamic.log /tmp/tmx/dynamic.json "$OUT"/ 2>/dev/null || true
     grep -E "^(FAILED|ERROR)|Error" /tmp/tmx/dynamic_tests.log | head -5 || true
