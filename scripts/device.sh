@@ -35,13 +35,13 @@ case "$1" in
       > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
       > /tmp/tmx/dynamic_tests.log 2>&1 || true
-    timeout 200 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json \
+    timeout 200 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json --best-env /tmp/tmx/dynamic.env \
       > /tmp/tmx/dynamic.log 2>&1 || true
-    cp /tmp/tmx/dynamic_tests.log /tmp/tmx/dynamic.log /tmp/tmx/dynamic.json "$OUT"/ 2>/dev/null || true
+    cp /tmp/tmx/dynamic_tests.log /tmp/tmx/dynamic.log /tmp/tmx/dynamic.json /tmp/tmx/dynamic.env "$OUT"/ 2>/dev/null || true
     grep -E "^(FAILED|ERROR)|Error" /tmp/tmx/dynamic_tests.log | head -5 || true
     tail -2 /tmp/tmx/dynamic_tests.log
     grep -E "Error|Traceback" /tmp/tmx/dynamic.log | tail -3 || true
-    grep -E "^config:" /tmp/tmx/dynamic.log || true
+    grep -E "^(sweep|config:)" /tmp/tmx/dynamic.log || true
     grep -E "^\|" /tmp/tmx/dynamic.log || tail -5 /tmp/tmx/dynamic.log
     ;;
   *) echo "usage: $0 check | ttft dense|trianglemix | dynamic" >&2; exit 2 ;;

@@ -50,10 +50,9 @@ from vllm_trianglemix.pattern import (
     QueryBlockPlan,
     select_key_blocks,
 )
-from vllm_trianglemix.selection import dynamic_gpu_problems
+from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA, dynamic_gpu_problems
 
 CONFIG_ENV = "VLLM_TRIANGLEMIX_XATTN_CONFIG"
-HEAD_SIZES = (64, 128, 256)
 
 
 # -- 1. Estimate ---------------------------------------------------------------
@@ -372,8 +371,9 @@ class TritonXAttentionOp:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int,
                  config: XAttnKernelConfig | None = None):
-        if head_size not in HEAD_SIZES:
-            raise ValueError(f"TriangleMix XAttention kernel: head size {head_size} not in 64/128/256")
+        if head_size not in SUPPORTED_HEAD_SIZES_CUDA:
+            raise ValueError(
+                f"TriangleMix XAttention kernel: head size {head_size} not in {SUPPORTED_HEAD_SIZES_CUDA}")
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.group = num_heads // num_kv_heads
         self.group_p = _next_pow2(self.group)

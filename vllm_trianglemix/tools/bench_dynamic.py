@@ -19,7 +19,7 @@ kernel configurations on the longest length's last step picks the estimate
 and the attention configuration (``--no-sweep``: defaults). Before timing,
 keeping every block is checked against FA3's output at full scale.
 
-    vllm-trianglemix bench dynamic --out dynamic.json
+    vllm-trianglemix bench dynamic --out dynamic.json --best-env dynamic.env
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--best-env", default=None,
+                    help="write the chosen configuration as an env file (VLLM_TRIANGLEMIX_XATTN_CONFIG)")
 
 
 def _sweep(step: _Step, densities, reps) -> tuple[str | None, str | None, list[dict]]:
@@ -174,6 +176,14 @@ def _sweep(step: _Step, densities, reps) -> tuple[str | None, str | None, list[d
     return (best.get("est", (None,))[0], best.get("attn", (None,))[0], lines)
 
 
+def _row_line(r: dict) -> str:
+    return (f"| {r['length']} | {r['chunk']} | {r['max_density']} ({r['achieved_density']:.3f}) | "
+            f"{r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
+            f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['fa3_ms'] / r['layer_ms']:.2f}x | "
+            f"{'ok' if r['keep_all_ok'] and r['keep_all_rel_err'] < 1e-2 else 'FAIL'} "
+            f"{r['keep_all_rel_err']:.1e} |\n")
+
+
 def run(args) -> int:
     from vllm_trianglemix.backends.cuda import flash_kv_cache_views, triangle_op
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
@@ -197,6 +207,10 @@ def run(args) -> int:
             est_cfg, attn_cfg = None, None
             if not args.no_sweep:
                 est_cfg, attn_cfg, sweep_lines = _sweep(steps[-1], args.densities, args.reps)
+                for line in sweep_lines:
+                    sys.stdout.write(f"sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms "
+                                     f"{line.get('error', '')}\n")
+                sys.stdout.flush()
             cfg = dyn.config
             for text in (est_cfg, attn_cfg):
                 if text:
@@ -226,6 +240,8 @@ def run(args) -> int:
                 dense_rows_ms=total["dense_rows_ms"], layer_ms=total["layer_ms"], fa3_ms=fa3_ms,
                 plan_ms=sum(s.plan_ms for s in steps), keep_all_ok=ok, keep_all_rel_err=err,
             ))
+            sys.stdout.write("row " + _row_line(rows[-1]))  # progress (the table comes last)
+            sys.stdout.flush()
         del kv, q, steps, last
 
     gpu = torch.cuda.get_device_name()
@@ -241,18 +257,17 @@ def run(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    if args.best_env and chosen is not None:
+        from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV
+
+        with open(args.best_env, "w") as f:
+            f.write(f"export {CONFIG_ENV}=" + ",".join(f"{k}={v}" for k, v in chosen.__dict__.items()) + "\n")
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}\n")
-    for line in sweep_lines:
-        w(f"  sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms {line.get('error', '')}\n")
     w(f"config: {chosen}\n")
     w("\n| length | chunk | density (achieved) | estimate ms | select ms | sparse attn ms | dense rows ms "
       "| layer ms | FA3 dense ms | FA3 / layer | keep-all vs FA3 |\n")
     w("|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
-        w(f"| {r['length']} | {r['chunk']} | {r['max_density']} ({r['achieved_density']:.3f}) | "
-          f"{r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
-          f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['fa3_ms'] / r['layer_ms']:.2f}x | "
-          f"{'ok' if r['keep_all_ok'] and r['keep_all_rel_err'] < 1e-2 else 'FAIL'} "
-          f"{r['keep_all_rel_err']:.1e} |\n")
+        w(_row_line(r))
     return 0
