@@ -55,6 +55,7 @@ ATTN_SWEEP = [
     "block_m=128,block_n=32,num_warps=4,num_stages=3",
     "block_m=128,block_n=64,num_warps=8,num_stages=3",
     "block_m=64,block_n=64,num_warps=4,num_stages=2",
+    "block_m=256,block_n=64,num_warps=8,num_stages=2",
 ]
 
 
