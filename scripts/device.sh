@@ -11,6 +11,7 @@
 #   bash scripts/device.sh tp2 ttft          TP=2 TTFT/ITL, dense vs TriangleMix, 32K/64K/128K
 #   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
 # The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
+#   bash scripts/device.sh dynamic   install, dynamic-layer (XAttention) GPU tests, bench dynamic (~4 min)
 #
 # Results accumulate in /tmp/tmx (kept while the machine is warm) and are copied to $OUT.
 set -euo pipefail
@@ -86,7 +87,9 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
           extra="--max-model-len 262144 --itl-tokens 16 --repeats ${TP2_REPEATS:-2}"
         fi
         # shellcheck disable=SC2086
-        python3 -m vllm_trianglemix bench ttft --model "$model" --backends dense,trianglemix           --lengths $lengths --tensor-parallel-size 2 ${TP2_EAGER:+--enforce-eager} $extra           --out "/tmp/tmx/ttft_tp2_$2.json" > "/tmp/tmx/ttft_tp2_$2.log" 2>&1 || true
+        python3 -m vllm_trianglemix bench ttft --model "$model" --backends dense,trianglemix \
+          --lengths $lengths --tensor-parallel-size 2 ${TP2_EAGER:+--enforce-eager} $extra \
+          --out "/tmp/tmx/ttft_tp2_$2.json" > "/tmp/tmx/ttft_tp2_$2.log" 2>&1 || true
         cp /tmp/tmx/ttft_tp2_"$2".* "$OUT"/ 2>/dev/null || true
         grep -E "Error|Traceback" "/tmp/tmx/ttft_tp2_$2.log" | tail -3 || true
         tail -9 "/tmp/tmx/ttft_tp2_$2.log"
@@ -94,5 +97,18 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
       *) echo "usage: $0 tp2 test | tp2 ttft | tp2 256k" >&2; exit 2 ;;
     esac
     ;;
-  *) echo "usage: $0 check | ttft dense|trianglemix | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k" >&2; exit 2 ;;
+  dynamic)
+    install_plugin
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
+      > /tmp/tmx/dynamic_tests.log 2>&1 || true
+    timeout 200 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json --best-env /tmp/tmx/dynamic.env \
+      > /tmp/tmx/dynamic.log 2>&1 || true
+    cp /tmp/tmx/dynamic_tests.log /tmp/tmx/dynamic.log /tmp/tmx/dynamic.json /tmp/tmx/dynamic.env "$OUT"/ 2>/dev/null || true
+    grep -E "^(FAILED|ERROR)|Error" /tmp/tmx/dynamic_tests.log | head -5 || true
+    tail -2 /tmp/tmx/dynamic_tests.log
+    grep -E "Error|Traceback" /tmp/tmx/dynamic.log | tail -3 || true
+    grep -E "^(sweep|config:)" /tmp/tmx/dynamic.log || true
+    grep -E "^\|" /tmp/tmx/dynamic.log || tail -5 /tmp/tmx/dynamic.log
+    ;;
+  *) echo "usage: $0 check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k" >&2; exit 2 ;;
 esac

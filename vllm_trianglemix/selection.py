@@ -24,6 +24,8 @@ BACKEND_PACKAGE = "vllm_trianglemix."
 
 SUPPORTED_DTYPES_CUDA = ("bfloat16", "float16")
 SUPPORTED_HEAD_SIZES_CUDA = (64, 128, 256)
+DYNAMIC_MAX_GROUPS_PER_BLOCK_CUDA = 128
+"""``block_size / stride`` the GPU estimate handles (one block's key groups in one tile)."""
 
 
 class TriangleMixUnsupportedError(ValueError):
@@ -124,10 +126,31 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
         vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
     )
     layer_map.check_model(num_hidden_layers(mc))
+    if on_cuda:
+        problems = [p for params in layer_map.dynamic_param_sets for p in dynamic_gpu_problems(params)]
+        if problems:
+            raise TriangleMixUnsupportedError(
+                "TriangleMix dynamic layers cannot run on this GPU path: " + "; ".join(problems)
+            )
     if not isinstance(vllm_config.additional_config, dict):
         vllm_config.additional_config = {}
     vllm_config.additional_config[RESOLVED_KEY] = to_additional_config(layer_map)
     return layer_map
+
+
+def dynamic_gpu_problems(params) -> list[str]:
+    """What the GPU kernels of a dynamic layer cannot run (empty: they can), field named."""
+    problems = []
+    if params.block_size % 16:
+        problems.append(f"field 'dynamic.block_size': must be a multiple of 16 on GPU, got {params.block_size}")
+    groups = params.block_size // params.stride
+    if params.block_size % params.stride == 0 and groups > DYNAMIC_MAX_GROUPS_PER_BLOCK_CUDA:
+        problems.append(
+            f"field 'dynamic.stride': {params.stride} gives {groups} groups per block of "
+            f"{params.block_size}; the GPU estimate handles at most {DYNAMIC_MAX_GROUPS_PER_BLOCK_CUDA} "
+            f"(use a stride >= {-(-params.block_size // DYNAMIC_MAX_GROUPS_PER_BLOCK_CUDA)})"
+        )
+    return problems
 
 
 def engine_layer_map(vllm_config) -> LayerMap:

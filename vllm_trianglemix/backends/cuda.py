@@ -3,7 +3,9 @@
 Dense layers, decode tokens and short prompts run vLLM's FlashAttention
 backend (FA3 on Hopper) unchanged, decode batches with full CUDA graphs; the
 prompt rows of triangle layers run :class:`TritonTriangleOp` on the same
-paged KV cache, viewed exactly as the stock impl views it.
+paged KV cache, viewed exactly as the stock impl views it; the prompt rows of
+dynamic layers run :class:`TritonXAttentionOp` (their dense last rows the
+triangle op, every row dense).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
 from vllm_trianglemix.ops.triangle_triton import TritonTriangleOp
+from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA
 
 _OPS: dict[tuple[int, int, int], TritonTriangleOp] = {}
+_DYNAMIC_OPS: dict[tuple[int, int, int], TritonXAttentionOp] = {}
 
 
 def flash_kv_cache_views(kv_cache, head_size: int):
@@ -38,6 +42,14 @@ def triangle_op(num_heads: int, num_kv_heads: int, head_size: int) -> TritonTria
     return _OPS[key]
 
 
+def dynamic_op(num_heads: int, num_kv_heads: int, head_size: int) -> TritonXAttentionOp:
+    """One dynamic-layer (XAttention) op per model shape, shared by builder and impls."""
+    key = (num_heads, num_kv_heads, head_size)
+    if key not in _DYNAMIC_OPS:
+        _DYNAMIC_OPS[key] = TritonXAttentionOp(num_heads, num_kv_heads, head_size)
+    return _DYNAMIC_OPS[key]
+
+
 class TriangleMixFlashAttentionMetadataBuilder(
     TriangleMixBuilderMixin, FlashAttentionMetadataBuilder
 ):
@@ -46,12 +58,17 @@ class TriangleMixFlashAttentionMetadataBuilder(
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.triangle_op = triangle_op(self.num_heads_q, self.num_heads_kv, self.headdim)
+        self.dynamic_op = dynamic_op(self.num_heads_q, self.num_heads_kv, self.headdim)
 
 
 class TriangleMixFlashAttentionImpl(TriangleMixImplMixin, FlashAttentionImpl):
     @property
     def triangle_op(self) -> TritonTriangleOp:
         return triangle_op(self.num_heads, self.num_kv_heads, self.head_size)
+
+    @property
+    def dynamic_op(self) -> TritonXAttentionOp:
+        return dynamic_op(self.num_heads, self.num_kv_heads, self.head_size)
 
     def kv_cache_views(self, layer, kv_cache):
         return flash_kv_cache_views(kv_cache, self.head_size)

@@ -1,6 +1,7 @@
 """bench: performance, ours and the baseline side by side in one run.
 
     vllm-trianglemix bench kernel   one triangle layer vs dense FA3 (GPU)
+    vllm-trianglemix bench dynamic  one dynamic (XAttention) layer vs dense FA3 (GPU)
     vllm-trianglemix bench ttft     TTFT and decode ITL, dense vs TriangleMix engines
     vllm-trianglemix bench report   BENCHMARKS.md from their JSON results
 """
@@ -13,6 +14,7 @@ import sys
 
 SUBCOMMANDS = {
     "kernel": "vllm_trianglemix.tools.bench_kernel",
+    "dynamic": "vllm_trianglemix.tools.bench_dynamic",
     "ttft": "vllm_trianglemix.tools.bench_ttft",
     "report": "vllm_trianglemix.tools.bench_report",
 }

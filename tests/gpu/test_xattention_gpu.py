@@ -1,0 +1,285 @@
+"""The compiled dynamic-layer (XAttention) kernels on the GPU, on vLLM's own paged cache.
+
+Skipped without a CUDA GPU. K/V are written by vLLM's ``reshape_and_cache_flash``
+into FlashAttention's cache layout (shuffled blocks), queries are bf16/fp16.
+A dynamic layer runs as the backend runs it: the triangle op on the dense
+rows, the dynamic op on the others, into a NaN-poisoned output. Checked:
+
+* the selection equals the float64 reference's (``tests/xattention_reference``)
+  for every (item, KV head) decision whose margin exceeds ``MARGIN`` (most of
+  them; near ties of a bf16 estimate may go either way and are counted);
+* the output equals float32 attention under the selected blocks;
+* a fixed budget keeps exactly its number of blocks; keeping everything equals
+  FA3 itself on the same cache; a wrong selection is detected.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.paged import FakeCommonMetadata, PagedBatch, relative_error
+from tests.xattention_reference import block_masses, keep_rule
+from vllm_trianglemix.pattern import (
+    DynamicParams,
+    dense_row_params,
+    dense_start,
+    plan_blocks,
+    plan_query_blocks,
+    select_key_blocks,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+MARGIN = 1e-4
+MIN_PROMPT_LEN = 1024
+BATCHES = {
+    # chunks cut inside query blocks, a short (dense) prompt, a chunk ending in the last rows
+    "mixed": [(3000, 1000, 777), (450, 0, 450), (2500, 2400, 100), (2099, 0, 1280), (2000, 2003, 1)],
+    "whole": [(4000, 0, 4000)],
+}
+PARAMS = {
+    "default": DynamicParams("xattention", 128, 8, 0.9, None, 128),
+    "budget": DynamicParams("xattention", 128, 8, 1.0, 0.2, 128),
+    "tau_budget_stride16": DynamicParams("xattention", 64, 16, 0.8, 0.5, 64),
+    "block48_stride3": DynamicParams("xattention", 48, 3, 0.9, None, 32),
+}
+
+
+def _vllm_config():
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    return set_current_vllm_config(VllmConfig())
+
+
+def flash_batch(requests, heads, kv_heads, d, page, dtype, seed, fill=float("nan")) -> PagedBatch:
+    """Random requests in FlashAttention's paged layout, written by reshape_and_cache_flash.
+
+    Slots no request writes hold ``fill`` (NaN: a kernel that reads them fails).
+    """
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    from vllm_trianglemix.backends.cuda import flash_kv_cache_views
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    seq = [p + q for _, p, q in requests]
+    nblk = [-(-s // page) for s in seq]
+    num_blocks = sum(nblk) + 3
+    shape = FlashAttentionBackend.get_kv_cache_shape(num_blocks, page, kv_heads, d)
+    order = FlashAttentionBackend.get_kv_cache_stride_order()
+    inv = [order.index(i) for i in range(len(order))]
+    kv = torch.full([shape[i] for i in order], fill, dtype=dtype, device="cuda").permute(*inv)
+    key_cache, value_cache = flash_kv_cache_views(kv, d)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    bt = torch.zeros(len(requests), max(nblk), dtype=torch.int32, device="cuda")
+    keys, values, used = [], [], 0
+    one = torch.ones(1, device="cuda")
+    for r, n in enumerate(nblk):
+        bt[r, :n] = perm[used: used + n]
+        used += n
+        pos = torch.arange(seq[r], device="cuda")
+        slots = bt[r, pos // page].long() * page + pos % page
+        k = torch.randn(seq[r], kv_heads, d, device="cuda", generator=gen).to(dtype)
+        v = torch.randn(seq[r], kv_heads, d, device="cuda", generator=gen).to(dtype)
+        ops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", one, one)
+        keys.append(k)
+        values.append(v)
+    q_lens = [q for _, _, q in requests]
+    q = torch.randn(sum(q_lens), heads, d, device="cuda", generator=gen).to(dtype)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    return PagedBatch(q, key_cache, value_cache, bt, qsl, np.array(seq),
+                      np.array([p for p, _, _ in requests]), keys, values, d ** -0.5)
+
+
+def _ops(heads, kv_heads, d):
+    from vllm_trianglemix.backends.cuda import dynamic_op, triangle_op
+
+    return dynamic_op(heads, kv_heads, d), triangle_op(heads, kv_heads, d)
+
+
+class _Recorder:
+    def __init__(self, select=select_key_blocks):
+        self.select, self.keep = select, None
+
+    def __call__(self, mass, q_block, threshold, max_density):
+        self.keep = self.select(mass, q_block, threshold, max_density)
+        return self.keep
+
+
+def _run_layer(batch, params, heads, kv_heads, d, select=select_key_blocks):
+    dyn, tri = _ops(heads, kv_heads, d)
+    dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
+    reqs = np.arange(len(batch.seq_lens))
+    block_plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
+                                   params.block_size)
+    dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
+                             dense_row_params(params.n_last), tri.block_q, tri.split_kv,
+                             dense_rows_only=True)
+    cam = FakeCommonMetadata(batch)
+    out = torch.full_like(batch.query, float("nan"))
+    tri.run(batch.query, batch.key_cache, batch.value_cache, tri.prepare(dense_plan, dense_from, cam),
+            dense_row_params(params.n_last), batch.scale, out)
+    recorder = _Recorder(select)
+    dyn.run(batch.query, batch.key_cache, batch.value_cache, dyn.prepare(block_plan, dense_from, cam),
+            params, batch.scale, out, select=recorder)
+    torch.cuda.synchronize()
+    return out, block_plan, dense_from, recorder.keep
+
+
+def _attention_rows(q, k, v, pos, allowed_keys, scale):
+    """Float32 attention of rows at positions ``pos`` over keys ``0..``: causal & allowed_keys [Hq, K]."""
+    kpos = torch.arange(k.shape[0], device=q.device)
+    allowed = (kpos[None, :] <= pos[:, None])[None] & allowed_keys[:, None, :]
+    s = torch.einsum("rhd,khd->hrk", q.float(), k.float()) * scale
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    return torch.einsum("hrk,khd->rhd", p, v.float())
+
+
+def _masked_reference(batch, params, block_plan, dense_from, keep):
+    """Float32 attention of every row: causal, and for dynamic rows only the kept blocks."""
+    heads, kv_heads = batch.query.shape[1], batch.keys[0].shape[1]
+    rep = heads // kv_heads
+    dev = batch.query.device
+    out = torch.full(batch.query.shape, float("nan"), dtype=torch.float32, device=dev)
+    kk = [k.repeat_interleave(rep, 1) for k in batch.keys]
+    vv = [v.repeat_interleave(rep, 1) for v in batch.values]
+    for i in range(block_plan.num_items):  # dynamic rows: kept blocks of their item
+        req, tok, n = int(block_plan.req[i]), int(block_plan.q_tok[i]), int(block_plan.n_q[i])
+        pos = torch.arange(int(block_plan.q_pos[i]), int(block_plan.q_pos[i]) + n, device=dev)
+        nk = int(pos[-1]) + 1
+        kept = keep[i][:, torch.arange(nk, device=dev) // params.block_size].repeat_interleave(rep, 0)
+        out[tok: tok + n] = _attention_rows(batch.query[tok: tok + n], kk[req][:nk], vv[req][:nk],
+                                            pos, kept, batch.scale)
+    for r in range(len(batch.seq_lens)):  # dense rows: causal, in slices of 512 rows
+        lo, hi = int(batch.query_start_loc[r]), int(batch.query_start_loc[r + 1])
+        first = int(batch.seq_lens[r]) - (hi - lo)
+        start = lo + max(0, int(dense_from[r]) - first)
+        for a in range(start, hi, 512):
+            z = min(a + 512, hi)
+            pos = torch.arange(first + a - lo, first + z - lo, device=dev)
+            nk = int(pos[-1]) + 1
+            every = torch.ones(heads, nk, dtype=torch.bool, device=dev)
+            out[a:z] = _attention_rows(batch.query[a:z], kk[r][:nk], vv[r][:nk], pos, every, batch.scale)
+    assert not torch.isnan(out).any()
+    return out
+
+
+def _compare_selection(batch, params, block_plan, keep):
+    """Decisions with a margin above MARGIN equal the reference's; returns (compared, total)."""
+    compared = total = 0
+    for i in range(block_plan.num_items):
+        req, tok, n = int(block_plan.req[i]), int(block_plan.q_tok[i]), int(block_plan.n_q[i])
+        pos0, b = int(block_plan.q_pos[i]), int(block_plan.q_block[i])
+        mass = block_masses(batch.query[tok: tok + n].cpu(), batch.keys[req][: pos0 + n].cpu(), pos0,
+                            params.block_size, params.stride, batch.scale)
+        for t in range(mass.shape[0]):
+            k_ref, margin = keep_rule(mass[t: t + 1], b, params.threshold, params.max_density)
+            total += 1
+            if margin > MARGIN:
+                compared += 1
+                got = keep[i, t, : b + 1].cpu()
+                assert torch.equal(got, k_ref[0]), f"item {i} kv head {t}: {got} != {k_ref[0]}"
+    return compared, total
+
+
+CASES = [
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16),
+    ("mixed", "budget", (32, 32), 128, torch.float16, 16),
+    ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32),
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16),
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64),
+]
+
+
+@pytest.mark.parametrize("batch_name,params_name,heads,head_dim,dtype,page", CASES)
+def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_dim, dtype, page):
+    params = PARAMS[params_name]
+    with _vllm_config():
+        batch = flash_batch(BATCHES[batch_name], *heads, head_dim, page, dtype, seed=len(batch_name))
+        out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim)
+    assert not torch.isnan(out).any(), "unwritten or NaN rows"
+    compared, total = _compare_selection(batch, params, plan, keep)
+    assert compared >= 0.8 * total, f"only {compared} of {total} decisions clear of near ties"
+    ref = _masked_reference(batch, params, plan, dense_from, keep)
+    err = relative_error(out, ref)
+    assert err < 1.5e-2, err
+    if params.max_density is not None and params.threshold >= 1.0:
+        b = torch.as_tensor(plan.q_block, device=keep.device)
+        budget = torch.clamp(torch.ceil(params.max_density * (b + 1).double()), min=2).long()
+        expect = torch.minimum(budget, b + 1)
+        assert torch.equal(keep.sum(-1), expect[:, None].expand(-1, keep.shape[1]))
+
+
+def test_wrong_selection_is_detected_on_gpu():
+    params = PARAMS["default"]
+
+    def drop_diagonal(mass, q_block, threshold, max_density):
+        keep = select_key_blocks(mass, q_block, threshold, max_density)
+        j = torch.arange(keep.shape[-1], device=keep.device)
+        b = torch.as_tensor(q_block, device=keep.device)[..., None]
+        return keep & ((j != b) | (b == 0))
+
+    with _vllm_config():
+        batch = flash_batch(BATCHES["mixed"], 32, 8, 128, 16, torch.bfloat16, seed=3)
+        _, plan, dense_from, good = _run_layer(batch, params, 32, 8, 128)
+        wrong, _, _, _ = _run_layer(batch, params, 32, 8, 128, select=drop_diagonal)
+    ref = _masked_reference(batch, params, plan, dense_from, good)
+    assert relative_error(wrong, ref) > 5e-2
+
+
+def test_keep_everything_equals_fa3():
+    """threshold 1 without a budget: every causal block, i.e. FA3's causal attention."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    params = DynamicParams("xattention", 128, 8, 1.0, None, 128)
+    heads, kv_heads, d = 32, 8, 128
+    with _vllm_config():
+        batch = flash_batch([(5000, 0, 5000), (3000, 2000, 1000)], heads, kv_heads, d, 16,
+                            torch.bfloat16, seed=0, fill=0.0)
+        out, _, _, _ = _run_layer(batch, params, heads, kv_heads, d)
+        q_lens = np.diff(batch.query_start_loc)
+        fa = torch.empty_like(batch.query)
+        flash_attn_varlen_func(
+            q=batch.query, k=batch.key_cache, v=batch.value_cache, out=fa,
+            cu_seqlens_q=torch.tensor(batch.query_start_loc, dtype=torch.int32, device="cuda"),
+            max_seqlen_q=int(q_lens.max()),
+            seqused_k=torch.tensor(batch.seq_lens, dtype=torch.int32, device="cuda"),
+            max_seqlen_k=int(batch.seq_lens.max()), softmax_scale=batch.scale, causal=True,
+            block_table=batch.block_table, fa_version=3)
+        torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    assert relative_error(out, fa) < 1e-2
+
+
+@pytest.mark.parametrize("one_pass", [1, 0])
+def test_estimate_is_exact_against_float32_op(one_pass):
+    """The bf16 estimate's block masses (one pass or two) equal the float32 CPU op's."""
+    from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
+
+    params = PARAMS["default"]
+    base = _ops(32, 8, 128)[0].config
+    dyn = TritonXAttentionOp(32, 8, 128, config=base.with_overrides(f"est_one_pass={one_pass}"))
+    with _vllm_config():
+        batch = flash_batch(BATCHES["mixed"], 32, 8, 128, 16, torch.bfloat16, seed=5)
+    dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
+    plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from,
+                             np.arange(len(batch.seq_lens)), params.block_size)
+    mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
+                        params, batch.scale).cpu()
+    worst = 0.0
+    for i in range(plan.num_items):
+        req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
+        pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
+        expect = antidiagonal_block_mass(batch.query[tok: tok + n].cpu().float(),
+                                         batch.keys[req].cpu().float(), pos0, b,
+                                         params.block_size, params.stride, batch.scale)
+        worst = max(worst, float((mass[i, :, : b + 1] - expect).abs().max() / expect.abs().max()))
+    assert worst < 1e-4, worst
+    assert not math.isnan(worst)

@@ -1,0 +1,290 @@
+"""The dynamic-layer (XAttention) ops against the independent float64 reference.
+
+A dynamic layer's rows below the dense start run the dynamic op; the rows at
+or past it run the triangle op with every row dense (as the backend does).
+Both ops write into one NaN-poisoned output, compared with
+``tests/xattention_reference.dynamic_attention``. Selections are compared
+block by block with the reference's keep rule; the inputs (seeds) are chosen
+so that no decision is within ``MARGIN`` of flipping, and the tests assert it,
+so an exact comparison of selections is meaningful.
+
+The Triton kernels run under Triton's interpreter (float32, small sizes: it is
+slow); tests/gpu runs them compiled in bf16/fp16.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.paged import FakeCommonMetadata, make_batch, reference_output, relative_error
+from tests.xattention_reference import block_masses, dynamic_attention, keep_rule
+from vllm_trianglemix.ops.triangle_torch import TorchTriangleOp
+from vllm_trianglemix.ops.xattention_torch import TorchXAttentionOp
+from vllm_trianglemix.pattern import (
+    DynamicParams,
+    dense_row_params,
+    dense_start,
+    plan_blocks,
+    plan_query_blocks,
+    select_key_blocks,
+)
+
+MARGIN = 1e-4
+MIN_PROMPT_LEN = 64
+
+# (prompt_len, tokens already cached, query rows)
+BATCHES = {
+    "whole_odd": [(171, 0, 171)],
+    # one prompt's chunks, each a request here: cuts inside query blocks
+    "chunk_cuts_in_blocks": [(300, 0, 77), (300, 77, 100), (300, 177, 123)],
+    # a short (dense) prompt, a chunk ending in the last rows, a decode-like row
+    "mixed": [(250, 100, 77), (45, 0, 45), (250, 200, 50), (200, 150, 1)],
+}
+PARAMS = {
+    "tau": DynamicParams("xattention", 32, 4, 0.8, None, 16),
+    "budget": DynamicParams("xattention", 32, 8, 1.0, 0.3, 16),
+    "tau_and_budget": DynamicParams("xattention", 32, 2, 0.6, 0.25, 16),
+    "one_group_per_block": DynamicParams("xattention", 16, 16, 0.7, None, 8),
+    "block_48_stride_3": DynamicParams("xattention", 48, 3, 0.7, 0.4, 16),
+}
+HEADS = {"mha": (4, 4), "gqa2": (4, 2), "gqa4": (8, 2), "gqa8": (8, 1)}
+
+
+def _plans(batch, params):
+    dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
+    reqs = np.arange(len(batch.seq_lens))
+    block_plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
+                                   params.block_size)
+    return dense_from, reqs, block_plan
+
+
+def _run_layer(dyn_op, tri_op, block_q, batch, params, select=select_key_blocks):
+    """One dynamic layer: dense rows on the triangle op, the others on the dynamic op."""
+    dense_from, reqs, block_plan = _plans(batch, params)
+    dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
+                             dense_row_params(params.n_last), block_q, 0, dense_rows_only=True)
+    cam = FakeCommonMetadata(batch)
+    out = torch.full_like(batch.query, float("nan"))  # poison: every row must be written
+    tri_op.run(batch.query, batch.key_cache, batch.value_cache, tri_op.prepare(dense_plan, dense_from, cam),
+               dense_row_params(params.n_last), batch.scale, out)
+    dyn_op.run(batch.query, batch.key_cache, batch.value_cache, dyn_op.prepare(block_plan, dense_from, cam),
+               params, batch.scale, out, select=select)
+    return out
+
+
+def _reference(batch, params):
+    """Float64 output of the batch's rows and the smallest decision margin."""
+    dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
+    outs, margin = [], float("inf")
+    for r in range(len(batch.seq_lens)):
+        lo, hi = batch.query_start_loc[r], batch.query_start_loc[r + 1]
+        first = int(batch.seq_lens[r]) - int(hi - lo)
+        out, m = dynamic_attention(
+            batch.query[lo:hi].cpu(), batch.keys[r].cpu(), batch.values[r].cpu(), first,
+            int(dense_from[r]), params.block_size, params.stride, params.threshold,
+            params.max_density, batch.scale,
+        )
+        outs.append(out)
+        margin = min(margin, m)
+    return torch.cat(outs), margin
+
+
+def _reference_selection(batch, params, block_plan):
+    """Per item: the reference's kept blocks [Hkv, b+1] and its margin."""
+    result = []
+    for i in range(block_plan.num_items):
+        req, tok, n = int(block_plan.req[i]), int(block_plan.q_tok[i]), int(block_plan.n_q[i])
+        pos0, b = int(block_plan.q_pos[i]), int(block_plan.q_block[i])
+        mass = block_masses(batch.query[tok: tok + n].cpu(), batch.keys[req][: pos0 + n].cpu(), pos0,
+                            params.block_size, params.stride, batch.scale)
+        result.append(keep_rule(mass, b, params.threshold, params.max_density))
+    return result
+
+
+class _Recorder:
+    """A ``select`` that records what the op selected, item by item."""
+
+    def __init__(self, select=select_key_blocks):
+        self.select, self.keeps = select, []
+
+    def __call__(self, mass, q_block, threshold, max_density):
+        keep = self.select(mass, q_block, threshold, max_density)
+        self.keeps.append(keep.cpu())
+        return keep
+
+
+def _check_selection(batch, params, recorder, batched: bool):
+    _, _, block_plan = _plans(batch, params)
+    ref = _reference_selection(batch, params, block_plan)
+    assert min(m for _, m in ref) > MARGIN, "inputs with a near tie: choose another seed"
+    if batched:  # one call for every item: [items, Hkv, blocks]
+        (keep,) = recorder.keeps
+        keeps = [keep[i, :, : int(block_plan.q_block[i]) + 1] for i in range(block_plan.num_items)]
+    else:  # one call per item: [Hkv, b + 1]
+        keeps = recorder.keeps
+    assert len(keeps) == len(ref)
+    for i, (k, (k_ref, _)) in enumerate(zip(keeps, ref)):
+        assert torch.equal(k, k_ref), f"item {i}: kept blocks differ from the reference"
+
+
+def _drop_diagonal(mass, q_block, threshold, max_density):
+    keep = select_key_blocks(mass, q_block, threshold, max_density)
+    j = torch.arange(keep.shape[-1], device=keep.device)
+    b = torch.as_tensor(q_block, device=keep.device)[..., None]
+    return keep & ((j != b) | (b == 0))
+
+
+# -- The torch op (CPU path) ----------------------------------------------------
+
+TORCH_CASES = [  # seeds without near ties (each test asserts the margin)
+    ("whole_odd", "tau", "mha", 1),
+    ("chunk_cuts_in_blocks", "tau", "gqa2", 2),
+    ("mixed", "budget", "gqa4", 5),
+    ("chunk_cuts_in_blocks", "tau_and_budget", "gqa8", 2),
+    ("mixed", "one_group_per_block", "gqa4", 12),
+    ("whole_odd", "block_48_stride_3", "gqa2", 1),
+    ("chunk_cuts_in_blocks", "budget", "mha", 2),
+]
+
+
+@pytest.mark.parametrize("batch_name,params_name,heads,seed", TORCH_CASES)
+def test_torch_op_matches_reference(batch_name, params_name, heads, seed):
+    params = PARAMS[params_name]
+    batch = make_batch(BATCHES[batch_name], *HEADS[heads], head_dim=32, block_size=16, seed=seed)
+    recorder = _Recorder()
+    out = _run_layer(TorchXAttentionOp(), TorchTriangleOp(), 32, batch, params, select=recorder)
+    assert not torch.isnan(out).any()
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
+    _check_selection(batch, params, recorder, batched=False)
+
+
+def test_selection_drops_blocks():
+    """The selections compared above are not all-kept: every parameter set drops blocks."""
+    for name in PARAMS:
+        batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 4, 2, 32, 16, seed=2)
+        _, _, plan = _plans(batch, PARAMS[name])
+        dropped = sum(int((~k).sum()) for k, _ in _reference_selection(batch, PARAMS[name], plan))
+        assert dropped > 0, name
+
+
+def test_threshold_one_is_causal_attention():
+    params = DynamicParams("xattention", 32, 4, 1.0, None, 16)
+    batch = make_batch(BATCHES["mixed"], 8, 2, 32, 16, seed=8)
+    out = _run_layer(TorchXAttentionOp(), TorchTriangleOp(), 32, batch, params)
+    causal = reference_output(batch, dense_row_params(params.n_last), MIN_PROMPT_LEN)
+    assert relative_error(out, causal) < 1e-5
+
+
+def test_wrong_selection_is_detected():
+    """Dropping the diagonal block changes the output far beyond the tolerance."""
+    params = PARAMS["tau"]
+    batch = make_batch(BATCHES["whole_odd"], 4, 2, 32, 16, seed=1)
+    out = _run_layer(TorchXAttentionOp(), TorchTriangleOp(), 32, batch, params, select=_drop_diagonal)
+    ref, _ = _reference(batch, params)
+    assert relative_error(out, ref) > 1e-2
+
+
+def test_reads_channel_major_keys():
+    params = PARAMS["tau"]
+    batch = make_batch(BATCHES["mixed"], 8, 2, 32, 16, seed=3, key_layout="channel_major")
+    out = _run_layer(TorchXAttentionOp(), TorchTriangleOp(), 32, batch, params)
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
+
+
+# -- The Triton kernels, interpreted on the CPU ----------------------------------
+
+def _triton_ops(num_heads, num_kv_heads, head_dim, est_one_pass=1):
+    if torch.cuda.is_available():
+        pytest.skip("compiled on the GPU by tests/gpu instead")
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" or "Interpreted" not in type(triton.language.zeros).__name__:
+        pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported (tests/conftest.py sets it)")
+    from vllm_trianglemix.ops import triangle_triton as tt
+    from vllm_trianglemix.ops import xattention_triton as xt
+
+    tri = tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=tt.KernelConfig(
+        block_m=32, block_n=16, num_warps=1, num_stages=1, split_kv=0))
+    dyn = xt.TritonXAttentionOp(num_heads, num_kv_heads, head_dim, config=xt.XAttnKernelConfig(
+        est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1, est_one_pass=est_one_pass,
+        block_m=32, block_n=16, num_warps=1, num_stages=1))
+    return dyn, tri
+
+
+TRITON_CASES = [  # seeds without near ties
+    ("chunk_cuts_in_blocks", "tau", "gqa4", 17),
+    ("mixed", "tau_and_budget", "mha", 1),
+    ("whole_odd", "block_48_stride_3", "gqa8", 1),
+    ("mixed", "one_group_per_block", "gqa2", 14),
+]
+
+
+@pytest.mark.parametrize("batch_name,params_name,heads,seed", TRITON_CASES)
+def test_triton_interpreted_matches_reference(batch_name, params_name, heads, seed):
+    params = PARAMS[params_name]
+    dyn, tri = _triton_ops(*HEADS[heads], 64)
+    batch = make_batch(BATCHES[batch_name], *HEADS[heads], head_dim=64, block_size=16, seed=seed)
+    recorder = _Recorder()
+    out = _run_layer(dyn, tri, tri.block_q, batch, params, select=recorder)
+    assert not torch.isnan(out).any()
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
+    _check_selection(batch, params, recorder, batched=True)
+
+
+@pytest.mark.parametrize("one_pass", [1, 0])
+def test_triton_interpreted_masses_match_torch_op(one_pass):
+    """The estimate's block masses (one pass with scratch, or two passes) equal the CPU op's."""
+    from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+
+    params = PARAMS["tau_and_budget"]
+    dyn, _ = _triton_ops(8, 2, 64, est_one_pass=one_pass)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
+    dense_from, _, plan = _plans(batch, params)
+    mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
+                        params, batch.scale)
+    for i in range(plan.num_items):
+        req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
+        pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
+        expect = antidiagonal_block_mass(batch.query[tok: tok + n], batch.keys[req], pos0, b,
+                                         params.block_size, params.stride, batch.scale)
+        torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
+        assert not mass[i, :, b + 1:].any()
+
+
+def test_triton_interpreted_threshold_one_is_causal():
+    params = DynamicParams("xattention", 32, 4, 1.0, None, 16)
+    dyn, tri = _triton_ops(8, 2, 64)
+    batch = make_batch(BATCHES["mixed"], 8, 2, 64, 16, seed=8)
+    out = _run_layer(dyn, tri, tri.block_q, batch, params)
+    causal = reference_output(batch, dense_row_params(params.n_last), MIN_PROMPT_LEN)
+    assert relative_error(out, causal) < 1e-5
+
+
+def test_triton_interpreted_wrong_selection_is_detected():
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64)
+    batch = make_batch(BATCHES["whole_odd"], 8, 2, 64, 16, seed=1)
+    out = _run_layer(dyn, tri, tri.block_q, batch, params, select=_drop_diagonal)
+    ref, _ = _reference(batch, params)
+    assert relative_error(out, ref) > 1e-2
+
+
+def test_gpu_limits_refused_with_the_field_named():
+    """What the GPU kernels cannot run is refused at start (selection.check_engine_config)."""
+    from vllm_trianglemix.config import parse_layer_map
+    from vllm_trianglemix.selection import dynamic_gpu_problems
+
+    base = {"n_init": 8, "n_local": 64, "n_last": 16, "min_prompt_len": 128, "triangle_layers": [1],
+            "dynamic_layers": [0]}
+    ok = parse_layer_map({**base, "dynamic": {"block_size": 128, "stride": 8}}, "m.yaml")
+    assert [p for s in ok.dynamic_param_sets for p in dynamic_gpu_problems(s)] == []
+    too_fine = parse_layer_map({**base, "dynamic": {"block_size": 256, "stride": 1}}, "m.yaml")
+    (problem,) = [p for s in too_fine.dynamic_param_sets for p in dynamic_gpu_problems(s)]
+    assert "dynamic.stride" in problem and "stride >= 2" in problem

@@ -1,0 +1,274 @@
+"""bench dynamic: one dynamic (TriangleMix + XAttention) layer vs dense FA3, side by side, one run (GPU).
+
+For the Llama-3.1-8B shape (32 q heads, 8 kv heads, head dim 128, bf16), one
+sequence prefilled in chunks of ``--chunk`` tokens (16384: vLLM's default
+``max_num_batched_tokens``; 0: the whole prompt in one step) at each length,
+K/V in vLLM's FlashAttention paged cache (page 16):
+
+* dense: ``vllm.vllm_flash_attn.flash_attn_varlen_func`` causal (FA3) over
+  each step's rows, summed over the steps;
+* dynamic layer (XAttention block 128, stride 8, n_last 128): per step the
+  estimate, the selection (torch on the device), the block-sparse attention
+  and the dense last rows (triangle kernel), each timed, and the whole layer
+  timed as the backend runs it.
+
+Random data gives diffuse attention (a threshold would keep nearly every
+block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
+0.2 (``--densities``); the achieved density is reported. A short sweep of
+kernel configurations on the longest length's last step picks the estimate
+and the attention configuration (``--no-sweep``: defaults). Before timing,
+keeping every block is checked against FA3's output at full scale.
+
+    vllm-trianglemix bench dynamic --out dynamic.json --best-env dynamic.env
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from vllm_trianglemix.pattern import (
+    DynamicParams,
+    dense_row_params,
+    dense_start,
+    plan_blocks,
+    plan_query_blocks,
+)
+from vllm_trianglemix.tools.bench import command_line
+
+HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
+BLOCK, STRIDE, N_LAST = 128, 8, 128
+EST_SWEEP = [
+    "est_one_pass=1,est_block_n=128,est_num_warps=4,est_num_stages=2",
+    "est_one_pass=1,est_block_n=128,est_num_warps=8,est_num_stages=2",
+    "est_one_pass=1,est_block_n=64,est_num_warps=4,est_num_stages=3",
+    "est_one_pass=1,est_block_n=256,est_num_warps=8,est_num_stages=2",
+    "est_one_pass=0,est_block_n=128,est_num_warps=4,est_num_stages=2",
+]
+ATTN_SWEEP = [
+    "block_m=128,block_n=64,num_warps=4,num_stages=3",
+    "block_m=128,block_n=32,num_warps=4,num_stages=3",
+    "block_m=128,block_n=64,num_warps=8,num_stages=3",
+    "block_m=64,block_n=64,num_warps=4,num_stages=2",
+    "block_m=256,block_n=64,num_warps=8,num_stages=2",
+]
+
+
+class _Cam:
+    def __init__(self, block_table):
+        self.block_table_tensor = block_table
+
+
+def _time_ms(fn, reps: int) -> float:
+    """Median of ``reps`` timed calls after one warm-up (CUDA events)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+class _Step:
+    """One prefill step of the sequence: rows [p0, p0 + n) against keys [0, p0 + n)."""
+
+    def __init__(self, L, p0, n, q, kc, vc, bt, dyn, tri, scale):
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        self.L, self.p0, self.n = L, p0, n
+        self.q, self.kc, self.vc, self.scale = q[p0: p0 + n], kc, vc, scale
+        self.dyn, self.tri = dyn, tri
+        self.out = torch.empty_like(self.q)
+        self.out_fa = torch.empty_like(self.q)
+        qsl, seq = np.array([0, n]), np.array([p0 + n])
+        self.dense_from = dense_start(np.array([L]), N_LAST, 0)
+        cam = _Cam(bt)
+        t0 = time.perf_counter()
+        block_plan = plan_query_blocks(qsl, seq, self.dense_from, np.array([0]), BLOCK)
+        dense_plan = plan_blocks(qsl, seq, self.dense_from, np.array([0]), dense_row_params(N_LAST),
+                                 tri.block_q, tri.split_kv, dense_rows_only=True)
+        self.prep = dyn.prepare(block_plan, self.dense_from, cam)
+        self.tri_prep = tri.prepare(dense_plan, self.dense_from, cam)
+        torch.cuda.synchronize()
+        self.plan_ms = (time.perf_counter() - t0) * 1e3
+        self.has_dense = dense_plan.num_items > 0
+        cu = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+        used = torch.tensor([p0 + n], dtype=torch.int32, device=q.device)
+
+        def fa3():
+            flash_attn_varlen_func(q=self.q, k=kc, v=vc, out=self.out_fa, cu_seqlens_q=cu,
+                                   max_seqlen_q=n, seqused_k=used, max_seqlen_k=p0 + n,
+                                   softmax_scale=scale, causal=True, block_table=bt, fa_version=3)
+
+        self.fa3 = fa3
+
+    def dense_rows(self):
+        if self.has_dense:
+            self.tri.run(self.q, self.kc, self.vc, self.tri_prep, dense_row_params(N_LAST), self.scale,
+                         self.out)
+
+    def layer(self, params):
+        self.dense_rows()
+        self.dyn.run(self.q, self.kc, self.vc, self.prep, params, self.scale, self.out)
+
+    def timings(self, params, reps) -> dict:
+        dyn, prep = self.dyn, self.prep
+        r = dict(est_ms=0.0, select_ms=0.0, attn_ms=0.0, kept=0, causal=0)
+        if prep.num_items:
+            mass = dyn.estimate(self.q, self.kc, prep, params, self.scale)
+            blocks = dyn.select(mass, prep, params)
+            r["est_ms"] = _time_ms(lambda: dyn.estimate(self.q, self.kc, prep, params, self.scale), reps)
+            r["select_ms"] = _time_ms(lambda: dyn.select(mass, prep, params), reps)
+            r["attn_ms"] = _time_ms(lambda: dyn.attend(self.q, self.kc, self.vc, prep, params, self.scale,
+                                                        self.out, blocks), reps)
+            r["kept"] = int((blocks.n_kept + blocks.diag_kept).sum())
+            r["causal"] = int((prep.q_block + 1).sum()) * KV_HEADS
+        r["dense_rows_ms"] = _time_ms(self.dense_rows, reps) if self.has_dense else 0.0
+        r["layer_ms"] = _time_ms(lambda: self.layer(params), reps)
+        return r
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000])
+    ap.add_argument("--chunk", type=int, default=16384,
+                    help="prefill chunk (vLLM's max_num_batched_tokens); 0: whole prompt in one step")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2],
+                    help="max_density values (threshold 1.0: a fixed budget)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--best-env", default=None,
+                    help="write the chosen configuration as an env file (VLLM_TRIANGLEMIX_XATTN_CONFIG)")
+
+
+def _sweep(step: _Step, densities, reps) -> tuple[str | None, str | None, list[dict]]:
+    """The fastest estimate and attention configurations on one step (errors reported, not fatal)."""
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
+
+    params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(densities), N_LAST)
+    base = step.dyn.config
+    lines, best = [], {}
+    for kind, sweep in (("est", EST_SWEEP), ("attn", ATTN_SWEEP)):
+        for text in sweep:
+            try:
+                op = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=base.with_overrides(text))
+                mass = op.estimate(step.q, step.kc, step.prep, params, step.scale)
+                if kind == "est":
+                    ms = _time_ms(lambda: op.estimate(step.q, step.kc, step.prep, params, step.scale), reps)
+                else:
+                    blocks = op.select(mass, step.prep, params)
+                    ms = _time_ms(lambda: op.attend(step.q, step.kc, step.vc, step.prep, params,
+                                                    step.scale, step.out, blocks), reps)
+                lines.append(dict(kind=kind, config=text, ms=ms))
+                if kind not in best or ms < best[kind][1]:
+                    best[kind] = (text, ms)
+            except Exception as e:  # a configuration that does not compile or run is reported
+                lines.append(dict(kind=kind, config=text, ms=float("inf"),
+                                  error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return (best.get("est", (None,))[0], best.get("attn", (None,))[0], lines)
+
+
+def _row_line(r: dict) -> str:
+    return (f"| {r['length']} | {r['chunk']} | {r['max_density']} ({r['achieved_density']:.3f}) | "
+            f"{r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
+            f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['fa3_ms'] / r['layer_ms']:.2f}x | "
+            f"{'ok' if r['keep_all_ok'] and r['keep_all_rel_err'] < 1e-2 else 'FAIL'} "
+            f"{r['keep_all_rel_err']:.1e} |\n")
+
+
+def run(args) -> int:
+    from vllm_trianglemix.backends.cuda import flash_kv_cache_views, triangle_op
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    tri = triangle_op(HEADS, KV_HEADS, DIM)
+    dyn = TritonXAttentionOp(HEADS, KV_HEADS, DIM)
+    scale = DIM ** -0.5
+    rows, sweep_lines, chosen = [], [], None
+    for L in sorted(args.lengths, reverse=True):  # longest first: the sweep runs on it
+        nblk = -(-L // PAGE)
+        kv = torch.randn(nblk, KV_HEADS, PAGE, 2 * DIM, device=dev, dtype=torch.bfloat16)
+        kc, vc = flash_kv_cache_views(kv, DIM)
+        bt = torch.arange(nblk, dtype=torch.int32, device=dev)[None, :]
+        q = torch.randn(L, HEADS, DIM, device=dev, dtype=torch.bfloat16)
+        chunk = args.chunk if args.chunk > 0 else L
+        steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, dyn, tri, scale)
+                 for p0 in range(0, L, chunk)]
+        if chosen is None:
+            est_cfg, attn_cfg = None, None
+            if not args.no_sweep:
+                est_cfg, attn_cfg, sweep_lines = _sweep(steps[-1], args.densities, args.reps)
+                for line in sweep_lines:
+                    sys.stdout.write(f"sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms "
+                                     f"{line.get('error', '')}\n")
+                sys.stdout.flush()
+            cfg = dyn.config
+            for text in (est_cfg, attn_cfg):
+                if text:
+                    cfg = cfg.with_overrides(text)
+            chosen = cfg
+            dyn = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
+            for s in steps:
+                s.dyn = dyn
+        # Check at full scale: keeping every block equals FA3 (last step: the longest rows).
+        last = steps[-1]
+        keep_all = DynamicParams("xattention", BLOCK, STRIDE, 1.0, None, N_LAST)
+        last.out.fill_(float("nan"))
+        last.layer(keep_all)
+        last.fa3()
+        torch.cuda.synchronize()
+        ok = not torch.isnan(last.out).any().item()
+        err = float((last.out.float() - last.out_fa.float()).norm() / last.out_fa.float().norm())
+        fa3_ms = sum(_time_ms(s.fa3, args.reps) for s in steps)
+        for density in args.densities:
+            params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, density, N_LAST)
+            parts = [s.timings(params, args.reps) for s in steps]
+            total = {k: sum(p[k] for p in parts) for k in parts[0]}
+            rows.append(dict(
+                length=L, chunk=chunk, steps=len(steps), max_density=density,
+                achieved_density=total["kept"] / max(total["causal"], 1),
+                est_ms=total["est_ms"], select_ms=total["select_ms"], attn_ms=total["attn_ms"],
+                dense_rows_ms=total["dense_rows_ms"], layer_ms=total["layer_ms"], fa3_ms=fa3_ms,
+                plan_ms=sum(s.plan_ms for s in steps), keep_all_ok=ok, keep_all_rel_err=err,
+            ))
+            sys.stdout.write("row " + _row_line(rows[-1]))  # progress (the table comes last)
+            sys.stdout.flush()
+        del kv, q, steps, last
+
+    gpu = torch.cuda.get_device_name()
+    import triton
+    import vllm
+
+    rows.sort(key=lambda r: (r["length"], r["max_density"]))
+    report = dict(gpu=gpu, vllm=vllm.__version__, triton=triton.__version__, torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"), command=command_line(),
+                  shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=DIM, page=PAGE, block=BLOCK,
+                             stride=STRIDE, n_last=N_LAST),
+                  config=chosen.__dict__ if chosen else None, sweep=sweep_lines, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.best_env and chosen is not None:
+        from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV
+
+        with open(args.best_env, "w") as f:
+            f.write(f"export {CONFIG_ENV}=" + ",".join(f"{k}={v}" for k, v in chosen.__dict__.items()) + "\n")
+    w = sys.stdout.write
+    w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}\n")
+    w(f"config: {chosen}\n")
+    w("\n| length | chunk | density (achieved) | estimate ms | select ms | sparse attn ms | dense rows ms "
+      "| layer ms | FA3 dense ms | FA3 / layer | keep-all vs FA3 |\n")
+    w("|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        w(_row_line(r))
+    return 0
