@@ -63,17 +63,27 @@ and MoE, text and multimodal classes)."""
 def attention_layer_ids(model_config) -> list[int]:
     """The layers that run softmax attention: the only ones a map may name.
 
-    Every layer of a standard model; the ``full_attention`` layers of a hybrid
-    (``layer_types``, else every ``full_attention_interval``-th layer).
+    Every layer of a standard model; the full-attention layers of a hybrid.
     """
-    n = num_hidden_layers(model_config)
     if not getattr(model_config, "is_hybrid", False):
+        return list(range(num_hidden_layers(model_config)))
+    return hf_attention_layer_ids(model_config.hf_text_config)
+
+
+def hf_attention_layer_ids(hf_text_config) -> list[int]:
+    """The same, from a Hugging Face text config (also used by ``calibrate``).
+
+    A supported hybrid's full-attention layers are those its ``layer_types``
+    names ``full_attention`` (else every ``full_attention_interval``-th layer);
+    any other model's are all its layers.
+    """
+    n = int(hf_text_config.num_hidden_layers)
+    if getattr(hf_text_config, "model_type", None) not in HYBRID_MODEL_TYPES:
         return list(range(n))
-    hf = model_config.hf_text_config
-    types = getattr(hf, "layer_types", None)
+    types = getattr(hf_text_config, "layer_types", None)
     if types:
         return [i for i, t in enumerate(types[:n]) if t == "full_attention"]
-    interval = getattr(hf, "full_attention_interval", None)
+    interval = getattr(hf_text_config, "full_attention_interval", None)
     if interval:
         return [i for i in range(n) if (i + 1) % int(interval) == 0]
     return []
