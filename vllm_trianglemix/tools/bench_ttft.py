@@ -41,6 +41,11 @@ def _worker(args) -> dict:
 
     rng = np.random.default_rng(0)
     max_len = max(args.lengths + [args.itl_context + args.itl_tokens]) + 16
+    extra = {}
+    if args.language_model_only:
+        extra["language_model_only"] = True
+    if args.worker == "trianglemix" and args.trianglemix_config:
+        extra["additional_config"] = {"trianglemix_config": args.trianglemix_config}
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -53,6 +58,7 @@ def _worker(args) -> dict:
         disable_log_stats=False,
         enforce_eager=args.enforce_eager,
         seed=0,
+        **extra,
     )
     start_s = time.perf_counter() - t0
 
@@ -113,6 +119,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=131072)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--trianglemix-config", default=None,
+                    help="layer map for the TriangleMix engine (default: the bundled map)")
+    ap.add_argument("--language-model-only", action="store_true",
+                    help="serve a multimodal model's language model only (e.g. Qwen3.5)")
     ap.add_argument("--out", default="ttft.json")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
@@ -142,6 +152,10 @@ def run(args) -> int:
         cmd += ["--lengths", *map(str, args.lengths)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
+        if args.language_model_only:
+            cmd.append("--language-model-only")
+        if args.trianglemix_config:
+            cmd += ["--trianglemix-config", args.trianglemix_config]
         subprocess.run(cmd, check=True)
         with open(path) as f:
             report["results"][backend] = {**json.load(f), "command": command_line()}
@@ -155,6 +169,7 @@ def run(args) -> int:
         itl_tokens=args.itl_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kernel_config=os.environ.get("VLLM_TRIANGLEMIX_KERNEL_CONFIG", "default"),
+        model=args.model,
     )
     try:
         import vllm
