@@ -4,8 +4,9 @@ The tiny hybrid has 8 layers: Gated DeltaNet layers 0-2 and 4-6, full attention
 at 3 and 7, MoE everywhere, gated attention output, partial RoPE and QK-norm.
 The map (conftest) makes both full-attention layers triangle layers, with two
 parameter sets. The engine (bfloat16, the only dtype vLLM's CPU Gated DeltaNet
-runs; a token budget of 96 per step; 64-token blocks; prefix caching on, so
-vLLM caches the linear layers' state in its "align" mode) is compared with
+runs; 64-token blocks; prefix caching on, so vLLM caches the linear layers'
+state in its "align" mode and cuts prefill chunks at block boundaries; a token
+budget of 160 per step, so chunks of several requests and decodes share steps) is compared with
 Hugging Face's Qwen3-Next in float32 with the exact mask on the full-attention
 layers (tests/reference_qwen3_next.py).
 
