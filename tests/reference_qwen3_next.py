@@ -62,11 +62,9 @@ class ReferenceQwen3Next:
         self._layer_map = layer_map
         self._prompt_len = len(token_ids) if prompt_len is None else prompt_len
         try:
-            ids = torch.tensor([token_ids])
-            # A dict of masks skips transformers' own mask building: the
-            # attention function above makes the mask of each layer.
-            out = self.model(input_ids=ids, use_cache=False,
-                             attention_mask={"full_attention": None, "linear_attention": None})
+            # No padding; the attention function above ignores the mask
+            # transformers builds and makes the mask of each layer itself.
+            out = self.model(input_ids=torch.tensor([token_ids]), use_cache=False)
         finally:
             self._layer_map = None
         return torch.log_softmax(out.logits[0].to(torch.float64), dim=-1)
