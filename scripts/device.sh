@@ -12,6 +12,8 @@
 #   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
 # The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
 #   bash scripts/device.sh dynamic   install, dynamic-layer (XAttention) GPU tests, bench dynamic (~4 min)
+#   bash scripts/device.sh hybrid-check               install the plugin, GPU hybrid tests (tiny Qwen3-Next)
+#   bash scripts/device.sh hybrid-ttft dense|trianglemix   TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
 #
 # Results accumulate in /tmp/tmx (kept while the machine is warm) and are copied to $OUT.
 set -euo pipefail
@@ -110,5 +112,31 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     grep -E "^(sweep|config:)" /tmp/tmx/dynamic.log || true
     grep -E "^\|" /tmp/tmx/dynamic.log || tail -5 /tmp/tmx/dynamic.log
     ;;
-  *) echo "usage: $0 check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k" >&2; exit 2 ;;
+  hybrid-check)
+    install_plugin
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_hybrid_gpu.py > /tmp/tmx/gpu_hybrid_tests.log 2>&1 || true
+    python3 -c "import vllm.model_executor.models.qwen3_5" > /tmp/tmx/qwen3_5_import.log 2>&1 \
+      && echo "Qwen3.5 class: importable" || { echo "Qwen3.5 class: not importable"; tail -1 /tmp/tmx/qwen3_5_import.log; }
+    cp /tmp/tmx/gpu_hybrid_tests.log /tmp/tmx/qwen3_5_import.log "$OUT"/
+    grep -E "^E .*(L=|step)" /tmp/tmx/gpu_hybrid_tests.log | head -5 || true
+    tail -3 /tmp/tmx/gpu_hybrid_tests.log
+    ;;
+  hybrid-ttft)
+    # Qwen3.5-4B as published (multimodal class, language model only) where vLLM can import its
+    # Qwen3.5 module (needs torchvision), else the same text shapes on the Qwen3-Next class.
+    # Eager mode for both engines (same settings) to stay within about 2.5 minutes per engine.
+    [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
+    if python3 -c "import vllm.model_executor.models.qwen3_5" 2>/dev/null; then
+      model=(--model benchmarks/models/qwen3.5-4b --language-model-only)
+    else
+      model=(--model benchmarks/models/qwen3.5-4b-text)
+    fi
+    python3 -m vllm_trianglemix bench ttft "${model[@]}" --trianglemix-config configs/qwen3.5-4b-9b.yaml \
+      --lengths 32000 64000 128000 256000 --max-model-len 262144 --repeats 1 --enforce-eager \
+      --backends "$2" --append --out /tmp/tmx/hybrid_ttft.json > "/tmp/tmx/hybrid_ttft_$2.log" 2>&1 || true
+    cp /tmp/tmx/hybrid_ttft.json "/tmp/tmx/hybrid_ttft_$2.log" "$OUT"/ 2>/dev/null || true
+    grep -E "Error|Traceback" "/tmp/tmx/hybrid_ttft_$2.log" | tail -3 || true
+    tail -10 "/tmp/tmx/hybrid_ttft_$2.log"
+    ;;
+  *) echo "usage: $0 check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k | hybrid-check | hybrid-ttft dense|trianglemix" >&2; exit 2 ;;
 esac

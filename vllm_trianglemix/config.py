@@ -102,8 +102,9 @@ class LayerMap:
         values = list(self.layers.values()) + list(self.dynamic_layers.values())
         return min(p.n_last for p in values)
 
-    def check_model(self, num_layers: int) -> None:
-        """Refuse layer ids the served model does not have."""
+    def check_model(self, num_layers: int, allowed_layers: list[int] | None = None) -> None:
+        """Refuse layer ids the served model does not have, or (``allowed_layers``:
+        a hybrid's full-attention layers) that do not run softmax attention."""
         if self.num_hidden_layers is not None and self.num_hidden_layers != num_layers:
             raise TriangleMixConfigError(
                 self.source,
@@ -120,6 +121,19 @@ class LayerMap:
                         f"layer {layer} is outside the model "
                         f"({num_layers} layers: 0-{num_layers - 1})",
                     )
+        if allowed_layers is None:
+            return
+        for name, layers in (("triangle_layers", self.layers), ("dynamic_layers", self.dynamic_layers)):
+            others = sorted(set(layers) - set(allowed_layers))
+            if others:
+                kind = name.split("_")[0]
+                raise TriangleMixConfigError(
+                    self.source,
+                    name,
+                    f"layers {others} are not full-attention layers; only full-attention "
+                    f"layers can be {kind} layers (this model's: "
+                    f"{', '.join(map(str, sorted(allowed_layers)))})",
+                )
 
     def describe(self) -> str:
         """One line: which layers run triangle, with their parameters."""

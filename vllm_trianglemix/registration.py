@@ -89,6 +89,12 @@ def _wrap_config_check(platform_cls) -> None:
         layer_map = selection.check_engine_config(vllm_config, on_cuda=current_platform.is_cuda())
         if first_time:
             logger.info("TriangleMix attention: %s", layer_map.describe())
+            if "uncalibrated" in (layer_map.notes or "").lower():
+                logger.warning(
+                    "TriangleMix: map %s is an uncalibrated starting point; run "
+                    "`vllm-trianglemix calibrate --model %s` and serve with the map it writes",
+                    layer_map.source, vllm_config.model_config.model,
+                )
         _select_by_static_member(vllm_config)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

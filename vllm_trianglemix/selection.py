@@ -56,6 +56,41 @@ def num_hidden_layers(model_config) -> int:
     return int(model_config.hf_text_config.num_hidden_layers)
 
 
+HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+"""Hybrids TriangleMix serves (the text config's ``model_type``): Gated DeltaNet
+layers plus standard causal softmax-attention layers (Qwen3-Next, Qwen3.5 dense
+and MoE, text and multimodal classes)."""
+
+
+def attention_layer_ids(model_config) -> list[int]:
+    """The layers that run softmax attention: the only ones a map may name.
+
+    Every layer of a standard model; the full-attention layers of a hybrid.
+    """
+    if not getattr(model_config, "is_hybrid", False):
+        return list(range(num_hidden_layers(model_config)))
+    return hf_attention_layer_ids(model_config.hf_text_config)
+
+
+def hf_attention_layer_ids(hf_text_config) -> list[int]:
+    """The same, from a Hugging Face text config (also used by ``calibrate``).
+
+    A supported hybrid's full-attention layers are those its ``layer_types``
+    names ``full_attention`` (else every ``full_attention_interval``-th layer);
+    any other model's are all its layers.
+    """
+    n = int(hf_text_config.num_hidden_layers)
+    if getattr(hf_text_config, "model_type", None) not in HYBRID_MODEL_TYPES:
+        return list(range(n))
+    types = getattr(hf_text_config, "layer_types", None)
+    if types:
+        return [i for i, t in enumerate(types[:n]) if t == "full_attention"]
+    interval = getattr(hf_text_config, "full_attention_interval", None)
+    if interval:
+        return [i for i in range(n) if (i + 1) % int(interval) == 0]
+    return []
+
+
 def _refusals(vllm_config, on_cuda: bool) -> list[str]:
     """Reasons this engine cannot run TriangleMix (empty: it can)."""
     mc = vllm_config.model_config
@@ -66,8 +101,17 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
         reasons.append("encoder-decoder models are not supported")
     if getattr(mc, "use_mla", False):
         reasons.append("MLA attention (DeepSeek-style) is not supported")
-    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
-        reasons.append("hybrid / attention-free models are not supported")
+    if getattr(mc, "is_attention_free", False):
+        reasons.append("attention-free models are not supported")
+    elif getattr(mc, "is_hybrid", False):
+        model_type = getattr(mc.hf_text_config, "model_type", "?")
+        if model_type not in HYBRID_MODEL_TYPES:
+            reasons.append(
+                f"hybrid model type '{model_type}' is not supported "
+                f"(supported hybrids: {', '.join(HYBRID_MODEL_TYPES)})"
+            )
+        elif not attention_layer_ids(mc):
+            reasons.append("this hybrid model has no full-attention layer")
     if mc.runner_type != "generate":
         reasons.append(f"runner '{mc.runner_type}' is not supported (generation only)")
     if mc.get_sliding_window() is not None or _has_sliding_layers(mc.hf_text_config):
@@ -125,7 +169,13 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
     layer_map = resolve_layer_map(
         vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
     )
-    layer_map.check_model(num_hidden_layers(mc))
+    layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
+    if layer_map.dynamic_layers and getattr(mc, "is_hybrid", False):
+        raise TriangleMixUnsupportedError(
+            f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "
+            "are not supported on hybrid models (their prefix-cache hits cannot be cut back to "
+            "query-block boundaries); use triangle_layers only"
+        )
     if on_cuda:
         problems = [p for params in layer_map.dynamic_param_sets for p in dynamic_gpu_problems(params)]
         if problems:
@@ -157,5 +207,5 @@ def engine_layer_map(vllm_config) -> LayerMap:
     """The map the front end validated (engine core and workers)."""
     mc = vllm_config.model_config
     layer_map = resolve_layer_map(vllm_config.additional_config, mc.model)
-    layer_map.check_model(num_hidden_layers(mc))
+    layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
     return layer_map

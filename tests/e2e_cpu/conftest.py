@@ -80,3 +80,70 @@ def prompt_logprobs(output, token_ids) -> torch.Tensor:
 
 def first_token_logprobs(output) -> dict[int, float]:
     return {t: lp.logprob for t, lp in output.outputs[0].logprobs[0].items()}
+
+
+# -- The tiny hybrid (Qwen3-Next: Gated DeltaNet + full attention, MoE) ------
+#
+# vLLM's CPU Gated DeltaNet runs in bfloat16 only, so hybrid engines run
+# bfloat16 and the tests compare them with a float32 reference (tolerances in
+# test_hybrid.py, from measurement). vLLM sizes the hybrid's blocks so that an
+# attention block holds a linear layer's state: 64 tokens for this model.
+
+HYBRID_BLOCK = 64
+HYBRID_ARGS = dict(ENGINE_ARGS, dtype="bfloat16", block_size=HYBRID_BLOCK,
+                   max_num_batched_tokens=160)
+"""vLLM's "align" mode (prefix caching on a hybrid) ends every chunk but a prompt's
+last at a block boundary: a budget of 2.5 blocks lets chunks of several
+requests share a step."""
+HYBRID_MAP = """\
+n_init: 4
+n_local: 64
+n_last: 16
+min_prompt_len: 128
+triangle_layers: [3, 7]
+layer_overrides:
+  7: {n_init: 32, n_local: 32}
+"""
+"""Both full-attention layers (3 and 7), with two parameter sets."""
+
+
+@pytest.fixture(scope="session")
+def hybrid_model_dir(tmp_path_factory):
+    from vllm_trianglemix.tools.demo_model import build_tiny_qwen3_next
+
+    return build_tiny_qwen3_next(str(tmp_path_factory.mktemp("model") / "tiny-qwen3-next"))
+
+
+def write_map(tmp_path_factory, name: str, text: str) -> str:
+    path = tmp_path_factory.mktemp("maps") / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hybrid_map_path(tmp_path_factory):
+    return write_map(tmp_path_factory, "hybrid.yaml", HYBRID_MAP)
+
+
+@pytest.fixture(scope="session")
+def hybrid_map(hybrid_map_path):
+    from vllm_trianglemix.config import load_layer_map
+
+    return load_layer_map(hybrid_map_path)
+
+
+@pytest.fixture(scope="session")
+def hybrid_reference(hybrid_model_dir):
+    from tests.reference_qwen3_next import ReferenceQwen3Next
+
+    return ReferenceQwen3Next(hybrid_model_dir)
+
+
+def make_hybrid_llm(model_dir, map_path, **overrides):
+    """A bfloat16 engine on the tiny hybrid; TriangleMix with ``map_path``, stock if None."""
+    from vllm import LLM
+
+    if map_path is not None:
+        overrides = dict(attention_backend="TRIANGLEMIX",
+                         additional_config={"trianglemix_config": map_path}, **overrides)
+    return LLM(model=model_dir, **{**HYBRID_ARGS, **overrides})

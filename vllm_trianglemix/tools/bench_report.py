@@ -14,6 +14,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kernel", required=True, help="JSON from `bench kernel`")
     ap.add_argument("--ttft", required=True, help="JSON from `bench ttft` (dense and trianglemix)")
     ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--hybrid-ttft", default=None,
+                    help="JSON from `bench ttft` on a hybrid shape (scripts/device.sh hybrid-ttft)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end")
 
 
@@ -95,6 +97,43 @@ def ttft_section(t: dict) -> list[str]:
     return lines
 
 
+def hybrid_section(t: dict) -> list[str]:
+    """TTFT and decode ITL on a hybrid shape (Qwen3.5-4B), dense vs TriangleMix."""
+    res = t["results"]
+    d, m = res["dense"], res["trianglemix"]
+    lines = [
+        "## 4. Hybrid model: Qwen3.5-4B shape, time to first token and decode",
+        "",
+        f"{t['gpu']}, vLLM {t.get('vllm', '?')}, {t['date']}. Model `{t.get('model', '?')}` "
+        "(32 layers: 24 Gated DeltaNet, 8 full attention; random weights), eager mode for both "
+        f"engines, max_num_batched_tokens {t['max_num_batched_tokens']}, prefix caching on with a "
+        "fresh prompt per run; one warm-up then the median of the runs. TriangleMix: "
+        "`configs/qwen3.5-4b-9b.yaml` (full-attention layers 19, 23, 27, 31; n_init 8, n_local 512, "
+        "n_last 128; an uncalibrated starting point); the 24 linear-attention layers and the "
+        "other 4 full-attention layers run stock in both engines.",
+        "",
+        f"Commands: `{d.get('command', t.get('command'))}` / `{m.get('command', t.get('command'))}`",
+        "",
+        "| prompt tokens | dense TTFT s | TriangleMix TTFT s | change | runs (dense / TriangleMix) |",
+        "|---|---|---|---|---|",
+    ]
+    for n, dv in d["ttft_s"].items():
+        mv = m["ttft_s"].get(n)
+        if mv is None:
+            continue
+        runs = (f"{', '.join(f'{x:.3f}' for x in d['ttft_runs_s'][n])} / "
+                f"{', '.join(f'{x:.3f}' for x in m['ttft_runs_s'][n])}")
+        lines.append(f"| {n} | {dv:.3f} | {mv:.3f} | {100 * (mv - dv) / dv:+.1f}% | {runs} |")
+    pct = 100 * (m["itl_ms"] - d["itl_ms"]) / d["itl_ms"]
+    lines += [
+        "",
+        f"Decode ITL ({t['itl_context']}-token prompt, {t['itl_tokens']} tokens): dense "
+        f"{d['itl_ms']:.3f} ms, TriangleMix {m['itl_ms']:.3f} ms ({pct:+.2f}%). Engine start (s): "
+        f"dense {d['engine_start_s']:.0f}, TriangleMix {m['engine_start_s']:.0f}.",
+    ]
+    return lines
+
+
 def run(args) -> int:
     with open(args.kernel) as f:
         kernel = json.load(f)
@@ -104,6 +143,9 @@ def run(args) -> int:
              "Written by `vllm-trianglemix bench report` from one device session; the commands, date and GPU",
              "are those of the runs. Regenerate them with the commands shown.", ""]
     lines += kernel_section(kernel) + [""] + ttft_section(ttft)
+    if args.hybrid_ttft:
+        with open(args.hybrid_ttft) as f:
+            lines += [""] + hybrid_section(json.load(f))
     if args.notes:
         with open(args.notes) as f:
             lines += ["", f.read().rstrip()]

@@ -85,6 +85,10 @@ def _worker(args) -> dict:
     extra = {}
     if kind == "dynamic":
         extra["additional_config"] = {"trianglemix_config": _dynamic_map_file(args, args.worker)}
+    if args.language_model_only:
+        extra["language_model_only"] = True
+    if kind == "trianglemix" and args.trianglemix_config:
+        extra["additional_config"] = {"trianglemix_config": args.trianglemix_config}
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -228,6 +232,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"],
                     help="vLLM's executor (default: vLLM's choice, uni for one GPU); "
                          "results are then labelled BACKEND+EXECUTOR")
+    ap.add_argument("--trianglemix-config", default=None,
+                    help="layer map for the TriangleMix engine (default: the bundled map)")
+    ap.add_argument("--language-model-only", action="store_true",
+                    help="serve a multimodal model's language model only (e.g. Qwen3.5)")
     ap.add_argument("--out", default="ttft.json")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -262,6 +270,10 @@ def run(args) -> int:
             cmd.append("--enforce-eager")
         if args.distributed_executor_backend:
             cmd += ["--distributed-executor-backend", args.distributed_executor_backend]
+        if args.language_model_only:
+            cmd.append("--language-model-only")
+        if args.trianglemix_config:
+            cmd += ["--trianglemix-config", args.trianglemix_config]
         subprocess.run(cmd, check=True)
         with open(path) as f:
             key = _key(backend, _labels(args))
@@ -276,6 +288,7 @@ def run(args) -> int:
         itl_tokens=args.itl_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kernel_config=os.environ.get("VLLM_TRIANGLEMIX_KERNEL_CONFIG", "default"),
+        model=args.model,
     )
     try:
         import vllm

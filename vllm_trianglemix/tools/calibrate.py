@@ -37,6 +37,10 @@ synthetic passkey prompts: random tokens of the model's vocabulary with a
 pass key sentence at a random depth and the question at the end. Real text
 of your workload gives a more faithful map than random tokens.
 
+Hybrid models (Qwen3-Next, Qwen3.5): only their full-attention layers are
+candidates (``selection.hf_attention_layer_ids``); the Gated DeltaNet layers
+run as they are, and ``--max-layers-fraction`` counts full-attention layers.
+
 Limits: one prompt at a time, no padding; a full ``T x T`` boolean mask per
 triangle layer call (``T**2`` bytes: 256 MiB at 16K tokens); models whose
 attention does not go through ``AttentionInterface`` are refused, and so are
@@ -67,6 +71,7 @@ from vllm_trianglemix.config import (
     parse_layer_map,
 )
 from vllm_trianglemix.pattern import TriangleParams, dense_start, first_sparse_row, visible
+from vllm_trianglemix.selection import hf_attention_layer_ids
 
 logger = init_logger("vllm.trianglemix")
 
@@ -295,9 +300,11 @@ class Selection:
     stop_reason: str
 
 
-def select_layers(scorer: Scorer, num_layers: int, budget: float, max_layers: int) -> Selection:
+def select_layers(scorer: Scorer, candidates: list[int], budget: float,
+                  max_layers: int) -> Selection:
+    """Greedy walk over ``candidates`` (the layers that run softmax attention)."""
     per_layer = {}
-    for layer in range(num_layers):
+    for layer in candidates:
         per_layer[layer] = scorer.kl([layer])
         logger.info("calibrate: layer %d alone: KL %.6g nats", layer, per_layer[layer])
     # Least sensitive first; on ties the deeper layer first (the paper's preference).
@@ -411,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args, state)
     cfg = model.config.get_text_config()
     num_layers = cfg.num_hidden_layers
+    candidates = hf_attention_layer_ids(cfg)
     length = args.prompt_len
     if length is None and not (args.prompts or "").endswith(".jsonl"):
         max_pos = getattr(cfg, "max_position_embeddings", None) or 2 * args.min_prompt_len
@@ -434,13 +442,16 @@ def run(args: argparse.Namespace) -> int:
                 desc, num_layers, args.num_generated)
 
     scorer = Scorer(model, state, prompts, args.num_generated)
-    if state.seen_layers != set(range(num_layers)):
-        logger.error("calibrate: the model did not call the attention function in every layer "
-                     "(saw %s of %d); this architecture is not supported",
-                     sorted(state.seen_layers), num_layers)
+    if state.seen_layers != set(candidates):
+        logger.error("calibrate: the model did not call the attention function in every "
+                     "attention layer (saw %s, expected %s); this architecture is not supported",
+                     sorted(state.seen_layers), candidates)
         return 2
-    max_layers = math.floor(args.max_layers_fraction * num_layers)
-    sel = select_layers(scorer, num_layers, args.kl_budget, max_layers)
+    if len(candidates) < num_layers:
+        logger.info("calibrate: hybrid model: candidates are its full-attention layers %s",
+                    format_layer_ranges(candidates))
+    max_layers = math.floor(args.max_layers_fraction * len(candidates))
+    sel = select_layers(scorer, candidates, args.kl_budget, max_layers)
 
     if args.json:
         with open(args.json, "w") as f:
@@ -458,6 +469,6 @@ def run(args: argparse.Namespace) -> int:
     with open(args.out, "w") as f:
         f.write(map_text(args, num_layers, sel, desc))
     layer_map = load_layer_map(args.out)
-    layer_map.check_model(num_layers)
+    layer_map.check_model(num_layers, candidates)
     sys.stdout.write(f"wrote {args.out}: {layer_map.describe()}\n")
     return 0

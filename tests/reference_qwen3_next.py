@@ -1,0 +1,76 @@
+"""An independent Qwen3-Next forward with the exact TriangleMix mask on its full-attention layers.
+
+Hugging Face's ``Qwen3NextForCausalLM`` (transformers' own modelling code: Gated
+DeltaNet layers, gated attention output, partial RoPE, QK-norm, MoE) in
+float32 on the CPU, with one change: its attention function is replaced by
+one that applies, in each full-attention layer, the mask from
+``vllm_trianglemix.pattern.visible`` with that layer's parameters (the same
+definition the plugin uses), so the tests compare vLLM with the rule itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_trianglemix.config import LayerMap
+from vllm_trianglemix.pattern import dense_start, visible
+
+ATTN_IMPLEMENTATION = "trianglemix_reference"
+
+
+class ReferenceQwen3Next:
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32):
+        from transformers import AttentionInterface, Qwen3NextForCausalLM
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, self._attention)
+        self.model = Qwen3NextForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        ).eval()
+        self.dtype = dtype
+        self._layer_map: LayerMap | None = None
+        self._prompt_len = 0
+        self.full_attention_layers = [
+            i for i, t in enumerate(self.model.config.layer_types) if t == "full_attention"
+        ]
+
+    def _attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        # query [1, heads, n, d], key/value [1, kv_heads, n, d]
+        n = query.shape[2]
+        pos = torch.arange(n)
+        params = self._layer_map.params_for(module.layer_idx) if self._layer_map else None
+        if params is None:
+            mask = visible(pos[:, None], pos[None, :], 0, 0, 1)
+        else:
+            ds = int(dense_start(self._prompt_len, params.n_last, self._layer_map.min_prompt_len))
+            mask = visible(pos[:, None], pos[None, :], ds, params.n_init, params.n_local)
+        group = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(group, dim=1)
+        v = value.repeat_interleave(group, dim=1)
+        s = (query @ k.transpose(2, 3)) * scaling
+        s = s.masked_fill(~mask, float("-inf"))
+        out = torch.softmax(s, dim=-1) @ v
+        return out.transpose(1, 2).contiguous(), None
+
+    @torch.no_grad()
+    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None):
+        """log-softmax of the logits at every position, [T, vocab] (float64).
+
+        ``prompt_len`` (default: all tokens) is the L of the rule; positions at
+        or past it (generated tokens) are dense rows, as in the plugin.
+        ``layer_map=None`` runs every layer dense.
+        """
+        self._layer_map = layer_map
+        self._prompt_len = len(token_ids) if prompt_len is None else prompt_len
+        try:
+            # No padding; the attention function above ignores the mask
+            # transformers builds and makes the mask of each layer itself.
+            out = self.model(input_ids=torch.tensor([token_ids]), use_cache=False)
+        finally:
+            self._layer_map = None
+        return torch.log_softmax(out.logits[0].to(torch.float64), dim=-1)
+
+    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None) -> torch.Tensor:
+        """Logprob of each token given the ones before it (positions 1..T-1)."""
+        lp = self.logprobs(token_ids, layer_map, prompt_len)
+        ids = torch.tensor(token_ids[1:])
+        return lp[:-1].gather(1, ids[:, None])[:, 0]
