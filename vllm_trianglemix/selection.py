@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 
+from vllm_trianglemix import stock_backend
 from vllm_trianglemix.config import (
     RESOLVED_KEY,
     LayerMap,
@@ -24,6 +25,8 @@ BACKEND_PACKAGE = "vllm_trianglemix."
 
 SUPPORTED_DTYPES_CUDA = ("bfloat16", "float16")
 SUPPORTED_HEAD_SIZES_CUDA = (64, 128, 256)
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+"""--kv-cache-dtype values TriangleMix reads on CUDA (both e4m3, with vLLM's per-layer scales)."""
 
 
 class TriangleMixUnsupportedError(ValueError):
@@ -86,9 +89,16 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
             reasons.append(
                 f"dtype {dtype} is not supported on GPU (use --dtype bfloat16 or float16)"
             )
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype not in ("auto", None) and cache_dtype != dtype:
-        reasons.append(f"quantized KV cache ({cache_dtype}) is not supported")
+    kv_reason = kv_cache_dtype_refusal(vllm_config.cache_config.cache_dtype, dtype, on_cuda)
+    if kv_reason:
+        reasons.append(kv_reason)
+    try:
+        choice = stock_backend.requested(vllm_config.additional_config)
+    except stock_backend.StockBackendError as e:
+        reasons.append(str(e))
+    else:
+        if not on_cuda and choice != stock_backend.AUTO:
+            reasons.append(f"{stock_backend.STOCK_BACKEND_KEY} applies to CUDA only")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding is not supported")
     pc = vllm_config.parallel_config
@@ -99,6 +109,21 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
     if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
         reasons.append("kv_sharing_fast_prefill is not supported")
     return reasons
+
+
+def kv_cache_dtype_refusal(cache_dtype, model_dtype: str, on_cuda: bool) -> str | None:
+    """Why this --kv-cache-dtype cannot be served (None: it can)."""
+    if cache_dtype in ("auto", None) or cache_dtype == model_dtype:
+        return None
+    if cache_dtype in FP8_KV_CACHE_DTYPES:
+        if on_cuda:
+            return None
+        return (
+            f"KV cache dtype {cache_dtype} is supported on CUDA only "
+            "(on CPU use --kv-cache-dtype auto)"
+        )
+    supported = ("auto", *FP8_KV_CACHE_DTYPES) if on_cuda else ("auto",)
+    return f"KV cache dtype {cache_dtype} is not supported (supported: {', '.join(supported)})"
 
 
 def _has_sliding_layers(hf_config) -> bool:

@@ -28,6 +28,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_trianglemix import compat, prompt_lens, selection
+from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8
 from vllm_trianglemix.pattern import TriangleParams, dense_start, first_sparse_row, plan_blocks
 
 logger = init_logger("vllm.trianglemix")
@@ -209,8 +210,13 @@ class TriangleMixImplMixin:
             raise selection.TriangleMixUnsupportedError(
                 "TriangleMix attention: ALiBi models are not supported"
             )
+        if kv_cache_dtype not in ("auto", "bfloat16", "float16", *selection.FP8_KV_CACHE_DTYPES):
+            raise selection.TriangleMixUnsupportedError(
+                f"TriangleMix attention: KV cache dtype {kv_cache_dtype} is not supported"
+            )
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
                          sliding_window, kv_cache_dtype, *args, **kwargs)
+        self._kv_fp8 = kv_cache_dtype in selection.FP8_KV_CACHE_DTYPES
         if getattr(self, "logits_soft_cap", 0):
             raise selection.TriangleMixUnsupportedError(
                 "TriangleMix attention: logits soft-capping is not supported"
@@ -221,7 +227,8 @@ class TriangleMixImplMixin:
         self._layer_params: dict[str, TriangleParams | None] = {}
 
     def kv_cache_views(self, layer, kv_cache: torch.Tensor):
-        """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]."""
+        """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]
+        (float8_e4m3fn views for an fp8 cache)."""
         raise NotImplementedError
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -246,7 +253,10 @@ class TriangleMixImplMixin:
                 super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, out_sub)
                 output[idx] = out_sub
         key_cache, value_cache = self.kv_cache_views(layer, kv_cache)
-        self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output)
+        # fp8: the layer's scales (and the query's, when vLLM quantized it for the stock kernel)
+        scales = Fp8Scales.of_layer(layer) if self._kv_fp8 or is_fp8(query) else None
+        self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output,
+                             scales=scales)
         return output
 
     def layer_params(self, layer) -> TriangleParams | None:

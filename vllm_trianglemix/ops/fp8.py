@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
-"""vLLM ``--kv-cache-dtype`` values TriangleMix reads (both are e4m3)."""
+from vllm_trianglemix.selection import FP8_KV_CACHE_DTYPES
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
