@@ -46,12 +46,16 @@ class ReferenceLlama:
         return x * cos + rotated * sin
 
     @torch.no_grad()
-    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None):
+    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None,
+                 kv_scale: float | None = None, q_scale: float | None = None):
         """log-softmax of the logits at every position, [T, vocab].
 
         ``prompt_len`` (default: all tokens) is the L of the rule; positions at
         or past it (generated tokens) are dense rows, as in the plugin.
-        ``layer_map=None`` runs every layer dense.
+        ``layer_map=None`` runs every layer dense. ``kv_scale``: attention
+        reads K (after RoPE) and V from an fp8 e4m3 cache with that scale,
+        ``fp8(x / scale) * scale``, as vLLM's fp8 KV cache stores them;
+        ``q_scale``: the query is quantized the same way (vLLM does it for FA3).
         """
         n = len(token_ids)
         prompt_len = n if prompt_len is None else prompt_len
@@ -66,6 +70,10 @@ class ReferenceLlama:
             k = (h @ self.w[p + "self_attn.k_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
             v = (h @ self.w[p + "self_attn.v_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
             q, k = self._rope(q, pos), self._rope(k, pos)
+            if kv_scale is not None:
+                k, v = _fp8(k, kv_scale), _fp8(v, kv_scale)
+            if q_scale is not None:
+                q = _fp8(q, q_scale)
             params = layer_map.params_for(i) if layer_map is not None else None
             if params is None:
                 mask = visible(pos[:, None], pos[None, :], 0, 0, 1)
@@ -86,8 +94,14 @@ class ReferenceLlama:
         logits = x @ self.w["lm_head.weight"].T
         return torch.log_softmax(logits, dim=-1)
 
-    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None) -> torch.Tensor:
+    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None, **fp8) -> torch.Tensor:
         """Logprob of each token given the ones before it (positions 1..T-1)."""
-        lp = self.logprobs(token_ids, layer_map, prompt_len)
+        lp = self.logprobs(token_ids, layer_map, prompt_len, **fp8)
         ids = torch.tensor(token_ids[1:])
         return lp[:-1].gather(1, ids[:, None])[:, 0]
+
+
+def _fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x as an fp8 e4m3 tensor with ``scale`` holds it (saturating at +-448, as vLLM's kernels do)."""
+    q = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.to(x.dtype) * scale

@@ -26,7 +26,7 @@ BACKEND_PACKAGE = "vllm_trianglemix."
 SUPPORTED_DTYPES_CUDA = ("bfloat16", "float16")
 SUPPORTED_HEAD_SIZES_CUDA = (64, 128, 256)
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
-"""--kv-cache-dtype values TriangleMix reads on CUDA (both e4m3, with vLLM's per-layer scales)."""
+"""--kv-cache-dtype values TriangleMix reads (both e4m3, with vLLM's per-layer scales)."""
 
 
 class TriangleMixUnsupportedError(ValueError):
@@ -116,14 +116,11 @@ def kv_cache_dtype_refusal(cache_dtype, model_dtype: str, on_cuda: bool) -> str 
     if cache_dtype in ("auto", None) or cache_dtype == model_dtype:
         return None
     if cache_dtype in FP8_KV_CACHE_DTYPES:
-        if on_cuda:
-            return None
-        return (
-            f"KV cache dtype {cache_dtype} is supported on CUDA only "
-            "(on CPU use --kv-cache-dtype auto)"
-        )
-    supported = ("auto", *FP8_KV_CACHE_DTYPES) if on_cuda else ("auto",)
-    return f"KV cache dtype {cache_dtype} is not supported (supported: {', '.join(supported)})"
+        return None
+    return (
+        f"KV cache dtype {cache_dtype} is not supported "
+        f"(supported: auto, {', '.join(FP8_KV_CACHE_DTYPES)})"
+    )
 
 
 def _has_sliding_layers(hf_config) -> bool:
