@@ -181,6 +181,15 @@ class TriangleMixBuilderMixin:
         return min(stock, AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, key=lambda s: s.value)
 
 
+def _take(t: torch.Tensor | None, idx):
+    """Rows ``idx`` of ``t``; an fp8 tensor (a query vLLM quantized) through its bytes."""
+    if t is None or isinstance(idx, slice):
+        return None if t is None else t[idx]
+    if is_fp8(t):
+        return t.view(torch.uint8)[idx].view(t.dtype)
+    return t[idx]
+
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -244,13 +253,13 @@ class TriangleMixImplMixin:
         md = attn_metadata
         if md.stock is not None:
             idx = md.stock_tokens
-            k_sub = key[idx] if key is not None else None
-            v_sub = value[idx] if value is not None else None
+            k_sub = _take(key, idx)
+            v_sub = _take(value, idx)
             if isinstance(idx, slice):
                 super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, output[idx])
             else:
                 out_sub = output.new_empty((idx.shape[0],) + tuple(output.shape[1:]))
-                super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, out_sub)
+                super().forward(layer, _take(query, idx), k_sub, v_sub, kv_cache, md.stock, out_sub)
                 output[idx] = out_sub
         key_cache, value_cache = self.kv_cache_views(layer, kv_cache)
         # fp8: the layer's scales (and the query's, when vLLM quantized it for the stock kernel)
