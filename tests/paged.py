@@ -125,7 +125,7 @@ def to_fp8(batch: PagedBatch, k_scale: torch.Tensor, v_scale: torch.Tensor,
            q_scale: torch.Tensor | None = None) -> PagedBatch:
     """The batch with an fp8 (e4m3) cache, as vLLM stores it: ``x8 = fp8(x / scale)``.
 
-    Scales are float32, one value or one per KV head. The reference K/V
+    Scales are float32, one value or one per KV head; values beyond e4m3's range saturate. The reference K/V
     (``keys``/``values``) become the dequantized cache, ``float(x8) * scale``,
     so the float32 reference is the exact answer for this cache. With
     ``q_scale`` the query is quantized too (vLLM does it for FA3) and
@@ -133,8 +133,8 @@ def to_fp8(batch: PagedBatch, k_scale: torch.Tensor, v_scale: torch.Tensor,
     """
     import dataclasses
 
-    def quant(x, s):  # x [..., Hkv, D]
-        return (x.float() / s.to(x.device).reshape(-1, 1)).to(torch.float8_e4m3fn)
+    def quant(x, s):  # x [..., Hkv, D]; saturating, as vLLM's kernels quantize
+        return (x.float() / s.to(x.device).reshape(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
 
     def dequant(x8, s):
         return x8.float() * s.to(x8.device).reshape(-1, 1)
@@ -146,6 +146,7 @@ def to_fp8(batch: PagedBatch, k_scale: torch.Tensor, v_scale: torch.Tensor,
     if q_scale is not None:
         hq, hkv = batch.query.shape[1], batch.key_cache.shape[2]
         qs = q_scale.reshape(-1).float().expand(hkv).repeat_interleave(hq // hkv)
-        q8 = (batch.query.float() / qs.to(batch.query.device)[:, None]).to(torch.float8_e4m3fn)
+        q8 = (batch.query.float() / qs.to(batch.query.device)[:, None]).clamp(-448, 448).to(
+            torch.float8_e4m3fn)
         out = dataclasses.replace(out, query=q8, reference_query=q8.float() * qs.to(q8.device)[:, None])
     return out

@@ -104,7 +104,7 @@ def test_kernel_fp8_cache_matches_reference(batch_name, params_name, heads, head
 
     params, min_len = PARAMS[params_name]
     kv_heads = heads[1]
-    k_scale = (torch.linspace(0.01, 0.04, kv_heads) if per_head else torch.tensor(0.02)).cuda()
+    k_scale = (torch.linspace(0.015, 0.04, kv_heads) if per_head else torch.tensor(0.02)).cuda()
     v_scale = (torch.linspace(0.02, 0.03, kv_heads) if per_head else torch.tensor(0.025)).cuda()
     q_scale = torch.tensor(0.015, device="cuda")
     op = _op(*heads, head_dim, split_kv=4096)
@@ -145,6 +145,13 @@ def test_vllm_fp8_flash_cache_against_reference_and_fa3():
     assert err_ours < 1.5e-2 and err_ours <= err_fa3 + 5e-3, (err_ours, err_fa3)
 
 
+def _gather(cache, blocks, offsets):
+    """cache[blocks, offsets] as float32 (an fp8 view gathered through its bytes)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return cache.view(torch.uint8)[blocks, offsets].view(torch.float8_e4m3fn).float()
+    return cache[blocks, offsets].float()
+
+
 def _flash_cache_check(fp8: bool = False):
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
@@ -183,13 +190,13 @@ def _flash_cache_check(fp8: bool = False):
         ops.reshape_and_cache_flash(k, v, *flash_kv_cache_views(kv, d), slots, cache_dtype,
                                     k_scale, v_scale)
         blk, off = bt[r, pos // bs].long(), pos % bs
-        ref_keys.append(key_cache[blk, off].float() * k_scale)  # what the cache holds
-        ref_values.append(value_cache[blk, off].float() * v_scale)
+        ref_keys.append(_gather(key_cache, blk, off) * k_scale)  # what the cache holds
+        ref_values.append(_gather(value_cache, blk, off) * v_scale)
     q_lens = [q for _, _, q in reqs]
     q = torch.randn(sum(q_lens), heads, d, device="cuda", dtype=torch.bfloat16)
     q_ref = q
     if fp8:  # FA3 fp8 takes an fp8 query (vLLM quantizes it in the attention layer)
-        q = (q.float() / q_scale).to(torch.float8_e4m3fn)
+        q = (q.float() / q_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
         q_ref = q.float() * q_scale
     cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device="cuda")
     seqused = torch.tensor(seq, dtype=torch.int32, device="cuda")
