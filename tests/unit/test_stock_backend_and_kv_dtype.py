@@ -113,3 +113,28 @@ def test_wrapper_classes_are_the_stock_classes_underneath():
     assert issubclass(fa, FlashAttentionBackend) and fa.get_name() == "CUSTOM"
     assert fa.get_impl_cls().__mro__[2].__name__ == "FlashAttentionImpl"  # mixin, then the stock impl
     assert stock_backend.CUDA_BACKENDS["FLASHINFER"].startswith("vllm_trianglemix.backends.flashinfer.")
+
+
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        (dict(kv_cache_dtype="fp8", device_capability=(9, 0)), []),
+        (dict(kv_cache_dtype="fp8_e4m3", device_capability=(8, 9)), []),
+        (dict(kv_cache_dtype="fp8", device_capability=(8, 0)),
+         ["TriangleMix reads an fp8 KV cache on compute capability >= 8.9 only"]),
+        (dict(kv_cache_dtype="fp8_e5m2", device_capability=(9, 0)),
+         ["TriangleMix does not support KV cache dtype fp8_e5m2"]),
+        (dict(kv_cache_dtype="nvfp4", device_capability=(10, 0)),
+         ["TriangleMix does not support KV cache dtype nvfp4"]),
+        (dict(kv_cache_dtype="auto", device_capability=(8, 0), head_size=96),
+         ["TriangleMix supports head sizes (64, 128, 256)"]),
+    ],
+)
+def test_cuda_backend_validation(kw, expected):
+    """What the TriangleMix CUDA classes add to the stock backend's validate_configuration."""
+    from vllm.platforms.interface import DeviceCapability
+
+    from vllm_trianglemix.backends.cuda import triangle_refusals
+
+    kw = {"head_size": 128, **kw, "device_capability": DeviceCapability(*kw["device_capability"])}
+    assert triangle_refusals([], kw) == expected

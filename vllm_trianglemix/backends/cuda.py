@@ -53,6 +53,10 @@ def triangle_refusals(reasons: list[str], kwargs) -> list[str]:
     kv_dtype = kwargs.get("kv_cache_dtype")
     if kv_dtype not in (None, "auto", "bfloat16", "float16", *FP8_KV_CACHE_DTYPES):
         reasons.append(f"TriangleMix does not support KV cache dtype {kv_dtype}")
+    cap = kwargs.get("device_capability")
+    if kv_dtype in FP8_KV_CACHE_DTYPES and cap is not None and (cap.major, cap.minor) < (8, 9):
+        # Triton converts e4m3 natively from sm_89 on.
+        reasons.append("TriangleMix reads an fp8 KV cache on compute capability >= 8.9 only")
     return reasons
 
 
