@@ -156,7 +156,7 @@ def _cuda_triangle_backend(platform_cls, original, attn_selector_config, num_hea
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    choice = stock_backend.requested(get_current_vllm_config().additional_config)
+    requested = choice = stock_backend.requested(get_current_vllm_config().additional_config)
     if choice == stock_backend.AUTO:
         # What vLLM itself would run for this GPU and config without --attention-backend.
         stock_path = original(platform_cls, None, attn_selector_config, num_heads=num_heads)
@@ -176,5 +176,5 @@ def _cuda_triangle_backend(platform_cls, original, attn_selector_config, num_hea
             f"TriangleMix on stock {choice} is not valid for this configuration: {reasons}"
         )
     logger.info("TriangleMix: stock backend %s (%s=%s)", choice, stock_backend.STOCK_BACKEND_KEY,
-                stock_backend.requested(get_current_vllm_config().additional_config))
+                requested)
     return path

@@ -89,7 +89,7 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
             reasons.append(
                 f"dtype {dtype} is not supported on GPU (use --dtype bfloat16 or float16)"
             )
-    kv_reason = kv_cache_dtype_refusal(vllm_config.cache_config.cache_dtype, dtype, on_cuda)
+    kv_reason = kv_cache_dtype_refusal(vllm_config.cache_config.cache_dtype, dtype)
     if kv_reason:
         reasons.append(kv_reason)
     try:
@@ -111,8 +111,12 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
     return reasons
 
 
-def kv_cache_dtype_refusal(cache_dtype, model_dtype: str, on_cuda: bool) -> str | None:
-    """Why this --kv-cache-dtype cannot be served (None: it can)."""
+def kv_cache_dtype_refusal(cache_dtype, model_dtype: str) -> str | None:
+    """Why this --kv-cache-dtype cannot be served (None: it can), on CUDA and CPU alike.
+
+    fp8 needs what vLLM's stock backend needs (FA3: Hopper; CPU: AVX-512/AMX), which
+    vLLM checks, and compute capability >= 8.9 on CUDA (backends/cuda.py checks it).
+    """
     if cache_dtype in ("auto", None) or cache_dtype == model_dtype:
         return None
     if cache_dtype in FP8_KV_CACHE_DTYPES:
