@@ -50,19 +50,29 @@ def flashinfer_kv_cache_views(kv_cache, num_kv_heads: int, head_size: int, kv_ca
     return flash_kv_cache_views(kv_cache, head_size, kv_cache_dtype)
 
 
+class SubsetFlashInferMetadataBuilder(FlashInferMetadataBuilder):
+    """The stock builder for the requests a triangle layer leaves to FlashInfer.
+
+    Its wrappers plan on the workspace of the builder that owns it (vLLM
+    shares one FlashInfer workspace between builders the same way), read
+    when first needed, so a workspace vLLM sets on the owner later is used.
+    """
+
+    owner: FlashInferMetadataBuilder | None = None
+
+    def _get_workspace_buffer(self):
+        return self.owner._get_workspace_buffer()
+
+
 class TriangleMixFlashInferMetadataBuilder(TriangleMixBuilderMixin, FlashInferMetadataBuilder):
-    stock_builder_cls = FlashInferMetadataBuilder
+    stock_builder_cls = SubsetFlashInferMetadataBuilder
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.triangle_op = triangle_op(self.num_qo_heads, self.num_kv_heads, self.head_dim)
-
-    def _subset_builder(self):
-        # The second builder plans its own wrappers on the same FlashInfer
-        # workspace (vLLM shares one workspace between builders the same way).
-        sub = super()._subset_builder()
-        sub.set_workspace_buffer(self._get_workspace_buffer())
-        return sub
+        # Built now, inside vLLM's config context: FlashInfer's builder reads
+        # the current vLLM config, which is not set while batches run.
+        self._subset_builder().owner = self
 
 
 class TriangleMixFlashInferImpl(TriangleMixImplMixin, FlashInferImpl):
