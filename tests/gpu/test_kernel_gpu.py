@@ -140,8 +140,8 @@ def test_vllm_fp8_flash_cache_against_reference_and_fa3():
 
     with set_current_vllm_config(VllmConfig()):
         err_ours, err_fa3 = _flash_cache_check(fp8=True)
-    print(f"BREADTH: vLLM fp8 cache, dense rows vs float32 on the dequantized cache: kernel {err_ours:.2e}, "
-          f"FA3 fp8 {err_fa3:.2e}")
+    print(f"BREADTH: vLLM fp8 cache, dense rows vs float32 on the dequantized cache: "
+          f"kernel {err_ours:.2e}, FA3 fp8 {err_fa3:.2e}")
     assert err_ours < 1.5e-2 and err_ours <= err_fa3 + 5e-3, (err_ours, err_fa3)
 
 
