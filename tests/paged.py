@@ -30,6 +30,7 @@ class PagedBatch:
     keys: list[torch.Tensor]  # per request [seq_len, Hkv, D]
     values: list[torch.Tensor]
     scale: float
+    reference_query: torch.Tensor | None = None  # the dequantized query when ``query`` is fp8
 
 
 class FakeCommonMetadata:
@@ -105,9 +106,10 @@ def reference_output(batch: PagedBatch, params: TriangleParams, min_prompt_len: 
         first = int(batch.seq_lens[r]) - int(hi - lo)
         ds = int(dense_start(batch.prompt_lens[r], params.n_last, min_prompt_len))
         dev = batch.query.device
+        query = batch.query if batch.reference_query is None else batch.reference_query
         outs.append(
             reference_attention(
-                batch.query[lo:hi], batch.keys[r].to(dev), batch.values[r].to(dev), first, ds,
+                query[lo:hi], batch.keys[r].to(dev), batch.values[r].to(dev), first, ds,
                 params.n_init, params.n_local, batch.scale,
             )
         )
@@ -117,3 +119,34 @@ def reference_output(batch: PagedBatch, params: TriangleParams, min_prompt_len: 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float().cpu(), ref.float().cpu()
     return float((out - ref).norm() / ref.norm())
+
+
+def to_fp8(batch: PagedBatch, k_scale: torch.Tensor, v_scale: torch.Tensor,
+           q_scale: torch.Tensor | None = None) -> PagedBatch:
+    """The batch with an fp8 (e4m3) cache, as vLLM stores it: ``x8 = fp8(x / scale)``.
+
+    Scales are float32, one value or one per KV head; values beyond e4m3's range saturate. The reference K/V
+    (``keys``/``values``) become the dequantized cache, ``float(x8) * scale``,
+    so the float32 reference is the exact answer for this cache. With
+    ``q_scale`` the query is quantized too (vLLM does it for FA3) and
+    ``reference_query`` holds its dequantized value.
+    """
+    import dataclasses
+
+    def quant(x, s):  # x [..., Hkv, D]; saturating, as vLLM's kernels quantize
+        return (x.float() / s.to(x.device).reshape(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+    def dequant(x8, s):
+        return x8.float() * s.to(x8.device).reshape(-1, 1)
+
+    kc, vc = quant(batch.key_cache, k_scale), quant(batch.value_cache, v_scale)
+    keys = [dequant(quant(k, k_scale), k_scale) for k in batch.keys]
+    values = [dequant(quant(v, v_scale), v_scale) for v in batch.values]
+    out = dataclasses.replace(batch, key_cache=kc, value_cache=vc, keys=keys, values=values)
+    if q_scale is not None:
+        hq, hkv = batch.query.shape[1], batch.key_cache.shape[2]
+        qs = q_scale.reshape(-1).float().expand(hkv).repeat_interleave(hq // hkv)
+        q8 = (batch.query.float() / qs.to(batch.query.device)[:, None]).clamp(-448, 448).to(
+            torch.float8_e4m3fn)
+        out = dataclasses.replace(out, query=q8, reference_query=q8.float() * qs.to(q8.device)[:, None])
+    return out

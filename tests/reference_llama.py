@@ -48,7 +48,7 @@ class ReferenceLlama:
 
     @torch.no_grad()
     def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None,
-                 chunk_starts=()):
+                 chunk_starts=(), kv_scale: float | None = None, q_scale: float | None = None):
         """log-softmax of the logits at every position, [T, vocab].
 
         ``prompt_len`` (default: all tokens) is the L of the rule; positions at
@@ -58,6 +58,10 @@ class ReferenceLlama:
         ``chunk_starts`` are the positions where the engine's steps begin
         (only matters when one cuts a query block). ``self.margin`` is then the
         smallest distance of a selection decision from flipping.
+        ``kv_scale``: attention
+        reads K (after RoPE) and V from an fp8 e4m3 cache with that scale,
+        ``fp8(x / scale) * scale``, as vLLM's fp8 KV cache stores them;
+        ``q_scale``: the query is quantized the same way (vLLM does it for FA3).
         """
         self.margin = float("inf")
         n = len(token_ids)
@@ -73,6 +77,10 @@ class ReferenceLlama:
             k = (h @ self.w[p + "self_attn.k_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
             v = (h @ self.w[p + "self_attn.v_proj.weight"].T).view(n, self.num_kv_heads, self.head_dim)
             q, k = self._rope(q, pos), self._rope(k, pos)
+            if kv_scale is not None:
+                k, v = _fp8(k, kv_scale), _fp8(v, kv_scale)
+            if q_scale is not None:
+                q = _fp8(q, q_scale)
             params = layer_map.params_for(i) if layer_map is not None else None
             if isinstance(params, DynamicParams):
                 ds = int(dense_start(prompt_len, params.n_last, layer_map.min_prompt_len))
@@ -106,8 +114,14 @@ class ReferenceLlama:
         up = h @ self.w[p + "mlp.up_proj.weight"].T
         return x + (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
 
-    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None, chunk_starts=()) -> torch.Tensor:
+    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None, chunk_starts=(), **fp8) -> torch.Tensor:
         """Logprob of each token given the ones before it (positions 1..T-1)."""
-        lp = self.logprobs(token_ids, layer_map, prompt_len, chunk_starts)
+        lp = self.logprobs(token_ids, layer_map, prompt_len, chunk_starts, **fp8)
         ids = torch.tensor(token_ids[1:])
         return lp[:-1].gather(1, ids[:, None])[:, 0]
+
+
+def _fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x as an fp8 e4m3 tensor with ``scale`` holds it (saturating at +-448, as vLLM's kernels do)."""
+    q = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.to(x.dtype) * scale

@@ -22,11 +22,11 @@ import functools
 
 from vllm.logger import init_logger
 
-from vllm_trianglemix import compat, prefix_cache, selection
+from vllm_trianglemix import compat, prefix_cache, selection, stock_backend
 
 logger = init_logger("vllm.trianglemix")
 
-CUDA_BACKEND = "vllm_trianglemix.backends.cuda.TriangleMixFlashAttentionBackend"
+CUDA_BACKEND = stock_backend.DEFAULT_CUDA_BACKEND  # CUSTOM's path; the wrapper picks per engine
 CPU_BACKEND = "vllm_trianglemix.backends.cpu.TriangleMixCPUBackend"
 
 
@@ -70,6 +70,8 @@ def register_plugin() -> None:
     _wrap_config_check(type(current_platform))
     if current_platform.is_cpu():
         _wrap_cpu_backend_choice(type(current_platform), path)
+    if current_platform.is_cuda():
+        _wrap_cuda_backend_choice(type(current_platform))
     prefix_cache.install()
 
 
@@ -137,3 +139,48 @@ def _wrap_cpu_backend_choice(platform_cls, path: str) -> None:
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     platform_cls._trianglemix_backend_choice = True
+
+
+def _wrap_cuda_backend_choice(platform_cls) -> None:
+    """CUDA: TriangleMix wraps FlashAttention or FlashInfer (see stock_backend.py)."""
+    if getattr(platform_cls, "_trianglemix_backend_choice", False):
+        return
+    original = platform_cls.get_attn_backend_cls.__func__
+
+    @functools.wraps(original)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if not selection.backend_is_ours(selected_backend):
+            return original(cls, selected_backend, attn_selector_config, num_heads=num_heads)
+        return _cuda_triangle_backend(cls, original, attn_selector_config, num_heads)
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls._trianglemix_backend_choice = True
+
+
+def _cuda_triangle_backend(platform_cls, original, attn_selector_config, num_heads) -> str:
+    from vllm.config import get_current_vllm_config
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    requested = choice = stock_backend.requested(get_current_vllm_config().additional_config)
+    if choice == stock_backend.AUTO:
+        # What vLLM itself would run for this GPU and config without --attention-backend.
+        stock_path = original(platform_cls, None, attn_selector_config, num_heads=num_heads)
+        stock_paths = {name: AttentionBackendEnum[name].get_path() for name in stock_backend.CUDA_BACKENDS}
+        path = stock_backend.wrapper_for_stock_path(stock_path, stock_paths)
+        choice = next(n for n, p in stock_backend.CUDA_BACKENDS.items() if p == path)
+    else:
+        path = stock_backend.CUDA_BACKENDS[choice]
+    # Validate the TriangleMix class (the stock checks plus its own) as vLLM
+    # validates a selected backend.
+    reasons = resolve_obj_by_qualname(path).validate_configuration(
+        device_capability=platform_cls.get_device_capability(),
+        **attn_selector_config._asdict(),
+    )
+    if reasons:
+        raise stock_backend.StockBackendError(
+            f"TriangleMix on stock {choice} is not valid for this configuration: {reasons}"
+        )
+    logger.info("TriangleMix: stock backend %s (%s=%s)", choice, stock_backend.STOCK_BACKEND_KEY,
+                requested)
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 
+from vllm_trianglemix import stock_backend
 from vllm_trianglemix.config import (
     RESOLVED_KEY,
     LayerMap,
@@ -26,6 +27,9 @@ SUPPORTED_DTYPES_CUDA = ("bfloat16", "float16")
 SUPPORTED_HEAD_SIZES_CUDA = (64, 128, 256)
 DYNAMIC_MAX_GROUPS_PER_BLOCK_CUDA = 128
 """``block_size / stride`` the GPU estimate handles (one block's key groups in one tile)."""
+
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+"""--kv-cache-dtype values TriangleMix reads (both e4m3, with vLLM's per-layer scales)."""
 
 
 class TriangleMixUnsupportedError(ValueError):
@@ -132,9 +136,16 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
             reasons.append(
                 f"dtype {dtype} is not supported on GPU (use --dtype bfloat16 or float16)"
             )
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype not in ("auto", None) and cache_dtype != dtype:
-        reasons.append(f"quantized KV cache ({cache_dtype}) is not supported")
+    kv_reason = kv_cache_dtype_refusal(vllm_config.cache_config.cache_dtype, dtype)
+    if kv_reason:
+        reasons.append(kv_reason)
+    try:
+        choice = stock_backend.requested(vllm_config.additional_config)
+    except stock_backend.StockBackendError as e:
+        reasons.append(str(e))
+    else:
+        if not on_cuda and choice != stock_backend.AUTO:
+            reasons.append(f"{stock_backend.STOCK_BACKEND_KEY} applies to CUDA only")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding is not supported")
     pc = vllm_config.parallel_config
@@ -145,6 +156,22 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
     if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
         reasons.append("kv_sharing_fast_prefill is not supported")
     return reasons
+
+
+def kv_cache_dtype_refusal(cache_dtype, model_dtype: str) -> str | None:
+    """Why this --kv-cache-dtype cannot be served (None: it can), on CUDA and CPU alike.
+
+    fp8 needs what vLLM's stock backend needs (FA3: Hopper; CPU: AVX-512/AMX), which
+    vLLM checks, and compute capability >= 8.9 on CUDA (backends/cuda.py checks it).
+    """
+    if cache_dtype in ("auto", None) or cache_dtype == model_dtype:
+        return None
+    if cache_dtype in FP8_KV_CACHE_DTYPES:
+        return None
+    return (
+        f"KV cache dtype {cache_dtype} is not supported "
+        f"(supported: auto, {', '.join(FP8_KV_CACHE_DTYPES)})"
+    )
 
 
 def _has_sliding_layers(hf_config) -> bool:
@@ -170,6 +197,12 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
         vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
     )
     layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
+    if layer_map.dynamic_layers and vllm_config.cache_config.cache_dtype in FP8_KV_CACHE_DTYPES:
+        raise TriangleMixUnsupportedError(
+            f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "
+            "do not read an fp8 KV cache yet; serve this map with --kv-cache-dtype auto, or "
+            "drop dynamic_layers"
+        )
     if layer_map.dynamic_layers and getattr(mc, "is_hybrid", False):
         raise TriangleMixUnsupportedError(
             f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "

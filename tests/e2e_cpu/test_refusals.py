@@ -118,3 +118,24 @@ def test_encoder_decoder_model_refused(tmp_path):
     extra, _ = with_map(tmp_path, "n_init: 4\nn_local: 64\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: [1]\n")
     with pytest.raises(Exception, match="encoder-decoder models are not supported"):
         engine_config(d, additional_config=extra)
+
+
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        (dict(kv_cache_dtype="fp8_e5m2"), "KV cache dtype fp8_e5m2 is not supported"),
+        (dict(additional_config={"trianglemix_stock_backend": "XFORMERS"}),
+         "trianglemix_stock_backend: must be one of auto, FLASH_ATTN, FLASHINFER, got 'XFORMERS'"),
+        (dict(additional_config={"trianglemix_stock_backend": "FLASHINFER"}),
+         "trianglemix_stock_backend applies to CUDA only"),
+    ],
+)
+def test_kv_cache_dtype_and_stock_backend_refusals(model_dir, kw, expected):
+    with pytest.raises(Exception, match=expected):
+        engine_config(model_dir, **kw)
+
+
+def test_dynamic_layers_with_an_fp8_cache_are_refused(model_dir):
+    with pytest.raises(Exception, match="field 'dynamic_layers': dynamic layers do not read an fp8"):
+        engine_config(model_dir, kv_cache_dtype="fp8",
+                      additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})

@@ -15,7 +15,14 @@ import torch
 
 from vllm_trianglemix.ops.triangle_torch import TorchTriangleOp
 from vllm_trianglemix.pattern import TriangleParams
-from tests.paged import FakeCommonMetadata, make_batch, plan_for, reference_output, relative_error
+from tests.paged import (
+    FakeCommonMetadata,
+    make_batch,
+    plan_for,
+    reference_output,
+    relative_error,
+    to_fp8,
+)
 
 # (prompt_len, tokens already cached, query rows): chunks that start and end
 # inside the window, inside the last n_last rows, short prompts, a decode row,
@@ -35,11 +42,13 @@ PARAMS = {
 HEADS = {"mha": (4, 4), "gqa4": (8, 2), "gqa8": (8, 1), "gqa3": (6, 2)}
 
 
-def _run(op, batch, params, min_prompt_len, split_kv=0):
+def _run(op, batch, params, min_prompt_len, split_kv=0, scales=None, out_dtype=None):
     plan, dense_from = plan_for(batch, params, min_prompt_len, op.block_q, split_kv)
     prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
-    out = torch.full_like(batch.query, float("nan"))  # poison: every row must be written
-    op.run(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out)
+    # poison: every row must be written
+    out = torch.full(batch.query.shape, float("nan"), dtype=out_dtype or batch.query.dtype)
+    extra = {} if scales is None else {"scales": scales}
+    op.run(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out, **extra)
     return out
 
 
@@ -123,4 +132,44 @@ def test_triton_kernel_split_rows_merge():
     assert plan.num_partials > 0
     out = _run(op, batch, params, min_len, split_kv=op.split_kv)
     assert not torch.isnan(out).any()
+    assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5
+
+
+# -- fp8 (e4m3) KV cache: the kernel against float32 on the dequantized cache --
+
+# Per-head K scales, one V scale (vLLM keeps either form per layer).
+K_SCALE, V_SCALE, Q_SCALE = torch.tensor([0.02, 0.05]), torch.tensor(0.03), torch.tensor(0.01)
+
+
+@pytest.mark.parametrize(
+    "batch_name,split_kv,fp8_query",
+    [("mixed", 0, False), ("long_dense_tail", 48, False), ("mixed", 0, True)],
+)
+def test_triton_kernel_fp8_cache_interpreted(batch_name, split_kv, fp8_query):
+    """An fp8 cache read with its scales equals float32 attention on the dequantized cache;
+    with an fp8 query (vLLM quantizes it for FA3) the query's scale is applied too."""
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params, min_len = PARAMS["paper_like"]
+    op = _triton_op(8, 2, 64, split_kv=split_kv)
+    batch = to_fp8(make_batch(BATCHES[batch_name], 8, 2, 64, 16, seed=8), K_SCALE, V_SCALE,
+                   Q_SCALE if fp8_query else None)
+    out_dtype = torch.float16 if fp8_query else torch.float32
+    out = _run(op, batch, params, min_len, split_kv, Fp8Scales(Q_SCALE, K_SCALE, V_SCALE), out_dtype)
+    assert not torch.isnan(out).any()
+    ref = reference_output(batch, params, min_len)
+    assert relative_error(out, ref) < (2e-3 if fp8_query else 1e-5)
+    # the check can fail: ignoring the scales is far off
+    one = torch.tensor(1.0)
+    unscaled = _run(op, batch, params, min_len, split_kv, Fp8Scales(one, one, one), out_dtype)
+    assert relative_error(unscaled, ref) > 0.5
+
+
+def test_torch_op_fp8_cache():
+    """The CPU path dequantizes the fp8 cache with the layer's scales when it gathers keys."""
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params, min_len = PARAMS["paper_like"]
+    batch = to_fp8(make_batch(BATCHES["mixed"], 8, 2, 32, 16, seed=9), K_SCALE, V_SCALE)
+    out = _run(TorchTriangleOp(), batch, params, min_len, scales=Fp8Scales(None, K_SCALE, V_SCALE))
     assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5

@@ -38,6 +38,7 @@ from vllm_trianglemix.pattern import (
     plan_blocks,
     plan_query_blocks,
 )
+from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8
 
 logger = init_logger("vllm.trianglemix")
 
@@ -216,6 +217,15 @@ class TriangleMixBuilderMixin:
         return min(stock, AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, key=lambda s: s.value)
 
 
+def _take(t: torch.Tensor | None, idx):
+    """Rows ``idx`` of ``t``; an fp8 tensor (a query vLLM quantized) through its bytes."""
+    if t is None or isinstance(idx, slice):
+        return None if t is None else t[idx]
+    if is_fp8(t):
+        return t.view(torch.uint8)[idx].view(t.dtype)
+    return t[idx]
+
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -246,8 +256,13 @@ class TriangleMixImplMixin:
             raise selection.TriangleMixUnsupportedError(
                 "TriangleMix attention: ALiBi models are not supported"
             )
+        if kv_cache_dtype not in ("auto", "bfloat16", "float16", *selection.FP8_KV_CACHE_DTYPES):
+            raise selection.TriangleMixUnsupportedError(
+                f"TriangleMix attention: KV cache dtype {kv_cache_dtype} is not supported"
+            )
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
                          sliding_window, kv_cache_dtype, *args, **kwargs)
+        self._kv_fp8 = kv_cache_dtype in selection.FP8_KV_CACHE_DTYPES
         if getattr(self, "logits_soft_cap", 0):
             raise selection.TriangleMixUnsupportedError(
                 "TriangleMix attention: logits soft-capping is not supported"
@@ -258,7 +273,8 @@ class TriangleMixImplMixin:
         self._layer_params: dict[str, TriangleParams | DynamicParams | None] = {}
 
     def kv_cache_views(self, layer, kv_cache: torch.Tensor):
-        """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]."""
+        """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]
+        (float8_e4m3fn views for an fp8 cache)."""
         raise NotImplementedError
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -274,22 +290,25 @@ class TriangleMixImplMixin:
         md = attn_metadata
         if md.stock is not None:
             idx = md.stock_tokens
-            k_sub = key[idx] if key is not None else None
-            v_sub = value[idx] if value is not None else None
+            k_sub = _take(key, idx)
+            v_sub = _take(value, idx)
             if isinstance(idx, slice):
                 super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, output[idx])
             else:
                 out_sub = output.new_empty((idx.shape[0],) + tuple(output.shape[1:]))
-                super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, out_sub)
+                super().forward(layer, _take(query, idx), k_sub, v_sub, kv_cache, md.stock, out_sub)
                 output[idx] = out_sub
         key_cache, value_cache = self.kv_cache_views(layer, kv_cache)
+        # fp8: the layer's scales (and the query's, when vLLM quantized it for the stock kernel)
+        scales = Fp8Scales.of_layer(layer) if self._kv_fp8 or is_fp8(query) else None
         if isinstance(params, DynamicParams):
             dense_plan, block_plan = plan
             self.triangle_op.run(query, key_cache, value_cache, dense_plan,
-                                 dense_row_params(params.n_last), self.scale, output)
+                                 dense_row_params(params.n_last), self.scale, output, scales=scales)
             self.dynamic_op.run(query, key_cache, value_cache, block_plan, params, self.scale, output)
         else:
-            self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output)
+            self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output,
+                                 scales=scales)
         return output
 
     def layer_params(self, layer) -> TriangleParams | DynamicParams | None:

@@ -5,7 +5,9 @@ unchanged; the prompt rows of triangle layers run
 :class:`~vllm_trianglemix.ops.triangle_torch.TorchTriangleOp`, which reads the
 K/V that the stock kernel wrote into the paged cache. The stock kernel stores
 keys in an ISA-specific layout, so the builder probes it once at start and
-refuses to start on a layout it cannot read.
+refuses to start on a layout it cannot read. An fp8 KV cache (vLLM's CPU
+attention supports it on AVX-512/AMX) is probed the same way and dequantized
+with the layer's scales when the triangle op gathers keys.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
+from vllm_trianglemix.ops.fp8 import as_fp8_cache
 from vllm_trianglemix.ops.triangle_torch import TorchTriangleOp
 from vllm_trianglemix.ops.xattention_torch import TorchXAttentionOp
-from vllm_trianglemix.selection import TriangleMixUnsupportedError
+from vllm_trianglemix.selection import FP8_KV_CACHE_DTYPES, TriangleMixUnsupportedError
 
 # How the stock CPU kernel lays out K inside a (block, head): per ISA, probed.
-_KEY_LAYOUTS: dict[str, str] = {}
+_KEY_LAYOUTS: dict[tuple[str, bool], str] = {}  # (ISA, fp8 cache) -> layout
 KEY_LAYOUTS = ("token_major", "channel_major")
 
 
@@ -45,30 +48,44 @@ def kv_cache_views(kv_cache: torch.Tensor, key_layout: str):
     return keys, values
 
 
-def probe_key_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> str:
-    """Write known K/V with the stock kernel and find the layout that reads them back."""
-    if isa in _KEY_LAYOUTS:
-        return _KEY_LAYOUTS[isa]
+def probe_key_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int,
+                     kv_cache_dtype: str = "auto") -> str:
+    """Write known K/V with the stock kernel and find the layout that reads them back.
+
+    An fp8 cache is written as the stock kernel writes it (uint8 storage,
+    scales 0.5 and 0.25, values exact in e4m3) and read as float8_e4m3fn.
+    """
+    fp8 = kv_cache_dtype in FP8_KV_CACHE_DTYPES
+    if (isa, fp8) in _KEY_LAYOUTS:
+        return _KEY_LAYOUTS[(isa, fp8)]
     gen = torch.Generator().manual_seed(0)
     nb, nh, n = 2, 2, block_size + 3
-    kv = torch.zeros(nb, nh, block_size, 2 * head_size, dtype=dtype)
+    kv = torch.zeros(nb, nh, block_size, 2 * head_size, dtype=torch.uint8 if fp8 else dtype)
     k_view, v_view = kv.view(nb, nh, 2 * block_size, head_size).chunk(2, dim=2)
-    key = torch.randn(n, nh, head_size, generator=gen).to(dtype)
-    value = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    key = torch.randn(n, nh, head_size, generator=gen)
+    value = torch.randn(n, nh, head_size, generator=gen)
+    k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)
+    if fp8:  # values the fp8 cache holds exactly
+        key = key.to(torch.float8_e4m3fn).float() * k_scale
+        value = value.to(torch.float8_e4m3fn).float() * v_scale
+    key, value = key.to(dtype), value.to(dtype)
     slots = torch.randperm(nb * block_size, generator=gen)[:n].to(torch.int64)
     ops.cpu_attn_reshape_and_cache(
-        key, value, k_view, v_view, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto"
+        key, value, k_view, v_view, slots, isa, k_scale=k_scale, v_scale=v_scale,
+        kv_cache_dtype=kv_cache_dtype if fp8 else "auto",
     )
     blocks, offsets = slots // block_size, slots % block_size
     for layout in KEY_LAYOUTS:
-        keys, values = kv_cache_views(kv, layout)
-        if torch.equal(keys[blocks, offsets], key) and torch.equal(values[blocks, offsets], value):
-            _KEY_LAYOUTS[isa] = layout
+        keys, values = kv_cache_views(as_fp8_cache(kv, kv_cache_dtype), layout)
+        got_k = keys[blocks, offsets].to(dtype) * k_scale if fp8 else keys[blocks, offsets]
+        got_v = values[blocks, offsets].to(dtype) * v_scale if fp8 else values[blocks, offsets]
+        if torch.equal(got_k, key) and torch.equal(got_v, value):
+            _KEY_LAYOUTS[(isa, fp8)] = layout
             return layout
     raise TriangleMixUnsupportedError(
         f"TriangleMix CPU path cannot read the KV cache layout of CPU attention ISA '{isa}' "
-        f"(dtype {dtype}, head size {head_size}, block size {block_size}); "
-        "serve without TriangleMix on this CPU"
+        f"(dtype {dtype}, KV cache dtype {kv_cache_dtype}, head size {head_size}, block size "
+        f"{block_size}); serve without TriangleMix on this CPU"
     )
 
 
@@ -79,7 +96,7 @@ class TriangleMixCPUMetadataBuilder(TriangleMixBuilderMixin, CPUAttentionMetadat
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        probe_key_layout(self.isa, self.dtype, self.head_dim, self.block_size)
+        probe_key_layout(self.isa, self.dtype, self.head_dim, self.block_size, self.kv_cache_dtype)
 
 
 class TriangleMixCPUImpl(TriangleMixImplMixin, CPUAttentionBackendImpl):
@@ -87,7 +104,10 @@ class TriangleMixCPUImpl(TriangleMixImplMixin, CPUAttentionBackendImpl):
     dynamic_op = TriangleMixCPUMetadataBuilder.dynamic_op
 
     def kv_cache_views(self, layer, kv_cache):
-        return kv_cache_views(kv_cache, _KEY_LAYOUTS[layer.isa])
+        layout = _KEY_LAYOUTS.get((layer.isa, self._kv_fp8)) or probe_key_layout(
+            layer.isa, torch.float32 if self._kv_fp8 else kv_cache.dtype, self.head_size,
+            kv_cache.shape[2], self.kv_cache_dtype)
+        return kv_cache_views(as_fp8_cache(kv_cache, self.kv_cache_dtype), layout)
 
 
 class TriangleMixCPUBackend(CPUAttentionBackend):

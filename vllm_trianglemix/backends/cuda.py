@@ -6,6 +6,13 @@ prompt rows of triangle layers run :class:`TritonTriangleOp` on the same
 paged KV cache, viewed exactly as the stock impl views it; the prompt rows of
 dynamic layers run :class:`TritonXAttentionOp` (their dense last rows the
 triangle op, every row dense).
+
+fp8 KV cache (``--kv-cache-dtype fp8``): the stock FA3 path quantizes the
+query in the attention layer, before the impl; triangle rows read that same
+fp8 query and the fp8 cache, converted exactly to bf16/fp16 and scaled by the
+layer's ``_q_scale``/``_k_scale``/``_v_scale`` (P·V in bf16/fp16, softmax in
+float32). The helpers here are shared with the FlashInfer backend
+(backends/flashinfer.py).
 """
 
 from __future__ import annotations
@@ -17,21 +24,44 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
+from vllm_trianglemix.ops.fp8 import as_fp8_cache
 from vllm_trianglemix.ops.triangle_triton import TritonTriangleOp
 from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
-from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA
+from vllm_trianglemix.selection import FP8_KV_CACHE_DTYPES, SUPPORTED_HEAD_SIZES_CUDA
 
 _OPS: dict[tuple[int, int, int], TritonTriangleOp] = {}
 _DYNAMIC_OPS: dict[tuple[int, int, int], TritonXAttentionOp] = {}
 
 
-def flash_kv_cache_views(kv_cache, head_size: int):
+def flash_kv_cache_views(kv_cache, head_size: int, kv_cache_dtype: str = "auto"):
     """The stock FlashAttention impl's view of its cache, exactly.
 
     (blocks, kv_heads, block_size, 2*dim), in whatever physical stride order
     vLLM allocated, -> key and value views, each (blocks, block_size, kv_heads, dim).
+    An fp8 cache (allocated as uint8) is viewed as float8_e4m3fn, as the stock impl does.
     """
-    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return as_fp8_cache(kv_cache, kv_cache_dtype).transpose(1, 2).split(head_size, dim=-1)
+
+
+def triangle_refusals(reasons: list[str], kwargs) -> list[str]:
+    """The stock backend's reasons plus TriangleMix's (validate_configuration)."""
+    reasons = list(reasons)
+    if kwargs.get("use_mla"):
+        reasons.append("TriangleMix does not support MLA")
+    if kwargs.get("has_sink"):
+        reasons.append("TriangleMix does not support attention sinks")
+    if kwargs.get("has_sliding_window"):
+        reasons.append("TriangleMix does not support sliding-window layers")
+    if kwargs.get("head_size") not in SUPPORTED_HEAD_SIZES_CUDA:
+        reasons.append(f"TriangleMix supports head sizes {SUPPORTED_HEAD_SIZES_CUDA}")
+    kv_dtype = kwargs.get("kv_cache_dtype")
+    if kv_dtype not in (None, "auto", "bfloat16", "float16", *FP8_KV_CACHE_DTYPES):
+        reasons.append(f"TriangleMix does not support KV cache dtype {kv_dtype}")
+    cap = kwargs.get("device_capability")
+    if kv_dtype in FP8_KV_CACHE_DTYPES and cap is not None and (cap.major, cap.minor) < (8, 9):
+        # Triton converts e4m3 natively from sm_89 on.
+        reasons.append("TriangleMix reads an fp8 KV cache on compute capability >= 8.9 only")
+    return reasons
 
 
 def triangle_op(num_heads: int, num_kv_heads: int, head_size: int) -> TritonTriangleOp:
@@ -71,7 +101,7 @@ class TriangleMixFlashAttentionImpl(TriangleMixImplMixin, FlashAttentionImpl):
         return dynamic_op(self.num_heads, self.num_kv_heads, self.head_size)
 
     def kv_cache_views(self, layer, kv_cache):
-        return flash_kv_cache_views(kv_cache, self.head_size)
+        return flash_kv_cache_views(kv_cache, self.head_size, self.kv_cache_dtype)
 
 
 class TriangleMixFlashAttentionBackend(FlashAttentionBackend):
@@ -93,13 +123,4 @@ class TriangleMixFlashAttentionBackend(FlashAttentionBackend):
 
     @classmethod
     def validate_configuration(cls, **kwargs) -> list[str]:
-        reasons = list(super().validate_configuration(**kwargs))
-        if kwargs.get("use_mla"):
-            reasons.append("TriangleMix does not support MLA")
-        if kwargs.get("has_sink"):
-            reasons.append("TriangleMix does not support attention sinks")
-        if kwargs.get("has_sliding_window"):
-            reasons.append("TriangleMix does not support sliding-window layers")
-        if kwargs.get("head_size") not in SUPPORTED_HEAD_SIZES_CUDA:
-            reasons.append(f"TriangleMix supports head sizes {SUPPORTED_HEAD_SIZES_CUDA}")
-        return reasons
+        return triangle_refusals(super().validate_configuration(**kwargs), kwargs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8, per_head
 from vllm_trianglemix.pattern import BlockPlan, TriangleParams
 from vllm_trianglemix.reference import masked_attention
 
@@ -40,9 +41,24 @@ class TorchTriangleOp:
         params: TriangleParams,
         scale: float,
         output: torch.Tensor,
+        scales: Fp8Scales | None = None,
     ) -> None:
-        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim]."""
+        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim].
+
+        An fp8 cache is dequantized with ``scales`` as its keys are gathered.
+        """
         plan, block_size = prepared.plan, key_cache.shape[1]
+        num_kv_heads = key_cache.shape[2]
+        if (is_fp8(key_cache) or is_fp8(query)) and scales is None:
+            raise ValueError("TriangleMix CPU op: fp8 inputs need their scales")
+
+        def dequant(x, scale):  # [T, Hkv, D] fp8 -> float32
+            return x.float() * per_head(scale, num_kv_heads)[:, None] if is_fp8(x) else x
+
+        if is_fp8(query):
+            group = query.shape[1] // num_kv_heads
+            q_scale = per_head(scales.q, num_kv_heads).repeat_interleave(group)
+            query = query.float() * q_scale[:, None]
         for i in range(plan.num_items):
             req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
             k_pos = torch.cat(
@@ -56,8 +72,8 @@ class TorchTriangleOp:
             q_pos = torch.arange(int(plan.q_pos[i]), int(plan.q_pos[i]) + n)
             out = masked_attention(
                 query[tok : tok + n],
-                key_cache[blocks, offsets],
-                value_cache[blocks, offsets],
+                dequant(key_cache[blocks, offsets], scales.k if scales else None),
+                dequant(value_cache[blocks, offsets], scales.v if scales else None),
                 q_pos,
                 k_pos,
                 int(prepared.dense_from[req]),

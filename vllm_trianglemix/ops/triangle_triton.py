@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from vllm_trianglemix import pattern
+from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8, scale_stride
 from vllm_trianglemix.pattern import ITEM_FIELDS, BlockPlan, TriangleParams
 
 LOG2E = 1.4426950408889634
@@ -59,7 +60,7 @@ def _attend_tiles(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASK: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Online softmax over key tiles ``lo + t*BLOCK_N`` for t in [t_begin, t_end), keys < hi.
 
@@ -78,6 +79,8 @@ def _attend_tiles(
             + kv_head * stride_kh + offs_d[:, None] * stride_kd,
             mask=in_range[None, :], other=0.0,
         )
+        if KV_FP8:
+            k = k.to(q.dtype)  # exact: e4m3 values are bf16/fp16 values; k_scale is in qk_scale
         s = tl.dot(q, k) * qk_scale
         if MASK == 1:
             seen = _visible(q_pos[:, None], k_idx[None, :], dense_from, n_init, n_local)
@@ -97,6 +100,8 @@ def _attend_tiles(
             + kv_head * stride_vh + offs_d[None, :] * stride_vd,
             mask=in_range[:, None], other=0.0,
         )
+        if KV_FP8:
+            v = v.to(q.dtype)  # exact; v_scale is applied to the output
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
@@ -110,9 +115,10 @@ def _triangle_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt, num_kv_heads, num_q_heads, block_size, n_init, n_local, qk_scale,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_SINK: tl.constexpr, HEAD_D: tl.constexpr,
-    MASK_MODE: tl.constexpr,
+    MASK_MODE: tl.constexpr, Q_FP8: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     pid = tl.program_id(0)
@@ -140,6 +146,15 @@ def _triangle_attention_kernel(
         Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
         mask=row_ok[:, None], other=0.0,
     )
+    # fp8 inputs: converted exactly to the output dtype for tl.dot, their
+    # scales folded into the score scale (q, k) and the output (v).
+    if Q_FP8:
+        q = q.to(O.dtype.element_ty)
+        qk_scale = qk_scale * tl.load(q_scale_ptr + kv_head * stride_q_scale)
+    out_scale = 1.0
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * stride_k_scale)
+        out_scale = tl.load(v_scale_ptr + kv_head * stride_v_scale)
     q_pos = q_lo + i
     q_hi = q_lo + n_q - 1
 
@@ -152,7 +167,7 @@ def _triangle_attention_kernel(
         acc, m_i, l_i, q, 0, 0, tl.cdiv(sink_end, BLOCK_N_SINK), sink_end,
         q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
         stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-        qk_scale, BLOCK_N_SINK, HEAD_D, 1,
+        qk_scale, BLOCK_N_SINK, HEAD_D, 1, KV_FP8,
     )
     n_tiles = tl.cdiv(k_end - k_start, BLOCK_N)
     if MASK_MODE == 1:
@@ -166,19 +181,19 @@ def _triangle_attention_kernel(
             acc, m_i, l_i, q, k_start, 0, t1, k_end,
             q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            qk_scale, BLOCK_N, HEAD_D, 1,
+            qk_scale, BLOCK_N, HEAD_D, 1, KV_FP8,
         )
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, k_start, t1, t2, k_end,
             q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            qk_scale, BLOCK_N, HEAD_D, 0,
+            qk_scale, BLOCK_N, HEAD_D, 0, KV_FP8,
         )
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, k_start, t2, n_tiles, k_end,
             q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            qk_scale, BLOCK_N, HEAD_D, 1,
+            qk_scale, BLOCK_N, HEAD_D, 1, KV_FP8,
         )
     elif MASK_MODE == 2:
         # One loop, every tile masked.
@@ -186,7 +201,7 @@ def _triangle_attention_kernel(
             acc, m_i, l_i, q, k_start, 0, n_tiles, k_end,
             q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            qk_scale, BLOCK_N, HEAD_D, 1,
+            qk_scale, BLOCK_N, HEAD_D, 1, KV_FP8,
         )
     else:
         # One loop, masking the tiles tile_fully_visible cannot vouch for.
@@ -194,10 +209,10 @@ def _triangle_attention_kernel(
             acc, m_i, l_i, q, k_start, 0, n_tiles, k_end,
             q_pos, q_lo, q_hi, dense_from, n_init, n_local, K, V, bt_row, block_size, kv_head,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            qk_scale, BLOCK_N, HEAD_D, 2,
+            qk_scale, BLOCK_N, HEAD_D, 2, KV_FP8,
         )
     seen_any = l_i > 0.0
-    out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
+    out = acc * (out_scale / tl.where(seen_any, l_i, 1.0))[:, None]
     if split_id < 0:
         tl.store(
             O + tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
@@ -327,12 +342,24 @@ class TritonTriangleOp:
         )
 
     def run(self, query, key_cache, value_cache, prepared: TritonPlan,
-            params: TriangleParams, scale: float, output) -> None:
-        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim] views."""
+            params: TriangleParams, scale: float, output, scales: Fp8Scales | None = None) -> None:
+        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim] views.
+
+        An fp8 cache (float8_e4m3fn views) needs ``scales``, and so does an
+        fp8 query (vLLM quantizes the query for FA3 when the cache is fp8).
+        """
         if prepared.num_items == 0:
             return
         cfg = self.config
         assert query.stride(-1) == 1 and output.stride(-1) == 1
+        q_fp8, kv_fp8 = is_fp8(query), is_fp8(key_cache)
+        assert is_fp8(value_cache) == kv_fp8
+        if (q_fp8 or kv_fp8) and scales is None:
+            raise ValueError("TriangleMix kernel: fp8 inputs need their scales")
+        q_s = scales.q if q_fp8 else None
+        k_s = scales.k if kv_fp8 else None
+        v_s = scales.v if kv_fp8 else None
+        placeholder = prepared.dense_from  # any pointer; never read when the flag is off
         o_part = lse_part = output  # placeholders when nothing is split
         if prepared.num_partials:
             rows = prepared.num_partials * self.num_heads * self.block_q
@@ -346,9 +373,14 @@ class TritonTriangleOp:
             *key_cache.stride(), *value_cache.stride(),
             bt.stride(0), self.num_kv_heads, self.num_heads, key_cache.shape[1],
             params.n_init, params.n_local, scale * LOG2E,
+            placeholder if q_s is None else q_s,
+            placeholder if k_s is None else k_s,
+            placeholder if v_s is None else v_s,
+            scale_stride(q_s, self.num_kv_heads), scale_stride(k_s, self.num_kv_heads),
+            scale_stride(v_s, self.num_kv_heads),
             GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=self.block_q,
             BLOCK_N=cfg.block_n, BLOCK_N_SINK=16, HEAD_D=self.head_size,
-            MASK_MODE=cfg.mask_mode,
+            MASK_MODE=cfg.mask_mode, Q_FP8=q_fp8, KV_FP8=kv_fp8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if prepared.num_merges:

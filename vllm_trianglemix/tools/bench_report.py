@@ -17,6 +17,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hybrid-ttft", default=None,
                     help="JSON from `bench ttft` on a hybrid shape (scripts/device.sh hybrid-ttft)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end")
+    ap.add_argument("--breadth", default=None,
+                    help="JSON from `bench ttft --kv-cache-dtype fp8` / `--stock-backend FLASHINFER` "
+                         "(scripts/device.sh breadth-bench): a section per set-up")
 
 
 def _met(ok: bool) -> str:
@@ -131,6 +134,51 @@ def hybrid_section(t: dict) -> list[str]:
         f"{d['itl_ms']:.3f} ms, TriangleMix {m['itl_ms']:.3f} ms ({pct:+.2f}%). Engine start (s): "
         f"dense {d['engine_start_s']:.0f}, TriangleMix {m['engine_start_s']:.0f}.",
     ]
+
+
+BREADTH_SETUPS = {
+    "+fp8": "fp8 KV cache (`--kv-cache-dtype fp8`): stock FA3 fp8 vs TriangleMix on it",
+    "+flashinfer": "FlashInfer as the stock backend: stock FlashInfer vs TriangleMix wrapping it "
+                   "(`trianglemix_stock_backend: FLASHINFER`)",
+}
+
+
+def breadth_section(b: dict) -> list[str]:
+    res = b["results"]
+    lines = [
+        "## 4. Other set-ups: fp8 KV cache, FlashInfer",
+        "",
+        f"{b['gpu']}, vLLM {b.get('vllm', '?')}, {b['date']}. Same model, prompts and method as "
+        "sections 2-3, except: engines started with `--fast-start` (no torch.compile: prefill runs "
+        "eagerly; full CUDA graphs for decode batches), one warm-up then "
+        "one timed run per length, ITL over "
+        f"{b['itl_tokens']} tokens at {b['itl_context']}. Compare rows within a set-up (the "
+        "absolute numbers are not those of section 2, which compiles).",
+        "",
+    ]
+    for sfx, title in BREADTH_SETUPS.items():
+        d, m = res.get("dense" + sfx), res.get("trianglemix" + sfx)
+        if d is None or m is None:
+            continue
+        lines += [f"### {title}", "", f"Command: `{m.get('command', b.get('command'))}`", "",
+                  "| prompt tokens | stock TTFT s | TriangleMix TTFT s | change |", "|---|---|---|---|"]
+        for n, dv in d["ttft_s"].items():
+            mv = m["ttft_s"][n]
+            lines.append(f"| {n} | {dv:.3f} | {mv:.3f} | {100 * (mv - dv) / dv:+.1f}% |")
+        pct = 100 * (m["itl_ms"] - d["itl_ms"]) / d["itl_ms"]
+        lines += ["", "| decode ITL | stock ms | TriangleMix ms | change |", "|---|---|---|---|",
+                  f"| {b['itl_context']} tokens | {d['itl_ms']:.3f} | {m['itl_ms']:.3f} | {pct:+.2f}% |", ""]
+        start = (f"Engine start (s): stock {d['engine_start_s']:.0f}, TriangleMix {m['engine_start_s']:.0f}; "
+                 f"first request (2048 tokens, untimed, kernels compiled on first use): stock "
+                 f"{d['first_request_s']:.1f} s, TriangleMix {m['first_request_s']:.1f} s.")
+        if d.get("flashinfer_jit_new_files") is not None:
+            jit_s = (d["engine_start_s"] + d["first_request_s"]) - (m["engine_start_s"] + m["first_request_s"])
+            start += (f" FlashInfer JIT: {d['flashinfer_jit_new_files']} new modules compiled during the "
+                      f"stock engine's start and first request, {m.get('flashinfer_jit_new_files')} "
+                      "during the TriangleMix engine's after it (on-disk JIT cache); the JIT time, "
+                      f"estimated as the difference of their start + first request, is {jit_s:.0f} s. "
+                      "None of it is in the timings.")
+        lines += [start, ""]
     return lines
 
 
@@ -146,6 +194,9 @@ def run(args) -> int:
     if args.hybrid_ttft:
         with open(args.hybrid_ttft) as f:
             lines += [""] + hybrid_section(json.load(f))
+    if args.breadth:
+        with open(args.breadth) as f:
+            lines += [""] + breadth_section(json.load(f))
     if args.notes:
         with open(args.notes) as f:
             lines += ["", f.read().rstrip()]

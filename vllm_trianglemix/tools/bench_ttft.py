@@ -33,6 +33,16 @@ and a last table compares one backend's runs under different labels:
     vllm-trianglemix bench ttft --model ... --backends trianglemix --lengths 32000 64000 \
         --distributed-executor-backend mp --append --out ttft_executors.json
     (the same with ray)
+
+Other set-ups (same settings for both engines): ``--kv-cache-dtype fp8`` (stock
+FA3 fp8 vs TriangleMix on it) and ``--stock-backend FLASHINFER`` (stock
+FlashInfer vs TriangleMix wrapping it); their results are labelled
+``dense+fp8`` / ``trianglemix+fp8``, ``dense+flashinfer`` / ... and tabled
+side by side. Each engine also records ``first_request_s``: one short request
+(2048 tokens, 4 generated) right after start, before any timed run. Kernels
+compiled on first use (FlashInfer's JIT, Triton) land there or in the engine
+start, never in the timings; with FlashInfer the JIT cache's new modules are
+counted (``flashinfer_jit_new_files``).
 """
 
 from __future__ import annotations
@@ -74,6 +84,15 @@ def _dynamic_map_file(args, name: str) -> str:
     return f.name
 
 
+FAST_START = dict(
+    # No torch.compile (prefill runs eagerly), full CUDA graphs for decode batches of up
+    # to 8 requests: an engine starts in well under a minute and decode keeps its graphs.
+    compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                        "cudagraph_capture_sizes": [1, 2, 4, 8]},
+    max_num_seqs=8,
+)
+
+
 def _worker(args) -> dict:
     import numpy as np
     from vllm import LLM, SamplingParams
@@ -82,13 +101,14 @@ def _worker(args) -> dict:
     rng = np.random.default_rng(0)
     max_len = max(args.lengths + [args.itl_context + args.itl_tokens]) + 16
     kind = _backend_kind(args.worker)
-    extra = {}
+    attention_backend, extra = engine_backend(kind, args.stock_backend)
     if kind == "dynamic":
-        extra["additional_config"] = {"trianglemix_config": _dynamic_map_file(args, args.worker)}
+        extra.setdefault("additional_config", {})["trianglemix_config"] = _dynamic_map_file(args, args.worker)
     if args.language_model_only:
         extra["language_model_only"] = True
     if kind == "trianglemix" and args.trianglemix_config:
-        extra["additional_config"] = {"trianglemix_config": args.trianglemix_config}
+        extra.setdefault("additional_config", {})["trianglemix_config"] = args.trianglemix_config
+    jit_files = _flashinfer_jit_files() if args.stock_backend == "FLASHINFER" else None
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -97,13 +117,15 @@ def _worker(args) -> dict:
         max_model_len=min(max_len, args.max_model_len),
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=BACKENDS[kind],
+        attention_backend=attention_backend,
+        kv_cache_dtype=args.kv_cache_dtype,
         disable_log_stats=False,
         enforce_eager=args.enforce_eager,
         distributed_executor_backend=args.distributed_executor_backend,
         tensor_parallel_size=args.tensor_parallel_size,
         seed=0,
         **extra,
+        **(FAST_START if args.fast_start else {}),
     )
     start_s = time.perf_counter() - t0
 
@@ -116,6 +138,8 @@ def _worker(args) -> dict:
         out = llm.generate([prompt(n)], sp, use_tqdm=False)[0]
         return time.perf_counter() - t, out
 
+    first_request_s = run(2048, 4)[0]  # kernels compiled on first use land here, untimed
+    new_jit_files = None if jit_files is None else len(_flashinfer_jit_files() - jit_files)
     ttft = {}
     for n in args.lengths:
         run(n, 1)  # warm-up at this length
@@ -129,7 +153,12 @@ def _worker(args) -> dict:
     return dict(
         backend=args.worker,
         executor=llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend,
+        kv_cache_dtype=args.kv_cache_dtype,
+        stock_backend=args.stock_backend,
+        fast_start=args.fast_start,
         engine_start_s=start_s,
+        first_request_s=first_request_s,
+        flashinfer_jit_new_files=new_jit_files,
         ttft_s={str(n): statistics.median(v) for n, v in ttft.items()},
         ttft_runs_s={str(n): v for n, v in ttft.items()},
         itl_ms=statistics.median(itl) * 1e3,
@@ -137,9 +166,33 @@ def _worker(args) -> dict:
     )
 
 
+def engine_backend(worker: str, stock_backend: str):
+    """(attention_backend, extra LLM kwargs) for one engine of the benchmark."""
+    if worker == "dense":
+        return (None if stock_backend == "auto" else stock_backend), {}
+    extra = {}
+    if stock_backend != "auto":
+        from vllm_trianglemix.stock_backend import STOCK_BACKEND_KEY
+
+        extra["additional_config"] = {STOCK_BACKEND_KEY: stock_backend}
+    return BACKENDS[worker], extra
+
+
+def _flashinfer_jit_files() -> set[str]:
+    try:
+        from flashinfer.jit.env import FLASHINFER_CACHE_DIR
+    except ImportError:
+        return set()
+    return {str(p) for p in FLASHINFER_CACHE_DIR.rglob("*.so")}
+
+
 def _labels(args) -> list[str]:
     """Engine-wide options that differ from vLLM's defaults, as result labels."""
     labels = [args.distributed_executor_backend] if args.distributed_executor_backend else []
+    if args.kv_cache_dtype != "auto":
+        labels.append(args.kv_cache_dtype)
+    if args.stock_backend != "auto":
+        labels.append(args.stock_backend.lower())
     if args.tensor_parallel_size > 1:
         labels.append(f"tp{args.tensor_parallel_size}")
     return labels
@@ -236,6 +289,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="layer map for the TriangleMix engine (default: the bundled map)")
     ap.add_argument("--language-model-only", action="store_true",
                     help="serve a multimodal model's language model only (e.g. Qwen3.5)")
+    ap.add_argument("--fast-start", action="store_true",
+                    help="no torch.compile, full CUDA graphs for decode only (both engines)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="e.g. fp8 (both engines)")
+    ap.add_argument("--stock-backend", default="auto", choices=["auto", "FLASH_ATTN", "FLASHINFER"],
+                    help="the stock backend of the dense engine and the one TriangleMix wraps")
     ap.add_argument("--out", default="ttft.json")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -262,12 +320,14 @@ def run(args) -> int:
         _backend_kind(backend)
         for flag in ("model", "repeats", "itl_context", "itl_tokens", "max_num_batched_tokens",
                      "max_model_len", "gpu_memory_utilization", "dynamic_map",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", "kv_cache_dtype", "stock_backend"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--lengths", *map(str, args.lengths)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
+        if args.fast_start:
+            cmd.append("--fast-start")
         if args.distributed_executor_backend:
             cmd += ["--distributed-executor-backend", args.distributed_executor_backend]
         if args.language_model_only:
@@ -287,6 +347,7 @@ def run(args) -> int:
         itl_context=args.itl_context,
         itl_tokens=args.itl_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        fast_start=args.fast_start,
         kernel_config=os.environ.get("VLLM_TRIANGLEMIX_KERNEL_CONFIG", "default"),
         model=args.model,
     )

@@ -1,0 +1,59 @@
+"""fp8 (e4m3) KV cache: how the triangle ops see it.
+
+vLLM allocates an fp8 KV cache as uint8 and keeps per-layer float32 scales on
+the attention layer (``_k_scale``, ``_v_scale``; ``_q_scale`` for a query it
+quantized itself): a cached value ``x8`` stands for ``float(x8) * scale``.
+Scales are one number per layer or, with per-head checkpoints, one per KV
+head. The ops read the cache as ``float8_e4m3fn`` and apply the scales; the
+rest of the plugin only decides whether a cache is fp8 and hands the scales on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_trianglemix.selection import FP8_KV_CACHE_DTYPES
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """Dequantization scales of one layer (float32 tensors, 1 or num_kv_heads values)."""
+
+    q: torch.Tensor | None
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def of_layer(cls, layer) -> "Fp8Scales":
+        return cls(q=getattr(layer, "_q_scale", None), k=layer._k_scale, v=layer._v_scale)
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in FP8_DTYPES
+
+
+def as_fp8_cache(t: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    """The cache tensor vLLM allocated (uint8 for fp8) as the dtype it holds."""
+    if kv_cache_dtype in FP8_KV_CACHE_DTYPES and t.dtype == torch.uint8:
+        return t.view(torch.float8_e4m3fn)
+    return t
+
+
+def scale_stride(scale: torch.Tensor | None, num_kv_heads: int) -> int:
+    """0 for one scale per layer, 1 for one per KV head."""
+    if scale is None or scale.numel() == 1:
+        return 0
+    if scale.numel() != num_kv_heads:
+        raise ValueError(
+            f"TriangleMix: fp8 scale with {scale.numel()} values; expected 1 or {num_kv_heads}"
+        )
+    return 1
+
+
+def per_head(scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A scale as float32 [num_kv_heads] (CPU path and tests)."""
+    return scale.reshape(-1).float().expand(num_kv_heads) if scale.numel() == 1 else scale.float()
