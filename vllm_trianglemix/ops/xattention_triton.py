@@ -283,7 +283,7 @@ def _xattn_attention_kernel(
                 acc, m_i, l_i, q, lo, 0, tl.cdiv(q_hi + 1 - lo, BLOCK_N), q_hi + 1,
                 q_pos, q_lo, q_hi, 0, 0, 1, K, V, bt_row, page_size, kv_head,
                 stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-                qk_scale, BLOCK_N, HEAD_D, 1,
+                qk_scale, BLOCK_N, HEAD_D, 1, False,  # dynamic layers read a bf16/fp16 cache
             )
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(O + tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
