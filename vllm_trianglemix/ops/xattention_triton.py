@@ -294,16 +294,17 @@ def _xattn_attention_kernel(
 
 @dataclass(frozen=True)
 class XAttnKernelConfig:
+    # Defaults: the fastest of `bench dynamic`'s sweep on the H100 (BENCHMARKS.md, 2026-11-23).
     est_block_m: int = 128  # rows (query groups x heads) per estimate program, at most
-    est_block_n: int = 128  # key groups per estimate tile (rounded to whole blocks)
-    est_num_warps: int = 4
+    est_block_n: int = 256  # key groups per estimate tile (rounded to whole blocks)
+    est_num_warps: int = 8
     est_num_stages: int = 2
     est_one_pass: int = 1  # 1: one pass over the keys with a scratch buffer; 0: two passes
     est_scratch_mb: int = 1024  # one-pass scratch limit per launch (larger launches take two passes)
-    block_m: int = 128  # attention rows (query rows x heads) per program
+    block_m: int = 256  # attention rows (query rows x heads) per program
     block_n: int = 64  # attention keys per tile (a divisor of block_size)
-    num_warps: int = 4
-    num_stages: int = 3
+    num_warps: int = 8
+    num_stages: int = 2
 
     @classmethod
     def default_for(cls, head_size: int) -> "XAttnKernelConfig":
