@@ -19,6 +19,8 @@ import random
 import pytest
 import torch
 
+from tests.e2e_cpu.conftest import HYBRID_MAP
+
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 pytestmark = [
@@ -29,15 +31,7 @@ pytestmark = [
 TOL = 3e-2  # bfloat16 engine vs float32 reference (CPU engines: at most 0.009)
 FAR = 6e-2  # triangle vs dense reference on these prompts: at least 0.096 (measured on CPU)
 LENGTHS = [100, 128, 293, 701, 1500]
-MAP = """\
-n_init: 4
-n_local: 64
-n_last: 16
-min_prompt_len: 128
-triangle_layers: [3, 7]
-layer_overrides:
-  7: {n_init: 32, n_local: 32}
-"""
+MAP = HYBRID_MAP  # the CPU tests' map: both full-attention layers, two parameter sets
 
 
 @pytest.fixture(scope="module")

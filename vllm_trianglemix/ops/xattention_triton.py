@@ -93,6 +93,19 @@ def _antidiagonal_scores(
 
 
 @triton.jit
+def _program_item(items, num_kv_heads, ROW_TILES: tl.constexpr):
+    """This program's (row tile, KV head, item) and the item's fields (QUERY_BLOCK_FIELDS order)."""
+    pid = tl.program_id(0)
+    rt = pid % ROW_TILES
+    rest = pid // ROW_TILES
+    kv_head = rest % num_kv_heads
+    item = rest // num_kv_heads
+    it = items + item * 5
+    return (rt, kv_head, item, tl.load(it + 0), tl.load(it + 1), tl.load(it + 2), tl.load(it + 3),
+            tl.load(it + 4))
+
+
+@triton.jit
 def _xattn_estimate_kernel(
     Q, K, MASS, BSUM, TMAX, items, block_table,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_kd, stride_bt,
@@ -108,17 +121,7 @@ def _xattn_estimate_kernel(
     and the block sums relative to it in a scratch buffer (``BSUM``/``TMAX``)
     and rescales them to the final max and sum afterwards: the same sums.
     """
-    pid = tl.program_id(0)
-    rt = pid % ROW_TILES
-    rest = pid // ROW_TILES
-    kv_head = rest % num_kv_heads
-    item = rest // num_kv_heads
-    it = items + item * 5
-    req = tl.load(it + 0)
-    q_tok = tl.load(it + 1)
-    q_pos0 = tl.load(it + 2)
-    n_q = tl.load(it + 3)
-    b = tl.load(it + 4)
+    rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
     end = q_pos0 + n_q
     bt_row = block_table + req.to(tl.int64) * stride_bt
 
@@ -226,17 +229,7 @@ def _xattn_attention_kernel(
     BLOCK_N: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
-    pid = tl.program_id(0)
-    rt = pid % ROW_TILES
-    rest = pid // ROW_TILES
-    kv_head = rest % num_kv_heads
-    item = rest // num_kv_heads
-    it = items + item * 5
-    req = tl.load(it + 0)
-    q_tok = tl.load(it + 1)
-    q_pos0 = tl.load(it + 2)
-    n_q = tl.load(it + 3)
-    b = tl.load(it + 4)
+    rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
     i_lo = rt * BLOCK_Q
     if i_lo < n_q:
         offs_m = tl.arange(0, BLOCK_M)
