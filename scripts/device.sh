@@ -12,6 +12,10 @@
 #   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
 # The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
 #   bash scripts/device.sh dynamic   install, dynamic-layer (XAttention) GPU tests, bench dynamic (~4 min)
+# The hybrid steps need FlashInfer's CuTe-DSL GDN prefill kernel on Hopper (vLLM 0.26 calls it for
+# Gated DeltaNet; without it: "SM90 GDN prefill DSL kernel is unavailable", seen 2026-11-23): stage
+#   STAGE_EXTRA="nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu12==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1"
+# (flashinfer-python 0.6.14 asks for nvidia-cutlass-dsl[cu13]>=4.4.2; not yet tried on the device).
 #   bash scripts/device.sh hybrid-check               install the plugin, GPU hybrid tests (tiny Qwen3-Next)
 #   bash scripts/device.sh hybrid-ttft dense|trianglemix   TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
 #   bash scripts/device.sh breadth-tests            install the plugin, fp8 + FlashInfer GPU tests
