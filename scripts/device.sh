@@ -29,6 +29,12 @@ set -euo pipefail
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tmx-out}
 mkdir -p /tmp/tmx "$OUT"
+gpu_test() {  # tests/gpu/test_$1_gpu.py, log to $OUT, print failures and the summary
+  python3 -m pytest -q -p no:cacheprovider -rs "tests/gpu/test_$1_gpu.py" > "/tmp/tmx/$1_test.log" 2>&1 || true
+  cp "/tmp/tmx/$1_test.log" "$OUT"/
+  grep -E "^(FAILED|ERROR|SKIPPED)|Error:" "/tmp/tmx/$1_test.log" | tail -6 || true
+  tail -2 "/tmp/tmx/$1_test.log"
+}
 install_plugin() {  # into /tmp/site, entry point included: vLLM's processes (Ray workers too) load it there
   python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
     > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
@@ -58,10 +64,7 @@ case "$1" in
     install_plugin
     case "${2:-}" in
       test)
-        python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_ray_gpu.py > /tmp/tmx/ray_test.log 2>&1 || true
-        cp /tmp/tmx/ray_test.log "$OUT"/
-        grep -E "^(FAILED|ERROR|SKIPPED)|Error:" /tmp/tmx/ray_test.log | tail -6 || true
-        tail -2 /tmp/tmx/ray_test.log
+        gpu_test ray
         ;;
       ttft)
         [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
@@ -84,10 +87,7 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     install_plugin
     case "${2:-}" in
       test)
-        python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_tp2_gpu.py > /tmp/tmx/tp2_test.log 2>&1 || true
-        cp /tmp/tmx/tp2_test.log "$OUT"/
-        grep -E "^(FAILED|ERROR|SKIPPED)|Error:" /tmp/tmx/tp2_test.log | tail -6 || true
-        tail -2 /tmp/tmx/tp2_test.log
+        gpu_test tp2
         ;;
       ttft|256k)
         [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env

@@ -21,6 +21,7 @@ has split rows. Items come heaviest first, so long items start first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
 from dataclasses import dataclass
@@ -285,15 +286,18 @@ class KernelConfig:
         """Defaults, with ``VLLM_TRIANGLEMIX_KERNEL_CONFIG="block_n=64,num_warps=8"`` overrides."""
         config = cls.default_for(head_size)
         text = os.environ.get(CONFIG_ENV, "").strip()
-        if not text:
-            return config
-        values = {}
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            if key.strip() not in cls.__dataclass_fields__:
-                raise ValueError(f"{CONFIG_ENV}: unknown field '{key.strip()}'")
-            values[key.strip()] = int(value)
-        return cls(**{**config.__dict__, **values})
+        return with_overrides(config, text, CONFIG_ENV) if text else config
+
+
+def with_overrides(config, text: str, source: str):
+    """A kernel config dataclass with ``"field=int,field=int"`` overrides (errors name ``source``)."""
+    values = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in config.__dataclass_fields__:
+            raise ValueError(f"{source}: unknown field '{key.strip()}'")
+        values[key.strip()] = int(value)
+    return dataclasses.replace(config, **values)
 
 
 def _next_pow2(n: int) -> int:

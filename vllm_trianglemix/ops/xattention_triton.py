@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_trianglemix.ops.triangle_triton import LOG2E, _attend_tiles, _next_pow2
+from vllm_trianglemix.ops.triangle_triton import LOG2E, _attend_tiles, _next_pow2, with_overrides
 from vllm_trianglemix.pattern import (
     QUERY_BLOCK_FIELDS,
     DynamicParams,
@@ -316,13 +316,7 @@ class XAttnKernelConfig:
         return config.with_overrides(text, CONFIG_ENV)
 
     def with_overrides(self, text: str, source: str = "config") -> "XAttnKernelConfig":
-        values = {}
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            if key.strip() not in self.__dataclass_fields__:
-                raise ValueError(f"{source}: unknown field '{key.strip()}'")
-            values[key.strip()] = int(value)
-        return XAttnKernelConfig(**{**self.__dict__, **values})
+        return with_overrides(self, text, source)
 
 
 @dataclass
