@@ -10,15 +10,20 @@
 #   bash scripts/device.sh tp2 test          TP=2 exactness, mp and Ray executors (two GPUs)
 #   bash scripts/device.sh tp2 ttft          TP=2 TTFT/ITL, dense vs TriangleMix, 32K/64K/128K
 #   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
+#                                            (both --fast-start: no torch.compile, decode graphs)
+#   bash scripts/device.sh pair "STEP,STEP" "STEP,STEP"
+#                                            two lanes side by side, one per GPU (two-GPU machine):
+#                                            each lane runs its steps in order on its own GPU, every
+#                                            step cut at PAIR_BUDGET seconds (default 570) from start
 # The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
 #   bash scripts/device.sh dynamic   install, dynamic-layer (XAttention) GPU tests, bench dynamic (~4 min)
-# The hybrid steps need FlashInfer's CuTe-DSL GDN prefill kernel on Hopper (vLLM 0.26 calls it for
-# Gated DeltaNet; without it: "SM90 GDN prefill DSL kernel is unavailable", seen 2026-11-23): stage
-#   STAGE_EXTRA="nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu12==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1"
-# (flashinfer-python 0.6.14 asks for nvidia-cutlass-dsl[cu13]>=4.4.2; not yet tried on the device).
+# The hybrid steps run vLLM's Triton Gated DeltaNet prefill (gdn_prefill_backend "triton", both
+# engines): on Hopper vLLM 0.26 otherwise picks FlashInfer's CuTe-DSL GDN kernel, which needs
+# nvidia-cutlass-dsl (absent from the device image: "SM90 GDN prefill DSL kernel is unavailable").
 #   bash scripts/device.sh hybrid-check               install the plugin, GPU hybrid tests (tiny Qwen3-Next)
-#   bash scripts/device.sh hybrid-ttft dense|trianglemix   TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
-#   bash scripts/device.sh breadth-tests            install the plugin, fp8 + FlashInfer GPU tests
+#   bash scripts/device.sh hybrid-ttft [BACKENDS]     TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
+#                                                     (default dense,trianglemix; --fast-start engines)
+#   bash scripts/device.sh breadth-tests            install the plugin, fp8 + FlashInfer GPU tests (BREADTH_K: pytest -k)
 #   bash scripts/device.sh breadth-bench fp8|flashinfer
 #                                                   TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix,
 #                                                   on an fp8 KV cache (FA3) or on FlashInfer (forced);
@@ -36,10 +41,32 @@ gpu_test() {  # tests/gpu/test_$1_gpu.py, log to $OUT, print failures and the su
   tail -2 "/tmp/tmx/$1_test.log"
 }
 install_plugin() {  # into /tmp/site, entry point included: vLLM's processes (Ray workers too) load it there
+  # once per source tree (steps may run side by side on two GPUs after one install)
+  local stamp; stamp=/tmp/tmx/installed-$(cat setup.py pyproject.toml $(find vllm_trianglemix configs -type f | sort) | md5sum | cut -c1-12)
+  [ -f "$stamp" ] && return 0
   python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
     > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
+  touch "$stamp"
 }
 case "$1" in
+  pair)
+    install_plugin
+    deadline=$(( $(date +%s) + ${PAIR_BUDGET:-570} ))
+    lane() {  # lane GPU "STEP,STEP": the steps in order on one GPU
+      local gpu=$1 step; IFS=, read -ra steps <<< "$2"
+      for step in "${steps[@]}"; do
+        echo "== GPU $gpu: $step"
+        # shellcheck disable=SC2086
+        CUDA_VISIBLE_DEVICES=$gpu timeout $(( deadline - $(date +%s) )) bash "$0" $step 2>&1 \
+          || echo "(step ended with status $?)"
+      done
+    }
+    lane 0 "$2" > /tmp/tmx/lane0.log 2>&1 &
+    lane 1 "$3" > /tmp/tmx/lane1.log 2>&1 &
+    wait
+    cp /tmp/tmx/lane0.log /tmp/tmx/lane1.log "$OUT"/
+    cat /tmp/tmx/lane0.log /tmp/tmx/lane1.log
+    ;;
   check)
     install_plugin
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > /tmp/tmx/gpu.txt
@@ -52,6 +79,7 @@ case "$1" in
     tail -4 /tmp/tmx/gpu_tests.log; tail -8 /tmp/tmx/kernel.log
     ;;
   ttft)
+    install_plugin
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
     python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
       --backends "$2" --append --out /tmp/tmx/ttft.json > "/tmp/tmx/ttft_$2.log" 2>&1 || true
@@ -99,7 +127,7 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
         fi
         # shellcheck disable=SC2086
         python3 -m vllm_trianglemix bench ttft --model "$model" --backends dense,trianglemix \
-          --lengths $lengths --tensor-parallel-size 2 ${TP2_EAGER:+--enforce-eager} $extra \
+          --lengths $lengths --tensor-parallel-size 2 --fast-start $extra \
           --out "/tmp/tmx/ttft_tp2_$2.json" > "/tmp/tmx/ttft_tp2_$2.log" 2>&1 || true
         cp /tmp/tmx/ttft_tp2_"$2".* "$OUT"/ 2>/dev/null || true
         grep -E "Error|Traceback" "/tmp/tmx/ttft_tp2_$2.log" | tail -3 || true
@@ -133,7 +161,7 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
   hybrid-ttft)
     # Qwen3.5-4B as published (multimodal class, language model only) where vLLM can import its
     # Qwen3.5 module (needs torchvision), else the same text shapes on the Qwen3-Next class.
-    # Eager mode for both engines (same settings) to stay within about 2.5 minutes per engine.
+    install_plugin
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
     if python3 -c "import vllm.model_executor.models.qwen3_5" 2>/dev/null; then
       model=(--model benchmarks/models/qwen3.5-4b --language-model-only)
@@ -141,16 +169,18 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
       model=(--model benchmarks/models/qwen3.5-4b-text)
     fi
     python3 -m vllm_trianglemix bench ttft "${model[@]}" --trianglemix-config configs/qwen3.5-4b-9b.yaml \
-      --lengths 32000 64000 128000 256000 --max-model-len 262144 --repeats 1 --enforce-eager \
-      --backends "$2" --append --out /tmp/tmx/hybrid_ttft.json > "/tmp/tmx/hybrid_ttft_$2.log" 2>&1 || true
-    cp /tmp/tmx/hybrid_ttft.json "/tmp/tmx/hybrid_ttft_$2.log" "$OUT"/ 2>/dev/null || true
-    grep -E "Error|Traceback" "/tmp/tmx/hybrid_ttft_$2.log" | tail -3 || true
-    tail -10 "/tmp/tmx/hybrid_ttft_$2.log"
+      --lengths ${HYBRID_LENGTHS:-32000 64000 128000 256000} --max-model-len 262144 --repeats 1 \
+      --fast-start --gdn-prefill-backend triton --itl-tokens 64 \
+      --backends "${2:-dense,trianglemix}" --append --out /tmp/tmx/hybrid_ttft.json \
+      > /tmp/tmx/hybrid_ttft.log 2>&1 || true
+    cp /tmp/tmx/hybrid_ttft.json /tmp/tmx/hybrid_ttft.log "$OUT"/ 2>/dev/null || true
+    grep -E "Error|Traceback" /tmp/tmx/hybrid_ttft.log | tail -3 || true
+    tail -10 /tmp/tmx/hybrid_ttft.log
     ;;
   breadth-tests)
     install_plugin
     start=$(date +%s)
-    python3 -m pytest -q -s -p no:cacheprovider -k "fp8 or flashinfer" \
+    python3 -m pytest -q -s -p no:cacheprovider -k "${BREADTH_K:-fp8 or flashinfer}" \
       tests/gpu/test_kernel_gpu.py tests/gpu/test_breadth_gpu.py > /tmp/tmx/breadth_tests.log 2>&1 || true
     cp /tmp/tmx/breadth_tests.log "$OUT"/
     echo "breadth tests: $(( $(date +%s) - start )) s"
@@ -180,5 +210,5 @@ for k, v in r.items():
 PY
     tail -13 "/tmp/tmx/breadth_$2.log"
     ;;
-  *) echo "usage: $0 check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k | hybrid-check | hybrid-ttft dense|trianglemix | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
+  *) echo "usage: $0 check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
 esac

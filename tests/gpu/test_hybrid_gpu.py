@@ -32,6 +32,9 @@ TOL = 3e-2  # bfloat16 engine vs float32 reference (CPU engines: at most 0.009)
 FAR = 6e-2  # triangle vs dense reference on these prompts: at least 0.096 (measured on CPU)
 LENGTHS = [100, 128, 293, 701, 1500]
 MAP = HYBRID_MAP  # the CPU tests' map: both full-attention layers, two parameter sets
+# Both engines run vLLM's Triton Gated DeltaNet prefill: on Hopper vLLM 0.26 otherwise picks
+# FlashInfer's CuTe-DSL kernel, which needs nvidia-cutlass-dsl (not in the device image).
+GDN = {"gdn_prefill_backend": "triton"}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +58,9 @@ def engines(model_dir, map_path):
 
     args = dict(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
                 max_num_batched_tokens=256, gpu_memory_utilization=0.25, seed=0)
-    stock = LLM(**args)
+    stock = LLM(**args, additional_config=dict(GDN))
     tri = LLM(**args, attention_backend="TRIANGLEMIX",
-              additional_config={"trianglemix_config": map_path})
+              additional_config={**GDN, "trianglemix_config": map_path})
     yield stock, tri
     del stock, tri
 

@@ -106,6 +106,8 @@ def _worker(args) -> dict:
         extra.setdefault("additional_config", {})["trianglemix_config"] = _dynamic_map_file(args, args.worker)
     if args.language_model_only:
         extra["language_model_only"] = True
+    if args.gdn_prefill_backend:  # vLLM's own key (hybrids' Gated DeltaNet prefill kernel)
+        extra.setdefault("additional_config", {})["gdn_prefill_backend"] = args.gdn_prefill_backend
     if kind == "trianglemix" and args.trianglemix_config:
         extra.setdefault("additional_config", {})["trianglemix_config"] = args.trianglemix_config
     jit_files = _flashinfer_jit_files() if args.stock_backend == "FLASHINFER" else None
@@ -294,6 +296,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", help="e.g. fp8 (both engines)")
     ap.add_argument("--stock-backend", default="auto", choices=["auto", "FLASH_ATTN", "FLASHINFER"],
                     help="the stock backend of the dense engine and the one TriangleMix wraps")
+    ap.add_argument("--gdn-prefill-backend", default=None, choices=["flashinfer", "triton"],
+                    help="hybrid models: vLLM's Gated DeltaNet prefill kernel (both engines; "
+                         "vLLM picks FlashInfer's on Hopper, which needs nvidia-cutlass-dsl)")
     ap.add_argument("--out", default="ttft.json")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -312,6 +317,26 @@ def run(args) -> int:
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:
             report = json.load(f)
+    import torch
+
+    report.update(
+        date=time.strftime("%Y-%m-%d"),
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        command=command_line(),
+        itl_context=args.itl_context,
+        itl_tokens=args.itl_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        fast_start=args.fast_start,
+        gdn_prefill_backend=args.gdn_prefill_backend,
+        kernel_config=os.environ.get("VLLM_TRIANGLEMIX_KERNEL_CONFIG", "default"),
+        model=args.model,
+    )
+    try:
+        import vllm
+
+        report["vllm"] = vllm.__version__
+    except ImportError:
+        pass
     for backend in args.backends.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
@@ -320,7 +345,8 @@ def run(args) -> int:
         _backend_kind(backend)
         for flag in ("model", "repeats", "itl_context", "itl_tokens", "max_num_batched_tokens",
                      "max_model_len", "gpu_memory_utilization", "dynamic_map",
-                     "tensor_parallel_size", "kv_cache_dtype", "stock_backend"):
+                     "tensor_parallel_size", "kv_cache_dtype", "stock_backend",
+                     "gdn_prefill_backend"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--lengths", *map(str, args.lengths)]
@@ -338,27 +364,8 @@ def run(args) -> int:
         with open(path) as f:
             key = _key(backend, _labels(args))
             report["results"][key] = {**json.load(f), "command": command_line()}
-    import torch
-
-    report.update(
-        date=time.strftime("%Y-%m-%d"),
-        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        command=command_line(),
-        itl_context=args.itl_context,
-        itl_tokens=args.itl_tokens,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        fast_start=args.fast_start,
-        kernel_config=os.environ.get("VLLM_TRIANGLEMIX_KERNEL_CONFIG", "default"),
-        model=args.model,
-    )
-    try:
-        import vllm
-
-        report["vllm"] = vllm.__version__
-    except ImportError:
-        pass
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+        with open(args.out, "w") as f:  # after every engine: a later failure keeps these
+            json.dump(report, f, indent=1)
     sys.stdout.write("\n" + _tables(report) + "\n")
     return 0
 
