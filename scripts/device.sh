@@ -10,6 +10,7 @@
 #   bash scripts/device.sh tp2 test          TP=2 exactness, mp and Ray executors (two GPUs)
 #   bash scripts/device.sh tp2 ttft          TP=2 TTFT/ITL, dense vs TriangleMix, 32K/64K/128K
 #   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
+#   bash scripts/device.sh tp2 all           TP=2 TTFT 32K-256K in one engine pair, the 262k shape
 #                                            (both --fast-start: no torch.compile, decode graphs)
 #   bash scripts/device.sh pair "STEP,STEP" "STEP,STEP"
 #                                            two lanes side by side, one per GPU (two-GPU machine):
@@ -117,10 +118,13 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
       test)
         gpu_test tp2
         ;;
-      ttft|256k)
+      ttft|256k|all)
         [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
         if [ "$2" = ttft ]; then
           model=benchmarks/models/llama-3.1-8b-instruct; lengths="32000 64000 128000"; extra=""
+        elif [ "$2" = all ]; then  # one engine pair for 32K-256K (same layer shapes as Llama-3.1-8B)
+          model=benchmarks/models/llama-3-8b-instruct-262k; lengths="32000 64000 128000 256000"
+          extra="--max-model-len 262144 --itl-tokens 64"
         else
           model=benchmarks/models/llama-3-8b-instruct-262k; lengths="256000"
           extra="--max-model-len 262144 --itl-tokens 16 --repeats ${TP2_REPEATS:-2}"
