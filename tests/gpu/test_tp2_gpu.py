@@ -25,21 +25,32 @@ pytestmark = [
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
-@pytest.fixture(scope="module", params=["mp", "ray"])
-def engines(request, model_dir):  # noqa: F811
-    if request.param == "ray":
-        pytest.importorskip("ray")
+@pytest.fixture(scope="module")
+def insecure_serialization():  # collective_rpc with a function (the rank probe)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        stock = backend_gpu._engine(model_dir, None, tensor_parallel_size=2,
-                                    distributed_executor_backend="mp")
-        tri = backend_gpu._engine(model_dir, "TRIANGLEMIX", tensor_parallel_size=2,
-                                  distributed_executor_backend=request.param)
-        try:
-            yield stock, tri
-        finally:
-            for llm in (tri, stock):
-                llm.llm_engine.engine_core.shutdown()
+        yield
+
+
+@pytest.fixture(scope="module")
+def stock(model_dir, insecure_serialization):  # noqa: F811
+    """One stock engine at TP=2 (mp) for both executors' checks: an engine start saved."""
+    llm = backend_gpu._engine(model_dir, None, tensor_parallel_size=2,
+                              distributed_executor_backend="mp")
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module", params=["mp", "ray"])
+def engines(request, model_dir, stock, insecure_serialization):  # noqa: F811
+    if request.param == "ray":
+        pytest.importorskip("ray")
+    tri = backend_gpu._engine(model_dir, "TRIANGLEMIX", tensor_parallel_size=2,
+                              distributed_executor_backend=request.param)
+    try:
+        yield stock, tri
+    finally:
+        tri.llm_engine.engine_core.shutdown()
 
 
 def test_each_rank_runs_trianglemix_on_its_own_heads(engines):
