@@ -3,9 +3,8 @@
 * The stock bfloat16 engine is within TOL of the float32 reference: the
   tolerance of test_hybrid_exact.py is what bfloat16 costs, nothing more.
 * A map whose triangle layers cannot differ from dense (a window longer than
-  any prompt, no minimum length) serves what the stock backend serves: the
-  same generated tokens and listed logprob tokens, values within TOL (see
-  assert_same_logprobs), and the same
+  any prompt, no minimum length) serves what the stock backend serves, bit
+  for bit (one request per call: see that test), and the same
   prefix-cache hits (its blocks carry no tag). Everything else in the model
   (Gated DeltaNet layers and their cached state, MoE, gated attention output,
   partial RoPE, QK-norm) runs as vLLM runs it.
@@ -60,37 +59,25 @@ def test_stock_engine_is_within_tol_of_the_float32_reference(stock_hybrid, hybri
 
 
 def test_map_that_cannot_differ_from_dense_serves_what_stock_serves(stock_hybrid, wide_hybrid):
+    """Bit for bit: the same tokens, logprob values and ranks, prompt and decode.
+
+    One request per ``generate`` call. Requests of one call reach the engine
+    core process one by one, so how many of them the first steps hold depends
+    on timing, and this bfloat16 hybrid is not batch-invariant (Gated DeltaNet
+    chunks, MoE): two *stock* engines given the same three prompts in one call
+    differed by one bfloat16 step (0.0078) in about half of the engines of a
+    process, while one request at a time every stock and wide-map engine agreed
+    exactly (2026-11-23). With this map the builder never routes a request to
+    the triangle path (the first sparse row lies past every prompt), so its
+    attention is the stock backend's, and so is everything else.
+    """
     prompts = [random_prompt(n, seed=30 + n) for n in (50, 300, 1500)]
     sp = dict(max_tokens=8, logprobs=5, prompt_logprobs=5)
-    for a, b in zip(run(wide_hybrid, prompts, **sp), run(stock_hybrid, prompts, **sp)):
+    for p in prompts:
+        (a,), (b,) = run(wide_hybrid, [p], **sp), run(stock_hybrid, [p], **sp)
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert_same_logprobs(a.outputs[0].logprobs, b.outputs[0].logprobs)
-        assert_same_logprobs(a.prompt_logprobs, b.prompt_logprobs)
-
-
-def assert_same_logprobs(a, b):
-    """The same tokens listed, values within TOL (ranks are not compared: the
-    rank of a low-probability prompt token among near-equal logprobs moves with
-    differences of this size).
-
-    Run alone, this module's two engines agree bit for bit. In CI, after the
-    preemption module ran in the same pytest process, the decode logprobs of
-    the two engines differed by 5e-6 (a uniform shift of the log-normaliser;
-    bfloat16 model, so far below its resolution). Two *stock* engines created
-    at that point agreed, so the cause is not known; in other CI runs a
-    prompt token's rank moved by one and a value by 1e-3. So the check is the
-    bfloat16 tolerance TOL (0.02) of test_hybrid_exact.py, well under what a
-    triangle layer changes here (FAR, >= 0.06). A later local run also swapped one
-    member of a top-5 list: an open question for the hybrid issue (10).
-    """
-    assert len(a) == len(b)
-    for x, y in zip(as_plain(a), as_plain(b)):
-        if x is None or y is None:
-            assert x == y
-            continue
-        common = x.keys() & y.keys()  # the top-5 can swap members that are within a hair
-        assert len(common) >= len(x) - 1
-        assert max(abs(x[t][0] - y[t][0]) for t in common) < TOL
+        assert as_plain(a.outputs[0].logprobs) == as_plain(b.outputs[0].logprobs)
+        assert as_plain(a.prompt_logprobs) == as_plain(b.prompt_logprobs)
 
 
 def _cache_scenarios(llm):
