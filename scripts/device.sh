@@ -43,7 +43,10 @@ gpu_test() {  # tests/gpu/test_$1_gpu.py, log to $OUT, print failures and the su
 }
 install_plugin() {  # into /tmp/site, entry point included: vLLM's processes (Ray workers too) load it there
   # once per source tree (steps may run side by side on two GPUs after one install)
-  local stamp; stamp=/tmp/tmx/installed-$(cat setup.py pyproject.toml $(find vllm_trianglemix configs -type f | sort) | md5sum | cut -c1-12)
+  # (sources only: running the package from the checkout writes __pycache__, which must not
+  # trigger a reinstall into /tmp/site while the other lane's engine is loading from it)
+  local stamp; stamp=/tmp/tmx/installed-$(cat setup.py pyproject.toml \
+    $(find vllm_trianglemix configs -type f -not -path '*/__pycache__/*' | sort) | md5sum | cut -c1-12)
   [ -f "$stamp" ] && return 0
   python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
     > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
@@ -54,11 +57,14 @@ case "$1" in
     install_plugin
     deadline=$(( $(date +%s) + ${PAIR_BUDGET:-570} ))
     lane() {  # lane GPU "STEP,STEP": the steps in order on one GPU
-      local gpu=$1 step; IFS=, read -ra steps <<< "$2"
+      local gpu=$1 step left; IFS=, read -ra steps <<< "$2"
       for step in "${steps[@]}"; do
+        left=$(( deadline - $(date +%s) ))
+        # (timeout 0 would mean no limit at all)
+        [ "$left" -gt 0 ] || { echo "== GPU $gpu: $step skipped (PAIR_BUDGET spent)"; continue; }
         echo "== GPU $gpu: $step"
         # shellcheck disable=SC2086
-        CUDA_VISIBLE_DEVICES=$gpu timeout $(( deadline - $(date +%s) )) bash "$0" $step 2>&1 \
+        CUDA_VISIBLE_DEVICES=$gpu timeout "$left" bash "$0" $step 2>&1 \
           || echo "(step ended with status $?)"
       done
     }
@@ -137,7 +143,7 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
         grep -E "Error|Traceback" "/tmp/tmx/ttft_tp2_$2.log" | tail -3 || true
         tail -9 "/tmp/tmx/ttft_tp2_$2.log"
         ;;
-      *) echo "usage: $0 tp2 test | tp2 ttft | tp2 256k" >&2; exit 2 ;;
+      *) echo "usage: $0 tp2 test | tp2 ttft | tp2 256k | tp2 all" >&2; exit 2 ;;
     esac
     ;;
   dynamic)
@@ -214,5 +220,5 @@ for k, v in r.items():
 PY
     tail -13 "/tmp/tmx/breadth_$2.log"
     ;;
-  *) echo "usage: $0 check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
+  *) echo "usage: $0 pair STEPS STEPS | check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
 esac
