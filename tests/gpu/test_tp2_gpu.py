@@ -8,21 +8,18 @@ against the float64 reference with the exact mask (test_backend_gpu's checks),
 and every rank runs TriangleMix on its own heads.
 """
 
-import os
 
 import pytest
 import torch
 
 from tests.gpu import test_backend_gpu as backend_gpu
-from tests.gpu.test_backend_gpu import model_dir  # noqa: F401  (fixture)
+from tests.gpu.conftest import engine
 from tests.rank_probe import attention_probe
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
 ]
-
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +30,19 @@ def insecure_serialization():  # collective_rpc with a function (the rank probe)
 
 
 @pytest.fixture(scope="module")
-def stock(model_dir, insecure_serialization):  # noqa: F811
+def stock(model_dir, insecure_serialization):
     """One stock engine at TP=2 (mp) for both executors' checks: an engine start saved."""
-    llm = backend_gpu._engine(model_dir, None, tensor_parallel_size=2,
-                              distributed_executor_backend="mp")
+    llm = engine(model_dir, None, tensor_parallel_size=2, distributed_executor_backend="mp")
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module", params=["mp", "ray"])
-def engines(request, model_dir, stock, insecure_serialization):  # noqa: F811
+def engines(request, model_dir, stock, insecure_serialization):
     if request.param == "ray":
         pytest.importorskip("ray")
-    tri = backend_gpu._engine(model_dir, "TRIANGLEMIX", tensor_parallel_size=2,
-                              distributed_executor_backend=request.param)
+    tri = engine(model_dir, "TRIANGLEMIX", tensor_parallel_size=2,
+                 distributed_executor_backend=request.param)
     try:
         yield stock, tri
     finally:

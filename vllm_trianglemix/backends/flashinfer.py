@@ -29,6 +29,7 @@ from vllm.v1.attention.backends.flashinfer import (
     FlashInferMetadataBuilder,
 )
 
+from vllm_trianglemix import compat
 from vllm_trianglemix.backends.common import TriangleMixBuilderMixin, TriangleMixImplMixin
 from vllm_trianglemix.backends.cuda import dynamic_op, flash_kv_cache_views, triangle_op, triangle_refusals
 from vllm_trianglemix.ops.triangle_triton import TritonTriangleOp
@@ -38,8 +39,8 @@ from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA, TriangleMixUns
 def flashinfer_kv_cache_views(kv_cache, num_kv_heads: int, head_size: int, kv_cache_dtype: str):
     """FlashInfer's cache -> key and value views, each (blocks, block_size, kv_heads, dim)."""
     num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[2]
-    expected = tuple(FlashInferBackend.get_kv_cache_shape(
-        num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str=kv_cache_dtype))
+    expected = compat.flashinfer_cache_shape(num_blocks, block_size, num_kv_heads, head_size,
+                                             kv_cache_dtype)
     if tuple(kv_cache.shape) != expected:
         raise TriangleMixUnsupportedError(
             f"TriangleMix: FlashInfer KV cache of shape {tuple(kv_cache.shape)}, expected "

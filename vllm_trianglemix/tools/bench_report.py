@@ -15,11 +15,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ttft", required=True, help="JSON from `bench ttft` (dense and trianglemix)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--hybrid-ttft", default=None,
-                    help="JSON from `bench ttft` on a hybrid shape (scripts/device.sh hybrid-ttft)")
+                    help="JSON from `bench ttft` on a hybrid shape (scripts/gpu.sh hybrid-ttft)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end")
     ap.add_argument("--breadth", default=None,
                     help="JSON from `bench ttft --kv-cache-dtype fp8` / `--stock-backend FLASHINFER` "
-                         "(scripts/device.sh breadth-bench): a section per set-up")
+                         "(scripts/gpu.sh breadth-bench): a section per set-up")
 
 
 def _met(ok: bool) -> str:

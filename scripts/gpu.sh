@@ -1,38 +1,35 @@
 #!/usr/bin/env bash
-# One step of a GPU session, run on the device machine from the repository root.
-# vLLM 0.26.0 must be staged into /tmp/site first (../shared/device/stage-vllm prints the calls).
+# GPU checks and benchmarks, one step per call, run from the repository root on a CUDA machine
+# where vLLM is installed (the plugin itself is (re)installed by each step, without dependencies).
 #
-#   bash scripts/device.sh check     install the plugin, GPU tests, kernel benchmark (+ best config)
-#   bash scripts/device.sh ttft dense|trianglemix   one engine of the TTFT/ITL benchmark
-#   bash scripts/device.sh ray test          the Ray executor test (tests/gpu/test_ray_gpu.py)
-#   bash scripts/device.sh ray ttft [mp|ray] TriangleMix TTFT at 32K and 64K on the mp and the Ray
-#                                            executor (both by default; one when named)
-#   bash scripts/device.sh tp2 test          TP=2 exactness, mp and Ray executors (two GPUs)
-#   bash scripts/device.sh tp2 ttft          TP=2 TTFT/ITL, dense vs TriangleMix, 32K/64K/128K
-#   bash scripts/device.sh tp2 256k          TP=2 TTFT at 256K, Llama-3-8B-Instruct-262k shape
-#   bash scripts/device.sh tp2 all           TP=2 TTFT 32K-256K in one engine pair, the 262k shape
-#                                            (both --fast-start: no torch.compile, decode graphs)
-#   bash scripts/device.sh pair "STEP,STEP" "STEP,STEP"
-#                                            two lanes side by side, one per GPU (two-GPU machine):
-#                                            each lane runs its steps in order on its own GPU, every
-#                                            step cut at PAIR_BUDGET seconds (default 570) from start
-# The ray steps need Ray staged with vLLM: STAGE_EXTRA="ray==2.60.0 msgpack" ../shared/device/stage-vllm
-#   bash scripts/device.sh dynamic   install, dynamic-layer (XAttention) GPU tests, bench dynamic (~4 min)
+#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu in one pytest process
+#                                    (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid, Ray TP=1;
+#                                    Ray is skipped where it is not installed), with per-test durations
+#   bash scripts/gpu.sh kernel       bench kernel: one triangle layer vs FA3 (+ best kernel config)
+#   bash scripts/gpu.sh ttft BACKENDS [ARGS]   bench ttft on the Llama-3.1-8B shape, e.g.
+#                                    ttft dense,trianglemix,dynamic@0.1 --fast-start
+#   bash scripts/gpu.sh dynamic      dynamic-layer (XAttention) kernel tests + bench dynamic
+#   bash scripts/gpu.sh ray test     the Ray executor test (tests/gpu/test_ray_gpu.py)
+#   bash scripts/gpu.sh ray ttft [mp|ray]    TriangleMix TTFT at 32K and 64K on the mp and Ray executors
+#   bash scripts/gpu.sh tp2 test|ttft|256k|all   TP=2 exactness (mp and Ray) / TTFT (two GPUs)
+#   bash scripts/gpu.sh pair "STEP,STEP" "STEP,STEP"
+#                                    two lanes side by side, one per GPU (two-GPU machine): each lane
+#                                    runs its steps in order on its own GPU, every step cut at
+#                                    PAIR_BUDGET seconds (default 570) from the start
 # The hybrid steps run vLLM's Triton Gated DeltaNet prefill (gdn_prefill_backend "triton", both
-# engines): on Hopper vLLM 0.26 otherwise picks FlashInfer's CuTe-DSL GDN kernel, which needs
-# nvidia-cutlass-dsl (absent from the device image: "SM90 GDN prefill DSL kernel is unavailable").
-#   bash scripts/device.sh hybrid-check               install the plugin, GPU hybrid tests (tiny Qwen3-Next)
-#   bash scripts/device.sh hybrid-ttft [BACKENDS]     TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
-#                                                     (default dense,trianglemix; --fast-start engines)
-#   bash scripts/device.sh breadth-tests            install the plugin, fp8 + FlashInfer GPU tests (BREADTH_K: pytest -k)
-#   bash scripts/device.sh breadth-bench fp8|flashinfer
-#                                                   TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix,
-#                                                   on an fp8 KV cache (FA3) or on FlashInfer (forced);
-#                                                   --fast-start engines (no torch.compile, decode graphs)
+# engines): on Hopper vLLM otherwise picks FlashInfer's CuTe-DSL GDN kernel, which needs
+# nvidia-cutlass-dsl.
+#   bash scripts/gpu.sh hybrid-check               GPU hybrid tests (tiny Qwen3-Next)
+#   bash scripts/gpu.sh hybrid-ttft [BACKENDS]     TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
+#   bash scripts/gpu.sh breadth-tests              fp8 + FlashInfer GPU tests (BREADTH_K: pytest -k)
+#   bash scripts/gpu.sh breadth-bench fp8|flashinfer
+#                                    TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix, on an fp8
+#                                    KV cache (FA3) or on FlashInfer (forced); --fast-start engines
 #
-# Results accumulate in /tmp/tmx (kept while the machine is warm) and are copied to $OUT.
+# pip's own settings apply to the plugin's install (e.g. PIP_TARGET for an environment installed
+# into a folder). Logs and results go to $OUT (default /tmp/tmx-out); /tmp/tmx keeps them between steps.
 set -euo pipefail
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tmx-out}
 mkdir -p /tmp/tmx "$OUT"
 gpu_test() {  # tests/gpu/test_$1_gpu.py, log to $OUT, print failures and the summary
@@ -41,14 +38,14 @@ gpu_test() {  # tests/gpu/test_$1_gpu.py, log to $OUT, print failures and the su
   grep -E "^(FAILED|ERROR|SKIPPED)|Error:" "/tmp/tmx/$1_test.log" | tail -6 || true
   tail -2 "/tmp/tmx/$1_test.log"
 }
-install_plugin() {  # into /tmp/site, entry point included: vLLM's processes (Ray workers too) load it there
+install_plugin() {  # into the environment vLLM runs in, entry point included (Ray workers load it too)
   # once per source tree (steps may run side by side on two GPUs after one install)
   # (sources only: running the package from the checkout writes __pycache__, which must not
-  # trigger a reinstall into /tmp/site while the other lane's engine is loading from it)
+  # trigger a reinstall while the other lane's engine is loading from it)
   local stamp; stamp=/tmp/tmx/installed-$(cat setup.py pyproject.toml \
     $(find vllm_trianglemix configs -type f -not -path '*/__pycache__/*' | sort) | md5sum | cut -c1-12)
   [ -f "$stamp" ] && return 0
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . \
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade . \
     > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
   touch "$stamp"
 }
@@ -74,28 +71,36 @@ case "$1" in
     cp /tmp/tmx/lane0.log /tmp/tmx/lane1.log "$OUT"/
     cat /tmp/tmx/lane0.log /tmp/tmx/lane1.log
     ;;
-  check)
+  suite)
     install_plugin
-    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > /tmp/tmx/gpu.txt
-    python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_ray_gpu.py \
-      --ignore tests/gpu/test_tp2_gpu.py --ignore=tests/gpu/test_breadth_gpu.py \
-      > /tmp/tmx/gpu_tests.log 2>&1 || true  # ray, tp2 and breadth-tests run those
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > /tmp/tmx/gpu.txt || true
+    start=$(date +%s)
+    python3 -m pytest -q -s -rs -p no:cacheprovider --durations=25 tests/gpu \
+      > "$OUT/gpu_suite.log" 2>&1 || true
+    echo "GPU suite: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_suite.log"
+    cp /tmp/tmx/gpu.txt "$OUT"/
+    grep -E "^(FAILED|ERROR)|^BREADTH:" "$OUT/gpu_suite.log" | sed 's/^.*BREADTH: /  /' | tail -20 || true
+    grep -E "passed|failed" "$OUT/gpu_suite.log" | tail -2
+    ;;
+  kernel)
+    install_plugin
     python3 -m vllm_trianglemix bench kernel --out /tmp/tmx/kernel.json --best-env /tmp/tmx/kernel.env \
       > /tmp/tmx/kernel.log 2>&1 || true
-    cp /tmp/tmx/* "$OUT"/
-    tail -4 /tmp/tmx/gpu_tests.log; tail -8 /tmp/tmx/kernel.log
+    cp /tmp/tmx/kernel.* "$OUT"/
+    tail -8 /tmp/tmx/kernel.log
     ;;
   ttft)
     install_plugin
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
+    backends=$2; shift 2
     python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
-      --backends "$2" --append --out /tmp/tmx/ttft.json > "/tmp/tmx/ttft_$2.log" 2>&1 || true
-    cp /tmp/tmx/ttft.json "/tmp/tmx/ttft_$2.log" "$OUT"/ 2>/dev/null || true
-    grep -E "Error|Traceback" "/tmp/tmx/ttft_$2.log" | tail -3 || true
-    tail -9 "/tmp/tmx/ttft_$2.log"
+      --backends "$backends" "$@" --append --out /tmp/tmx/ttft.json > /tmp/tmx/ttft.log 2>&1 || true
+    cp /tmp/tmx/ttft.json /tmp/tmx/ttft.log "$OUT"/ 2>/dev/null || true
+    grep -E "Error|Traceback" /tmp/tmx/ttft.log | tail -3 || true
+    tail -12 /tmp/tmx/ttft.log
     ;;
   ray)
-    python3 -c "import ray; print('ray', ray.__version__)" || { echo "ray is not staged" >&2; exit 1; }
+    python3 -c "import ray; print('ray', ray.__version__)" || { echo "ray is not installed (pip install '.[ray]')" >&2; exit 1; }
     install_plugin
     case "${2:-}" in
       test)
@@ -220,5 +225,5 @@ for k, v in r.items():
 PY
     tail -13 "/tmp/tmx/breadth_$2.log"
     ;;
-  *) echo "usage: $0 pair STEPS STEPS | check | ttft BACKENDS | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
+  *) echo "usage: $0 pair STEPS STEPS | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
 esac
