@@ -128,21 +128,26 @@ def seq_lens_cpu(cam):
     return cam.seq_lens[: cam.num_reqs].cpu()
 
 
-def flashinfer_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
-                           head_size: int, kv_cache_dtype: str) -> tuple[int, ...]:
-    """The shape of the per-layer cache vLLM hands FlashInfer's impl.
+def paged_cache_layout(backend_cls, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One layer's paged KV cache for ``backend_cls`` (FlashAttention or FlashInfer):
+    its logical shape and the order of its dimensions in memory (outermost first).
 
-    vLLM 0.26 asks the backend (``FlashInferBackend.get_kv_cache_shape``); from
-    0.32 on every backend's per-layer cache has the logical shape
-    [blocks, kv_heads, block_size, 2*head_size], its memory order set by the
-    cache group's ``KVCacheLayout`` (the strides tell it; the kernels read them).
+    vLLM 0.26 asks the backend (``get_kv_cache_shape``, ``get_kv_cache_stride_order``);
+    from 0.32 on every backend's per-layer cache has the logical shape
+    [blocks, kv_heads, block_size, 2*head_size] and its memory order comes from the cache
+    group's ``KVCacheLayout`` (vLLM's default on CUDA, LBNHC: blocks, block_size, kv_heads).
+    The kernels read whatever strides the tensor has; this tells tests and shape checks
+    what vLLM allocates.
     """
-    from vllm.v1.attention.backends.flashinfer import FlashInferBackend
+    if hasattr(backend_cls, "get_kv_cache_shape"):
+        shape = tuple(backend_cls.get_kv_cache_shape(num_blocks, block_size, num_kv_heads,
+                                                     head_size))
+        return shape, tuple(backend_cls.get_kv_cache_stride_order())
+    from vllm.v1.kv_cache_layout import KVCacheLayout
 
-    if hasattr(FlashInferBackend, "get_kv_cache_shape"):
-        return tuple(FlashInferBackend.get_kv_cache_shape(
-            num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str=kv_cache_dtype))
-    return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+    return ((num_blocks, num_kv_heads, block_size, 2 * head_size),
+            KVCacheLayout.LBNHC.layer_view_order)
 
 
 # -- Model runners: where each request's prompt length can be read ---------

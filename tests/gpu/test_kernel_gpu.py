@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.paged import make_batch, plan_for, reference_output, relative_error
+from vllm_trianglemix import compat
 from vllm_trianglemix.pattern import TriangleParams
 
 pytestmark = [
@@ -165,8 +166,7 @@ def _flash_cache_check(fp8: bool = False):
     seq = [p + q for _, p, q in reqs]
     nblk = [-(-s // bs) for s in seq]
     num_blocks = sum(nblk) + 4
-    shape = FlashAttentionBackend.get_kv_cache_shape(num_blocks, bs, kv_heads, d)
-    order = FlashAttentionBackend.get_kv_cache_stride_order()
+    shape, order = compat.paged_cache_layout(FlashAttentionBackend, num_blocks, bs, kv_heads, d)
     inv = [order.index(i) for i in range(len(order))]
     cache_dtype = "fp8" if fp8 else "auto"
     kv = torch.zeros([shape[i] for i in order], dtype=torch.uint8 if fp8 else torch.bfloat16,

@@ -42,6 +42,9 @@ def engines(model_dir, stock_engine):
                      tensor_parallel_size=1)
         yield stock_engine, tri
         shutdown(tri)
+    import ray
+
+    ray.shutdown()  # the driver's Ray session, so that the test process exits promptly
 
 
 def test_engine_uses_the_ray_executor(engines):

@@ -21,6 +21,7 @@ import torch
 
 from tests.paged import FakeCommonMetadata, PagedBatch, relative_error
 from tests.xattention_reference import block_masses, keep_rule
+from vllm_trianglemix import compat
 from vllm_trianglemix.pattern import (
     DynamicParams,
     dense_row_params,
@@ -71,8 +72,7 @@ def flash_batch(requests, heads, kv_heads, d, page, dtype, seed, fill=float("nan
     seq = [p + q for _, p, q in requests]
     nblk = [-(-s // page) for s in seq]
     num_blocks = sum(nblk) + 3
-    shape = FlashAttentionBackend.get_kv_cache_shape(num_blocks, page, kv_heads, d)
-    order = FlashAttentionBackend.get_kv_cache_stride_order()
+    shape, order = compat.paged_cache_layout(FlashAttentionBackend, num_blocks, page, kv_heads, d)
     inv = [order.index(i) for i in range(len(order))]
     kv = torch.full([shape[i] for i in order], fill, dtype=dtype, device="cuda").permute(*inv)
     key_cache, value_cache = flash_kv_cache_views(kv, d)

@@ -7,13 +7,12 @@ capped at single-token decode batches); the prompt rows of triangle layers run
 the Triton kernel on FlashInfer's paged cache. Chosen by
 ``trianglemix_stock_backend`` (see stock_backend.py).
 
-The cache view: vLLM hands the impl the cache in the shape of
-``FlashInferBackend.get_kv_cache_shape`` (K and V packed in the last dim),
-laid out in memory by ``get_kv_cache_stride_order`` (NHD or HND); the stock
-impl permutes it by that order before calling FlashInfer. The kernel takes the
-K and V views and their strides from the tensor itself, so either layout is
-read as allocated; the shape is checked against the backend's own
-``get_kv_cache_shape`` so that a release with another layout stops with an
+The cache view: vLLM hands the impl the cache in its logical shape (K and V
+packed in the last dim; ``compat.paged_cache_layout``), laid out in memory NHD
+or HND; the stock impl permutes it into memory order before calling
+FlashInfer. The kernel takes the K and V views and their strides from the
+tensor itself, so either layout is read as allocated; the shape is checked
+against the expected one so that a release with another layout stops with an
 error instead of reading the wrong numbers.
 
 fp8 KV cache: on Hopper, FlashInfer keeps the query in bf16/fp16 at the impl
@@ -39,8 +38,8 @@ from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA, TriangleMixUns
 def flashinfer_kv_cache_views(kv_cache, num_kv_heads: int, head_size: int, kv_cache_dtype: str):
     """FlashInfer's cache -> key and value views, each (blocks, block_size, kv_heads, dim)."""
     num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[2]
-    expected = compat.flashinfer_cache_shape(num_blocks, block_size, num_kv_heads, head_size,
-                                             kv_cache_dtype)
+    expected, _ = compat.paged_cache_layout(FlashInferBackend, num_blocks, block_size,
+                                            num_kv_heads, head_size)
     if tuple(kv_cache.shape) != expected:
         raise TriangleMixUnsupportedError(
             f"TriangleMix: FlashInfer KV cache of shape {tuple(kv_cache.shape)}, expected "
