@@ -27,6 +27,7 @@ start with a message the user can act on.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -176,6 +177,13 @@ def format_layer_ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
+def unknown_key_problem(key: str, known: tuple[str, ...]) -> str:
+    """'unknown key; did you mean 'n_local'? (known keys: ...)' for a misspelt key."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key{hint} (known keys: {', '.join(known)})"
+
+
 def _int_field(source: str, name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TriangleMixConfigError(
@@ -241,9 +249,7 @@ def parse_layer_map(data: Any, source: str) -> LayerMap:
     unknown = sorted(str(k) for k in data if k not in REQUIRED_KEYS + OPTIONAL_KEYS)
     if unknown:
         raise TriangleMixConfigError(
-            source,
-            unknown[0],
-            f"unknown key (known keys: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)})",
+            source, unknown[0], unknown_key_problem(unknown[0], REQUIRED_KEYS + OPTIONAL_KEYS)
         )
     for key in REQUIRED_KEYS:
         if key not in data:
@@ -276,7 +282,7 @@ def parse_layer_map(data: Any, source: str) -> LayerMap:
         bad = sorted(str(k) for k in params if k not in PARAM_KEYS)
         if bad:
             raise TriangleMixConfigError(
-                source, f"{where}.{bad[0]}", "unknown key (known: n_init, n_local, n_last)"
+                source, f"{where}.{bad[0]}", unknown_key_problem(bad[0], PARAM_KEYS)
             )
         merged = {k: getattr(defaults, k) for k in PARAM_KEYS}
         for k, v in params.items():
@@ -346,7 +352,7 @@ def _dynamic_layers(source: str, data: dict, n_last: int, triangle: set[int]) ->
     unknown = sorted(str(k) for k in spec if k not in DYNAMIC_DEFAULTS)
     if unknown:
         raise TriangleMixConfigError(
-            source, f"dynamic.{unknown[0]}", f"unknown key (known: {', '.join(DYNAMIC_DEFAULTS)})"
+            source, f"dynamic.{unknown[0]}", unknown_key_problem(unknown[0], tuple(DYNAMIC_DEFAULTS))
         )
     values = {**DYNAMIC_DEFAULTS, **spec}
     if values["method"] not in DYNAMIC_METHODS:

@@ -23,6 +23,7 @@ import functools
 from vllm.logger import init_logger
 
 from vllm_trianglemix import compat, prefix_cache, selection, stock_backend
+from vllm_trianglemix.config import TriangleMixConfigError
 
 logger = init_logger("vllm.trianglemix")
 
@@ -61,7 +62,8 @@ def register_plugin() -> None:
     elif not custom.get_path().startswith(selection.BACKEND_PACKAGE):
         logger.warning(
             "TriangleMix: the CUSTOM attention backend is already registered to %s; "
-            "select TriangleMix with --attention-backend %s instead.",
+            "TriangleMix needs that slot: --attention-backend CUSTOM selects the other "
+            "backend and --attention-backend %s stops at start.",
             custom.get_path(),
             selection.BACKEND_NAME,
         )
@@ -88,7 +90,12 @@ def _wrap_config_check(platform_cls) -> None:
         first_time = selection.RESOLVED_KEY not in (vllm_config.additional_config or {})
         from vllm.platforms import current_platform
 
-        layer_map = selection.check_engine_config(vllm_config, on_cuda=current_platform.is_cuda())
+        try:
+            layer_map = selection.check_engine_config(vllm_config, on_cuda=current_platform.is_cuda())
+        except (TriangleMixConfigError, selection.TriangleMixUnsupportedError) as e:
+            # vLLM wraps this in a long traceback (pydantic's, under `vllm serve`): say it first.
+            logger.error("%s", e)
+            raise
         if first_time:
             logger.info("TriangleMix attention: %s", layer_map.describe())
             if "uncalibrated" in (layer_map.notes or "").lower():

@@ -17,6 +17,11 @@ from vllm_trianglemix.config import (
     resolve_layer_map,
     to_additional_config,
 )
+from vllm_trianglemix.model_info import (  # noqa: F401 (hf_attention_layer_ids: used by calibrate)
+    HYBRID_MODEL_TYPES,
+    has_sliding_layers,
+    hf_attention_layer_ids,
+)
 
 logger = init_logger("vllm.trianglemix")
 
@@ -60,12 +65,6 @@ def num_hidden_layers(model_config) -> int:
     return int(model_config.hf_text_config.num_hidden_layers)
 
 
-HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
-"""Hybrids TriangleMix serves (the text config's ``model_type``): Gated DeltaNet
-layers plus standard causal softmax-attention layers (Qwen3-Next, Qwen3.5 dense
-and MoE, text and multimodal classes)."""
-
-
 def attention_layer_ids(model_config) -> list[int]:
     """The layers that run softmax attention: the only ones a map may name.
 
@@ -74,25 +73,6 @@ def attention_layer_ids(model_config) -> list[int]:
     if not getattr(model_config, "is_hybrid", False):
         return list(range(num_hidden_layers(model_config)))
     return hf_attention_layer_ids(model_config.hf_text_config)
-
-
-def hf_attention_layer_ids(hf_text_config) -> list[int]:
-    """The same, from a Hugging Face text config (also used by ``calibrate``).
-
-    A supported hybrid's full-attention layers are those its ``layer_types``
-    names ``full_attention`` (else every ``full_attention_interval``-th layer);
-    any other model's are all its layers.
-    """
-    n = int(hf_text_config.num_hidden_layers)
-    if getattr(hf_text_config, "model_type", None) not in HYBRID_MODEL_TYPES:
-        return list(range(n))
-    types = getattr(hf_text_config, "layer_types", None)
-    if types:
-        return [i for i, t in enumerate(types[:n]) if t == "full_attention"]
-    interval = getattr(hf_text_config, "full_attention_interval", None)
-    if interval:
-        return [i for i in range(n) if (i + 1) % int(interval) == 0]
-    return []
 
 
 def _refusals(vllm_config, on_cuda: bool) -> list[str]:
@@ -118,7 +98,7 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
             reasons.append("this hybrid model has no full-attention layer")
     if mc.runner_type != "generate":
         reasons.append(f"runner '{mc.runner_type}' is not supported (generation only)")
-    if mc.get_sliding_window() is not None or _has_sliding_layers(mc.hf_text_config):
+    if mc.get_sliding_window() is not None or has_sliding_layers(mc.hf_text_config):
         reasons.append("sliding-window models are not supported")
     if getattr(mc, "rswa_window", None) is not None:
         reasons.append("reference sliding-window attention models are not supported")
@@ -172,11 +152,6 @@ def kv_cache_dtype_refusal(cache_dtype, model_dtype: str) -> str | None:
         f"KV cache dtype {cache_dtype} is not supported "
         f"(supported: auto, {', '.join(FP8_KV_CACHE_DTYPES)})"
     )
-
-
-def _has_sliding_layers(hf_config) -> bool:
-    layer_types = getattr(hf_config, "layer_types", None) or []
-    return any("sliding" in str(t) for t in layer_types)
 
 
 def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:

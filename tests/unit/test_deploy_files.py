@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -509,3 +510,100 @@ def test_readme_matches_the_files():
     assert "--attention-backend CUSTOM" in text
     assert "TriangleMix attention: layers 16-31" in text
     assert f'"{ADDITIONAL_CONFIG_KEY}"' in text
+
+
+# --------------------------------------------------------------------------- newcomer docs
+
+RAY_KUSTOMIZATION = K8S / "ray" / "kustomization.yaml"
+ROOT_README = ROOT / "README.md"
+
+
+def _kustomizations() -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in _all_docs() if d.get("kind") == "Kustomization"]
+
+
+def test_ray_set_rewrites_its_image_as_the_single_node_set():
+    """`kubectl apply -k docker/k8s/ray`: the RayCluster's image follows kustomize's
+    images: rewrite, with the same entry as the single-node set."""
+    (ray,) = _docs(RAY_KUSTOMIZATION)
+    assert ray["resources"] == ["raycluster-tp.yaml"]
+    (single,) = _docs(K8S / "kustomization.yaml")
+    assert ray["images"] == single["images"]
+    tag = _image_tag()
+    for path, doc in _kustomizations():
+        for entry in doc.get("images") or []:
+            assert entry["name"] == IMAGE_REPO and entry.get("newTag") == tag, f"{_rel(path)}: {entry}"
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl (with kustomize) not installed")
+def test_kustomize_rewrites_every_image(tmp_path):
+    """Rendered with a registry set, no container keeps the local image name."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    registry = "registry.example.com/ml/vllm-trianglemix"
+    for path in (copy / "kustomization.yaml", copy / "ray" / "kustomization.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        doc["images"][0]["newName"] = registry
+        path.write_text(yaml.safe_dump(doc))
+    for folder in (copy, copy / "ray"):
+        out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        images = re.findall(r"^\s*image:\s*(\S+)", out.stdout, flags=re.M)
+        assert images and all(i == f"{registry}:{_image_tag()}" for i in images), (folder, images)
+
+
+def _bundled_map_names() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("readme", [ROOT_README, README], ids=["README", "docker-README"])
+def test_bundled_map_lists_are_complete(readme):
+    text = readme.read_text()
+    missing = [name for name in _bundled_map_names() if f"`{name}`" not in text]
+    assert not missing, f"{_rel(readme)} does not list the bundled maps {missing}"
+
+
+def test_root_readme_map_table_matches_the_maps():
+    """Each row of README's bundled-map table: the map's triangle and dynamic layers."""
+    from vllm_trianglemix.config import format_layer_ranges, load_layer_map
+
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
+        r"^\| `([\w.-]+)`[^|]*\|[^|]*\| ([^|]+) \| ([^|]+) \|$", ROOT_README.read_text(), flags=re.M)}
+    assert sorted(rows) == _bundled_map_names()
+
+    def ids(cell: str) -> list[int] | None:
+        cell = cell.strip()
+        if cell == "-":
+            return []
+        if "..." in cell:  # "27, 31, ..., 47": a step
+            nums = [int(x) for x in re.findall(r"\d+", cell)]
+            return list(range(nums[0], nums[-1] + 1, nums[1] - nums[0]))
+        return [i for part in cell.split(",") for i in (
+            range(int(part.split("-")[0]), int(part.split("-")[1]) + 1) if "-" in part
+            else [int(part)])]
+
+    for name, (triangle, dynamic) in rows.items():
+        layer_map = load_layer_map(str(ROOT / "configs" / f"{name}.yaml"))
+        assert ids(triangle) == sorted(layer_map.layers), (name, triangle,
+                                                           format_layer_ranges(sorted(layer_map.layers)))
+        assert ids(dynamic) == sorted(layer_map.dynamic_layers), (name, dynamic)
+
+
+def test_docs_and_scripts_name_only_files_that_exist():
+    ref = re.compile(r"(?<![\w/.$-])((?:tests|scripts|docker|configs|vllm_trianglemix|requirements|"
+                     r"benchmarks|csrc)/[\w./-]*\w)")
+    files = [ROOT_README, README, *sorted((ROOT / "scripts").glob("*.sh"))]
+    for path in files:
+        for m in ref.finditer(path.read_text()):
+            target = m.group(1).rstrip("/.")
+            if "$" in target or target.endswith("_"):
+                continue
+            assert (ROOT / target).exists(), f"{_rel(path)} names {target}, which does not exist"
+
+
+def test_root_readme_kubernetes_block_gives_one_command_per_choice():
+    """Two `kubectl apply` lines in a row read as 'run both'; the Ray set is an alternative."""
+    block = ROOT_README.read_text().split("# Kubernetes", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.startswith("kubectl apply")]
+    assert commands == ["kubectl apply -k docker/k8s"], commands

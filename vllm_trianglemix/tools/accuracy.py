@@ -1,4 +1,4 @@
-"""Accuracy check of dense vs TriangleMix through two OpenAI-compatible servers.
+"""Compare a dense and a TriangleMix server (OpenAI API): greedy agreement, passkey accuracy, logprobs.
 
 ``vllm-trianglemix check-accuracy --dense-url http://host:8000 --trianglemix-url http://host:8001``
 
@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import re
 import sys
 from dataclasses import dataclass
 
 import requests
-from vllm.logger import init_logger
 
-logger = init_logger("vllm.trianglemix")
+from vllm_trianglemix.tools.errors import ToolError, existing_file, http_url
+
+# vLLM's logger namespace; this tool talks HTTP only and never imports vLLM.
+logger = logging.getLogger("vllm.trianglemix")
 
 ENGLISH = (
     "the of and to in is was that for on with as by at from his her they be this have had "
@@ -96,17 +99,34 @@ class Task:
 class Server:
     """One OpenAI-compatible vLLM server."""
 
-    def __init__(self, url: str, model: str | None, timeout: float):
-        self.url, self.timeout = url.rstrip("/"), timeout
-        models = self._call("get", "/v1/models")["data"]
-        card = next((m for m in models if m["id"] == model), models[0]) if models else {}
-        self.model = model or card.get("id")
+    def __init__(self, url: str, model: str | None, timeout: float, what: str = "server"):
+        self.url, self.timeout, self.what = url.rstrip("/"), timeout, what
+        try:
+            models = self._call("get", "/v1/models")["data"]
+        except (KeyError, TypeError, ValueError):
+            raise ToolError(f"{what} {self.url}: /v1/models did not answer as an OpenAI "
+                            "server does (is this vLLM's server?)") from None
+        if not models:
+            raise ToolError(f"{what} {self.url} serves no model")
+        ids = [m.get("id") for m in models]
+        if model is not None and model not in ids:
+            raise ToolError(f"--model {model!r}: {what} {self.url} serves {', '.join(map(str, ids))}")
+        card = next(m for m in models if model is None or m["id"] == model)
+        self.model = card.get("id")
         self.max_model_len = card.get("max_model_len")
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        r = requests.request(method, self.url + path, json=body, timeout=self.timeout)
+        try:
+            r = requests.request(method, self.url + path, json=body, timeout=self.timeout)
+        except requests.ConnectionError:
+            raise ToolError(f"{self.what} {self.url}: no server answers there "
+                            "(connection failed)") from None
+        except requests.Timeout:
+            raise ToolError(f"{self.what} {self.url}{path}: no answer within "
+                            f"{self.timeout:g} s (--timeout)") from None
         if r.status_code != 200:
-            raise RuntimeError(f"{self.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
+            text = " ".join(r.text[:300].split())
+            raise ToolError(f"{self.what} {self.url}{path}: HTTP {r.status_code}: {text}")
         return r.json()
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
@@ -127,15 +147,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trianglemix-url", required=True, help="server with TRIANGLEMIX")
     parser.add_argument("--model", default=None, help="model name (default: each server's first)")
     parser.add_argument("--prompts", default=None, help="JSONL file (default: synthetic passkey)")
-    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts to send to both servers")
     parser.add_argument(
         "--prompt-len", type=int, default=None,
         help="tokens per synthetic prompt (default: 16384, at most what the server accepts)",
     )
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--min-agreement", type=float, default=0.9)
+    parser.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--min-agreement", type=float, default=0.9,
+                        help="exit 1 when fewer outputs than this fraction are identical")
     parser.add_argument("--report", default=None, help="write per-prompt results here (JSON)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
 
 
@@ -278,9 +299,13 @@ def table(rows: list[dict], summary: dict, min_agreement: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    http_url(args.dense_url, "--dense-url")
+    http_url(args.trianglemix_url, "--trianglemix-url")
+    if args.prompts:
+        existing_file(args.prompts, "--prompts")
     try:
-        dense = Server(args.dense_url, args.model, args.timeout)
-        tm = Server(args.trianglemix_url, args.model, args.timeout)
+        dense = Server(args.dense_url, args.model, args.timeout, "dense server")
+        tm = Server(args.trianglemix_url, args.model, args.timeout, "TriangleMix server")
         if args.prompts:
             tasks = file_tasks(args.prompts, args.num_prompts)
         else:

@@ -29,9 +29,6 @@ import json
 import sys
 import time
 
-import numpy as np
-import torch
-
 from vllm_trianglemix.pattern import (
     DynamicParams,
     dense_row_params,
@@ -39,7 +36,10 @@ from vllm_trianglemix.pattern import (
     plan_blocks,
     plan_query_blocks,
 )
-from vllm_trianglemix.tools.bench import command_line
+from vllm_trianglemix.tools.bench import command_line, require_cuda
+
+# torch and numpy are imported where they are used, so that `bench dynamic -h`
+# answers without loading them.
 
 HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
 BLOCK, STRIDE, N_LAST = 128, 8, 128
@@ -66,6 +66,9 @@ class _Cam:
 
 def _time_ms(fn, reps: int) -> float:
     """Median of ``reps`` timed calls after one warm-up (CUDA events)."""
+    import numpy as np
+    import torch
+
     fn()
     times = []
     for _ in range(reps):
@@ -82,6 +85,8 @@ class _Step:
     """One prefill step of the sequence: rows [p0, p0 + n) against keys [0, p0 + n)."""
 
     def __init__(self, L, p0, n, q, kc, vc, bt, dyn, tri, scale):
+        import numpy as np
+        import torch
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         self.L, self.p0, self.n = L, p0, n
@@ -138,14 +143,15 @@ class _Step:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000],
+                    help="sequence lengths (tokens)")
     ap.add_argument("--chunk", type=int, default=16384,
                     help="prefill chunk (vLLM's max_num_batched_tokens); 0: whole prompt in one step")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2],
                     help="max_density values (threshold 1.0: a fixed budget)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
                     help="write the chosen configuration as an env file (VLLM_TRIANGLEMIX_XATTN_CONFIG)")
 
@@ -186,6 +192,10 @@ def _row_line(r: dict) -> str:
 
 
 def run(args) -> int:
+    require_cuda("bench dynamic")
+    import numpy as np  # noqa: F401
+    import torch
+
     from vllm_trianglemix.backends.cuda import flash_kv_cache_views, triangle_op
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 

@@ -24,12 +24,11 @@ import json
 import sys
 import time
 
-import numpy as np
-import torch
-
-from vllm_trianglemix.tools.bench import command_line
-from vllm_trianglemix.ops.triangle_triton import CONFIG_ENV, KernelConfig, TritonTriangleOp
 from vllm_trianglemix.pattern import TriangleParams, dense_start, plan_blocks
+from vllm_trianglemix.tools.bench import command_line, require_cuda
+
+# torch, numpy and the Triton op are imported where they are used, so that
+# `bench kernel -h` answers without loading them.
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 PARAMS = TriangleParams(n_init=8, n_local=512, n_last=128)
@@ -57,6 +56,11 @@ def _bench(fn, rep_ms: int) -> float:
 
 
 def _time_config(cfg, q, kc, vc, bt, out_fa, L, scale, rep_ms) -> dict:
+    import numpy as np
+    import torch
+
+    from vllm_trianglemix.ops.triangle_triton import TritonTriangleOp
+
     op = TritonTriangleOp(HEADS, KV_HEADS, DIM, config=cfg)
     qsl, seq = np.array([0, L]), np.array([L])
     dense_from = dense_start(np.array([L]), PARAMS.n_last, 0)
@@ -81,15 +85,23 @@ def _time_config(cfg, q, kc, vc, bt, out_fa, L, scale, rep_ms) -> dict:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000],
+                    help="sequence lengths (tokens)")
     ap.add_argument("--configs", nargs="*", default=SWEEP,
-                    help="kernel configurations to time (KernelConfig fields, comma-separated)")
-    ap.add_argument("--rep-ms", type=int, default=300)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--best-env", default=None)
+                    help="kernel configurations to time (KernelConfig fields, comma-separated; "
+                    f"default: a sweep of {len(SWEEP)})")
+    ap.add_argument("--rep-ms", type=int, default=300, help="milliseconds of timed runs per measurement")
+    ap.add_argument("--out", default=None, help="write the results here (JSON)")
+    ap.add_argument("--best-env", default=None,
+                    help="write the fastest configuration as an env file (VLLM_TRIANGLEMIX_KERNEL_CONFIG)")
 
 
 def run(args) -> int:
+    require_cuda("bench kernel")
+    import numpy as np  # noqa: F401
+    import torch
+
+    from vllm_trianglemix.ops.triangle_triton import CONFIG_ENV, KernelConfig
 
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 

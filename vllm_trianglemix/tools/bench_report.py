@@ -13,7 +13,7 @@ ITL_TARGET_PCT = 2.0
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kernel", required=True, help="JSON from `bench kernel`")
     ap.add_argument("--ttft", required=True, help="JSON from `bench ttft` (dense and trianglemix)")
-    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write")
     ap.add_argument("--hybrid-ttft", default=None,
                     help="JSON from `bench ttft` on a hybrid shape (scripts/gpu.sh hybrid-ttft)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end")
@@ -183,6 +183,12 @@ def breadth_section(b: dict) -> list[str]:
 
 
 def run(args) -> int:
+    from vllm_trianglemix.tools.errors import existing_file, writable_file
+
+    for flag in ("kernel", "ttft", "hybrid_ttft", "breadth", "notes"):
+        if getattr(args, flag):
+            existing_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    writable_file(args.out, "--out")
     with open(args.kernel) as f:
         kernel = json.load(f)
     with open(args.ttft) as f:

@@ -64,7 +64,18 @@ BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX", "dynamic": "TRIANGLEMIX
 def _backend_kind(name: str) -> str:
     kind = name.split("@", 1)[0]
     if kind not in BACKENDS:
-        raise SystemExit(f"bench ttft: unknown backend '{name}' (known: dense, trianglemix, dynamic, dynamic@D)")
+        from vllm_trianglemix.tools.errors import ToolError
+
+        raise ToolError(f"--backends: unknown backend '{name}' (known: dense, trianglemix, dynamic, dynamic@D)")
+    if "@" in name:
+        try:
+            density = float(name.split("@", 1)[1])
+        except ValueError:
+            density = -1.0
+        if not 0.0 < density <= 1.0:
+            from vllm_trianglemix.tools.errors import ToolError
+
+            raise ToolError(f"--backends: '{name}': D of dynamic@D is a density in (0, 1]")
     return kind
 
 
@@ -274,14 +285,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="comma-separated: dense, trianglemix, dynamic, dynamic@D (fixed density D)")
     ap.add_argument("--dynamic-map", default=None,
                     help="map of the dynamic engines (default: the bundled <model>-dynamic)")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--itl-context", type=int, default=32000)
-    ap.add_argument("--itl-tokens", type=int, default=128)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    ap.add_argument("--max-model-len", type=int, default=131072)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000],
+                    help="prompt lengths (tokens) whose TTFT is measured")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per length (the median is kept)")
+    ap.add_argument("--itl-context", type=int, default=32000, help="context of the decode ITL run")
+    ap.add_argument("--itl-tokens", type=int, default=128, help="tokens generated in the ITL run")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                    help="vLLM's token budget per step (the prefill chunk)")
+    ap.add_argument("--max-model-len", type=int, default=131072, help="vLLM's max_model_len (an upper bound)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's option")
+    ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="results are labelled BACKEND+tpN when > 1")
     ap.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"],
@@ -299,10 +312,32 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gdn-prefill-backend", default=None, choices=["flashinfer", "triton"],
                     help="hybrid models: vLLM's Gated DeltaNet prefill kernel (both engines; "
                          "vLLM picks FlashInfer's on Hopper, which needs nvidia-cutlass-dsl)")
-    ap.add_argument("--out", default="ttft.json")
-    ap.add_argument("--append", action="store_true")
+    ap.add_argument("--out", default="ttft.json", help="the JSON result")
+    ap.add_argument("--append", action="store_true", help="merge into an existing --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+
+
+def _check_inputs(args) -> None:
+    """What can be checked before an engine starts: the model folder, the backends and
+    their maps against the model's config.json (``check-map``'s check), --out."""
+    from vllm_trianglemix.config import resolve_layer_map
+    from vllm_trianglemix.tools.check_map import check_map
+    from vllm_trianglemix.tools.errors import model_folder_or_hub_id, writable_file
+
+    model = model_folder_or_hub_id(args.model)
+    writable_file(args.out, "--out")
+    kinds = {_backend_kind(b) for b in args.backends.split(",")}
+    maps = []
+    if "trianglemix" in kinds:
+        maps.append(args.trianglemix_config)
+    if "dynamic" in kinds:
+        maps.append(args.dynamic_map or os.path.basename(args.model.rstrip("/")).lower() + "-dynamic")
+    for ref in maps:
+        if os.path.isdir(model):
+            check_map(ref, model)
+        else:  # a hub name: the map alone
+            resolve_layer_map({"trianglemix_config": ref} if ref else {}, model)
 
 
 def run(args) -> int:
@@ -313,6 +348,7 @@ def run(args) -> int:
             json.dump(result, f)
         return 0
 
+    _check_inputs(args)
     report = {"results": {}}
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:
@@ -360,7 +396,11 @@ def run(args) -> int:
             cmd.append("--language-model-only")
         if args.trianglemix_config:
             cmd += ["--trianglemix-config", args.trianglemix_config]
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            from vllm_trianglemix.tools.errors import ToolError
+
+            raise ToolError(f"the {backend} engine failed (its output is above); "
+                            f"results so far are in {args.out}")
         with open(path) as f:
             key = _key(backend, _labels(args))
             report["results"][key] = {**json.load(f), "command": command_line()}

@@ -38,7 +38,7 @@ pass key sentence at a random depth and the question at the end. Real text
 of your workload gives a more faithful map than random tokens.
 
 Hybrid models (Qwen3-Next, Qwen3.5): only their full-attention layers are
-candidates (``selection.hf_attention_layer_ids``); the Gated DeltaNet layers
+candidates (``model_info.hf_attention_layer_ids``); the Gated DeltaNet layers
 run as they are, and ``--max-layers-fraction`` counts full-attention layers.
 
 Limits: one prompt at a time, no padding; a full ``T x T`` boolean mask per
@@ -56,13 +56,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass, field
-
-from vllm.logger import init_logger
 
 from vllm_trianglemix.config import (
     TriangleMixConfigError,
@@ -70,10 +69,17 @@ from vllm_trianglemix.config import (
     load_layer_map,
     parse_layer_map,
 )
+from vllm_trianglemix.model_info import hf_attention_layer_ids
 from vllm_trianglemix.pattern import TriangleParams, dense_start, first_sparse_row, visible
-from vllm_trianglemix.selection import hf_attention_layer_ids
+from vllm_trianglemix.tools.errors import (
+    ToolError,
+    existing_file,
+    model_folder_or_hub_id,
+    writable_file,
+)
 
-logger = init_logger("vllm.trianglemix")
+# vLLM's logger namespace, without importing vLLM (so that `calibrate -h` answers at once).
+logger = logging.getLogger("vllm.trianglemix")
 
 ATTENTION_NAME = "trianglemix_calibrate"
 DEFAULT_KL_BUDGET = 0.02
@@ -88,17 +94,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"],
         help="auto: float32 on cpu, the model's dtype on cuda",
     )
-    parser.add_argument("--n-init", type=int, default=8)
-    parser.add_argument("--n-local", type=int, default=512)
-    parser.add_argument("--n-last", type=int, default=128)
-    parser.add_argument("--min-prompt-len", type=int, default=8192)
+    parser.add_argument("--n-init", type=int, default=8, help="sink tokens every row keeps")
+    parser.add_argument("--n-local", type=int, default=512,
+                        help="causal window of a triangle row (the query itself included)")
+    parser.add_argument("--n-last", type=int, default=128,
+                        help="the last n_last prompt rows stay dense")
+    parser.add_argument("--min-prompt-len", type=int, default=8192,
+                        help="shorter prompts run dense in every layer")
     parser.add_argument(
         "--prompt-len", type=int, default=None,
         help="tokens per calibration prompt (default: 2 x --min-prompt-len, at most the "
         "model's max_position_embeddings); with a JSONL file, longer prompts are cut "
         "in the middle",
     )
-    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--num-prompts", type=int, default=4, help="calibration prompts")
     parser.add_argument("--prompts", default=None, help="JSONL or text file (default: synthetic)")
     parser.add_argument(
         "--num-generated", type=int, default=8,
@@ -108,8 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kl-budget", type=float, default=DEFAULT_KL_BUDGET,
         help=f"largest mean KL(dense || TriangleMix) in nats (default {DEFAULT_KL_BUDGET})",
     )
-    parser.add_argument("--max-layers-fraction", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-layers-fraction", type=float, default=0.5,
+                        help="at most this fraction of the candidate layers become triangle")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
 
 
 # ----------------------------------------------------------------------------
@@ -201,13 +211,17 @@ def file_prompts(tokenizer, path: str, num: int, length: int | None):
         text = f.read()
     if path.endswith(".jsonl"):
         prompts = []
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
-            item = item if isinstance(item, str) else item.get("prompt", item.get("text"))
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise ToolError(f"--prompts {path}, line {number}: not JSON ({e})") from None
+            item = item if isinstance(item, str) else (
+                item.get("prompt", item.get("text")) if isinstance(item, dict) else None)
             if not isinstance(item, str):
-                raise ValueError(f"{path}: each line needs a 'prompt' or 'text' string")
+                raise ToolError(f"--prompts {path}, line {number}: needs a 'prompt' or 'text' string")
             ids = tokenizer(item).input_ids
             if length is not None and len(ids) > length:
                 ids = ids[: length // 2] + ids[len(ids) - (length - length // 2):]
@@ -397,12 +411,17 @@ def _load_model(args, state: MaskState):
         dtype = getattr(torch, args.dtype)
     else:
         dtype = torch.float32 if args.device == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=dtype, attn_implementation=ATTENTION_NAME
-    ).to(args.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, attn_implementation=ATTENTION_NAME
+        ).to(args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ToolError(f"--model: cannot load {args.model} with transformers: {first}") from None
     model.eval()
     args.dtype_used = str(model.dtype).removeprefix("torch.")
-    return model, AutoTokenizer.from_pretrained(args.model)
+    return model, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -411,8 +430,13 @@ def run(args: argparse.Namespace) -> int:
                          "min_prompt_len": args.min_prompt_len, "triangle_layers": [0]},
                         "(calibrate options)")
     except TriangleMixConfigError as e:
-        logger.error("calibrate: %s", e)
-        return 2
+        raise ToolError(str(e)) from None
+    args.model = model_folder_or_hub_id(args.model)
+    writable_file(args.out, "--out")
+    if args.json:
+        writable_file(args.json, "--json")
+    if args.prompts:
+        existing_file(args.prompts, "--prompts")
     params = TriangleParams(args.n_init, args.n_local, args.n_last)
     state = MaskState(params=params, min_prompt_len=args.min_prompt_len)
     model, tokenizer = _load_model(args, state)

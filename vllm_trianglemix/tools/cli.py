@@ -1,32 +1,60 @@
 """``vllm-trianglemix <command>`` / ``python -m vllm_trianglemix <command>``.
 
-Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported lazily: only the chosen command's module is imported, and
-the command list in ``--help`` shows the commands whose module is installed, so
-one missing or broken tool never breaks the others.
+Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``;
+the first line of its docstring is its one-line help. Modules are imported
+lazily: ``--help`` reads each docstring without importing the module, only the
+chosen command's module is imported, and tool modules import vLLM / torch
+inside ``run`` only, so ``-h`` answers at once and one missing or broken tool
+never breaks the others. Bad input (``ToolError``, a bad layer map) ends in one
+line, ``vllm-trianglemix COMMAND: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
+import logging
 import sys
 
 COMMANDS = {
     "demo": "vllm_trianglemix.tools.demo",
     "serve": "vllm_trianglemix.tools.serve",
+    "check-map": "vllm_trianglemix.tools.check_map",
     "bench": "vllm_trianglemix.tools.bench",
     "calibrate": "vllm_trianglemix.tools.calibrate",
     "check-accuracy": "vllm_trianglemix.tools.accuracy",
 }
 
 
-def _available(module_name: str) -> bool:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; every option's default shown unless its
+    help already says it (or it has none worth showing: None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text.lower()
+                or default is None or default is False or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _summary_without_import(module_name: str) -> str | None:
+    """The first docstring line of an installed module, or None if it is not installed."""
     try:
-        return importlib.util.find_spec(module_name) is not None
-    except ImportError:
-        return False
+        spec = importlib.util.find_spec(module_name)
+        source = spec.loader.get_source(module_name) if spec and spec.loader else None
+    except (ImportError, OSError):
+        return None
+    if source is None:
+        return None
+    try:
+        doc = ast.get_docstring(ast.parse(source)) or ""
+    except SyntaxError:
+        return None
+    return (doc.strip().splitlines() or [""])[0]
 
 
 def _summary(module) -> str:
@@ -34,13 +62,26 @@ def _summary(module) -> str:
 
 
 def _configure_logging() -> None:
-    """vLLM configures its loggers (``vllm.*``) only when asked since 0.32."""
-    try:
-        from vllm.config.logging import LoggingConfig
-        from vllm.logger import configure_logging_if_needed
-    except ImportError:
-        return
-    configure_logging_if_needed(LoggingConfig())
+    """vLLM's log format when vLLM is loaded (it configures its loggers only when
+    asked since 0.32); else a plain handler on the ``vllm`` loggers, without
+    importing vLLM for a tool that does not need it."""
+    if "vllm" in sys.modules:
+        try:
+            from vllm.config.logging import LoggingConfig
+            from vllm.logger import configure_logging_if_needed
+        except ImportError:
+            pass
+        else:
+            configure_logging_if_needed(LoggingConfig())
+            return
+    root = logging.getLogger("vllm")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s",
+                                               "%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     parser = argparse.ArgumentParser(
         prog="vllm-trianglemix",
-        description="Tools for the TriangleMix attention backend of vLLM.",
+        description="Tools for the TriangleMix attention backend of vLLM. "
+        "`vllm-trianglemix COMMAND -h` shows a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        if chosen is None and _available(module_name):
-            sub.add_parser(name, help=f"see `vllm-trianglemix {name} -h`")
-    if chosen is not None:
+    if chosen is None:
+        for name, module_name in COMMANDS.items():
+            summary = _summary_without_import(module_name)
+            if summary is not None:
+                sub.add_parser(name, help=summary)
+    else:
         try:
             module = importlib.import_module(COMMANDS[chosen])
         except ImportError as e:
@@ -63,13 +107,23 @@ def main(argv: list[str] | None = None) -> int:
             chosen,
             help=_summary(module),
             description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
     _configure_logging()
-    return int(args._run(args) or 0)
+    from vllm_trianglemix.config import TriangleMixConfigError
+    from vllm_trianglemix.tools.errors import ToolError
+
+    try:
+        return int(args._run(args) or 0)
+    except (ToolError, TriangleMixConfigError) as e:
+        sys.stderr.write(f"vllm-trianglemix {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"vllm-trianglemix {args.command}: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

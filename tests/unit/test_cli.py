@@ -1,0 +1,351 @@
+"""The command line a newcomer meets: help that says what each command does, ``-h``
+without loading vLLM or torch, ``check-map``, and one-line errors (exit 2, no
+traceback) for bad paths, URLs, maps and models, before any engine starts.
+
+No engine starts here: each bad input must be refused before one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import importlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_trianglemix.tools.cli import COMMANDS, HelpFormatter, main
+from vllm_trianglemix.tools.server_process import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "vllm", "transformers", "triton")
+
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4}
+TINY_HYBRID = {
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "num_hidden_layers": 8,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+    + ["full_attention"],
+}
+GOOD_MAP = "n_init: 4\nn_local: 64\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: '2-3'\n"
+
+
+def model_folder(tmp_path: Path, config: dict, name: str = "tiny-llama-trianglemix-demo") -> str:
+    """A model folder holding only config.json: all check-map reads."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"vllm-trianglemix {command}: error: "), err
+    return lines[0]
+
+
+# --- help ---------------------------------------------------------------------------------
+
+
+def test_top_level_help_says_what_each_command_does(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["-h"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for name in COMMANDS:
+        i = next(i for i, line in enumerate(lines) if line.strip().split(" ")[0] == name)
+        summary = lines[i].strip()[len(name):].strip() or lines[i + 1].strip()  # long names wrap
+        assert len(summary) > 20 and "-h`" not in summary, (name, summary)
+
+
+def _parsers():
+    """Every command's parser (bench: each subcommand's), built as the CLI builds them."""
+    for name, module_name in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=name, formatter_class=HelpFormatter)
+        importlib.import_module(module_name).add_arguments(parser)
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            for sub_name, sub in subs[0].choices.items():
+                yield f"{name} {sub_name}", sub
+        else:
+            yield name, parser
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for name, parser in _parsers():
+        assert parser.formatter_class is HelpFormatter, name
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            if action.option_strings and action.default not in (None, False):
+                shown = HelpFormatter(name)._get_help_string(action)
+                assert "default" in shown.lower(), f"{name} {action.option_strings}: default not shown"
+
+
+def test_help_of_every_command_loads_neither_vllm_nor_torch():
+    """`-h` must answer at once: heavy modules are imported after parsing."""
+    commands = [[name] for name in COMMANDS] + [["bench", b] for b in ("kernel", "dynamic", "ttft", "report")]
+    code = (
+        "import contextlib, io, sys, time\n"
+        "from vllm_trianglemix.tools.cli import main\n"
+        "t = time.perf_counter()\n"
+        f"for argv in {commands!r} + [[]]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv + ['-h'])\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), time.perf_counter() - t)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded, seconds = proc.stdout.split("] ")
+    assert loaded + "]" == "[]", proc.stdout
+    assert float(seconds) < 10, proc.stdout  # well under a second each, even on a busy machine
+
+
+def test_serve_help_points_at_vllms_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "-h"])
+    assert "serve MODEL --help" in " ".join(capsys.readouterr().out.split())
+
+
+# --- check-map ----------------------------------------------------------------------------
+
+
+def test_check_map_prints_what_would_run(tmp_path, capsys):
+    model = model_folder(tmp_path, TINY_LLAMA)
+    overrides = GOOD_MAP.replace("'2-3'", "'1-2'") + "layer_overrides:\n  2: {n_local: 32}\n" \
+        "dynamic_layers: [3]\ndynamic: {block_size: 32, stride: 4}\n"
+    assert main(["check-map", write(tmp_path, "m.yaml", overrides), "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "triangle layers 1: n_init=4, n_local=64, n_last=16" in out
+    assert "triangle layers 2: n_init=4, n_local=32, n_last=16" in out
+    assert "dynamic layers 3: xattention, block_size=32, stride=4, threshold=0.9, n_last=16" in out
+    assert "dense layers (stock backend): 0" in out
+    assert "min_prompt_len 128" in out and out.rstrip().endswith("OK")
+
+
+def test_check_map_picks_the_bundled_map_as_the_engine_does(tmp_path, capsys):
+    model = model_folder(tmp_path, TINY_LLAMA)  # folder name matches tiny-llama-demo.yaml
+    assert main(["check-map", "--model", str(Path(model) / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama-demo.yaml" in out and "triangle layers 2-3: n_init=4, n_local=64" in out
+    assert main(["check-map", "tiny-llama-demo-dynamic", "--model", model]) == 0
+    assert "dynamic layers 0-1: xattention" in capsys.readouterr().out
+
+
+def test_check_map_on_a_hybrid_names_its_full_attention_layers(tmp_path, capsys):
+    model = model_folder(tmp_path, TINY_HYBRID, "tiny-qwen3-next")
+    assert main(["check-map", write(tmp_path, "ok.yaml", GOOD_MAP.replace("'2-3'", "[7]")),
+                 "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "full attention: 3,7" in out and "dense full-attention layers (stock backend): 3" in out
+    assert main(["check-map", write(tmp_path, "bad.yaml", GOOD_MAP), "--model", model]) == 2
+    line = one_error_line(capsys, "check-map")
+    assert "field 'triangle_layers': layers [2] are not full-attention layers" in line
+    assert main(["check-map", write(tmp_path, "dyn.yaml", GOOD_MAP.replace("'2-3'", "[7]")
+                                    + "dynamic_layers: [3]\n"), "--model", model]) == 2
+    assert "field 'dynamic_layers'" in one_error_line(capsys, "check-map")
+
+
+@pytest.mark.parametrize("map_text,expected", [
+    (GOOD_MAP.replace("n_local", "n_locl"), "field 'n_locl': unknown key; did you mean 'n_local'?"),
+    (GOOD_MAP.replace("'2-3'", "'2-4'"), "field 'triangle_layers': layer 4 is outside the model"),
+    (GOOD_MAP + "layer_overrides:\n  2: {nlocal: 3}\n",
+     "field 'layer_overrides.2.nlocal': unknown key; did you mean 'n_local'?"),
+    (GOOD_MAP + "dynamic_layers: [0]\ndynamic: {treshold: 0.5}\n",
+     "field 'dynamic.treshold': unknown key; did you mean 'threshold'?"),
+    (GOOD_MAP + "num_hidden_layers: 32\n", "field 'num_hidden_layers'"),
+    (None, "no such file"),
+])
+def test_check_map_bad_map_is_one_line_naming_the_field(tmp_path, capsys, map_text, expected):
+    model = model_folder(tmp_path, TINY_LLAMA)
+    path = str(tmp_path / "missing.yaml") if map_text is None else write(tmp_path, "m.yaml", map_text)
+    assert main(["check-map", path, "--model", model]) == 2
+    assert expected in one_error_line(capsys, "check-map")
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({**TINY_LLAMA, "sliding_window": 4096}, "sliding-window models are not supported"),
+    ({**TINY_LLAMA, "model_type": "deepseek_v3", "kv_lora_rank": 512}, "MLA attention"),
+    ({"architectures": ["Foo"], "model_type": "foo"}, "no num_hidden_layers"),
+])
+def test_check_map_refuses_models_it_cannot_serve(tmp_path, capsys, config, expected):
+    model = model_folder(tmp_path, config)
+    assert main(["check-map", write(tmp_path, "m.yaml", GOOD_MAP), "--model", model]) == 2
+    assert expected in one_error_line(capsys, "check-map")
+
+
+def test_check_map_missing_model(tmp_path, capsys):
+    assert main(["check-map", "tiny-llama-demo", "--model", str(tmp_path / "none")]) == 2
+    assert "--model: no such model folder or config.json" in one_error_line(capsys, "check-map")
+    assert main(["check-map", "tiny-llama-demo", "--model", str(tmp_path)]) == 2
+    assert "has no config.json" in one_error_line(capsys, "check-map")
+
+
+def test_check_map_command_line_is_fast_and_light(tmp_path):
+    """The real command: one line on stderr, exit 2, no traceback, no vLLM/torch."""
+    model = model_folder(tmp_path, TINY_LLAMA)
+    bad = write(tmp_path, "typo.yaml", GOOD_MAP.replace("n_local", "n_locl"))
+    code = ("import sys\nfrom vllm_trianglemix.tools.cli import main\n"
+            f"rc = main(['check-map', {bad!r}, '--model', {model!r}])\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+            "sys.exit(rc)\n")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    elapsed = time.perf_counter() - t
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 2 and lines[1] == "[]", proc.stderr
+    assert "did you mean 'n_local'?" in lines[0] and "Traceback" not in proc.stderr
+    assert elapsed < 10, elapsed  # about a second; generous for a busy 2-core machine
+
+
+# --- serve checks the map before vLLM starts ---------------------------------------------
+
+
+def test_serve_refuses_a_bad_map_before_vllm_starts(tmp_path, capsys):
+    model = model_folder(tmp_path, TINY_LLAMA)
+    bad = write(tmp_path, "typo.yaml", GOOD_MAP.replace("n_local", "n_locl"))
+    rc = main(["serve", model, "--dtype", "float32", "--attention-backend", "TRIANGLEMIX",
+               "--additional-config", json.dumps({"trianglemix_config": bad})])
+    assert rc == 2
+    assert "field 'n_locl': unknown key; did you mean 'n_local'?" in one_error_line(capsys, "serve")
+    rc = main(["serve", model, "--attention-backend=CUSTOM", "--additional-config="
+               + json.dumps({"trianglemix_config": str(tmp_path / "missing.yaml")})])
+    assert rc == 2 and "no such file" in one_error_line(capsys, "serve")
+    # A hub name: the map alone (no bundled map for it, none given).
+    assert main(["serve", "org/Unknown-Model", "--attention-backend", "TRIANGLEMIX"]) == 2
+    assert "no bundled layer map matches model 'org/Unknown-Model'" in one_error_line(capsys, "serve")
+
+
+def test_serve_check_passes_other_engines_through():
+    from vllm_trianglemix.tools.serve import check_before_start
+
+    check_before_start(["some/model", "--dtype", "float32"])  # TriangleMix not selected
+    check_before_start(["some/model", "--attention-backend", "TRIANGLEMIX", "--help"])
+
+
+# --- every tool: one line for a bad path, URL or model ------------------------------------
+
+
+def test_calibrate_bad_inputs(tmp_path, capsys):
+    out = str(tmp_path / "map.yaml")
+    assert main(["calibrate", "--model", "/no/such/dir", "--out", out]) == 2
+    assert "--model: no such model folder: /no/such/dir" in one_error_line(capsys, "calibrate")
+    assert main(["calibrate", "--model", str(tmp_path), "--out", out]) == 2
+    assert "has no config.json" in one_error_line(capsys, "calibrate")
+    model = model_folder(tmp_path, TINY_LLAMA)
+    assert main(["calibrate", "--model", model, "--out", str(tmp_path / "no" / "map.yaml")]) == 2
+    assert "--out: folder" in one_error_line(capsys, "calibrate")
+    assert main(["calibrate", "--model", model, "--out", out, "--prompts", "/no/p.jsonl"]) == 2
+    assert "--prompts: no such file" in one_error_line(capsys, "calibrate")
+    assert main(["calibrate", "--model", model, "--out", out, "--n-local", "0"]) == 2
+    assert "field 'n_local': must be >= 1" in one_error_line(capsys, "calibrate")
+
+
+def test_calibrate_model_transformers_cannot_load(tmp_path, capsys):
+    model = model_folder(tmp_path, {"architectures": ["Foo"], "model_type": "no-such-type",
+                                    "num_hidden_layers": 2})
+    assert main(["calibrate", "--model", model, "--out", str(tmp_path / "m.yaml"),
+                 "--device", "cpu"]) == 2
+    assert "cannot load" in one_error_line(capsys, "calibrate")
+
+
+class _FakeServer(http.server.BaseHTTPRequestHandler):
+    """Answers /v1/models as an OpenAI server serving model 'm'; 404 elsewhere."""
+
+    def do_GET(self):  # noqa: N802
+        body = json.dumps({"data": [{"id": "m", "max_model_len": 4096}]}).encode()
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body if self.path == "/v1/models" else b"not found\n")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_openai_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_check_accuracy_bad_inputs(tmp_path, capsys, fake_openai_server):
+    url = fake_openai_server
+    dead = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (["--dense-url", "localhost:8000", "--trianglemix-url", url], "--dense-url: not an http(s) URL"),
+        (["--dense-url", url, "--trianglemix-url", "http://"], "--trianglemix-url: not an http(s) URL"),
+        (["--dense-url", dead, "--trianglemix-url", url], f"dense server {dead}: no server answers"),
+        (["--dense-url", url, "--trianglemix-url", url, "--prompts", "/no/p.jsonl"],
+         "--prompts: no such file"),
+        (["--dense-url", url, "--trianglemix-url", url, "--model", "other"],
+         f"--model 'other': dense server {url} serves m"),
+        (["--dense-url", url + "/api", "--trianglemix-url", url], "HTTP 404"),
+    ]
+    for args, expected in cases:
+        assert main(["check-accuracy", *args, "--timeout", "10"]) == 2, args
+        assert expected in one_error_line(capsys, "check-accuracy"), args
+
+
+def test_bench_bad_inputs(tmp_path, capsys):
+    model = model_folder(tmp_path, TINY_LLAMA)
+    ttft = ["bench", "ttft", "--out", str(tmp_path / "t.json")]
+    assert main([*ttft, "--model", "/no/such/dir"]) == 2
+    assert "--model: no such model folder" in one_error_line(capsys, "bench")
+    assert main([*ttft, "--model", model, "--backends", "dense,fast"]) == 2
+    assert "--backends: unknown backend 'fast'" in one_error_line(capsys, "bench")
+    assert main([*ttft, "--model", model, "--backends", "dynamic@2"]) == 2
+    assert "density in (0, 1]" in one_error_line(capsys, "bench")
+    bad = write(tmp_path, "m.yaml", GOOD_MAP.replace("'2-3'", "'2-9'"))
+    assert main([*ttft, "--model", model, "--trianglemix-config", bad]) == 2
+    assert "field 'triangle_layers': layer 4 is outside the model" in one_error_line(capsys, "bench")
+    other = model_folder(tmp_path, TINY_LLAMA, "some-other-model")
+    assert main([*ttft, "--model", other, "--backends", "dense,dynamic"]) == 2
+    assert "no bundled map of that name" in one_error_line(capsys, "bench")
+    assert main(["bench", "report", "--kernel", "/no/k.json", "--ttft", "/no/t.json"]) == 2
+    assert "--kernel: no such file" in one_error_line(capsys, "bench")
+
+
+def test_bench_gpu_kernels_need_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for which in ("kernel", "dynamic"):
+        assert main(["bench", which, "--lengths", "1024"]) == 2
+        assert "needs a CUDA GPU" in one_error_line(capsys, "bench")
+
+
+def test_demo_bad_inputs(tmp_path, capsys):
+    not_a_folder = write(tmp_path, "file", "x")
+    assert main(["demo", "--model-dir", not_a_folder]) == 2
+    assert f"--model-dir: {not_a_folder} is a file" in one_error_line(capsys, "demo")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["demo", "--model-dir", str(tmp_path / "m"), "--port", str(port)]) == 2
+    assert f"--port: {port} is in use" in one_error_line(capsys, "demo")
+    assert main(["demo", "--model-dir", str(tmp_path / "m"), "--prompt-words", "0"]) == 2
+    assert "--prompt-words" in one_error_line(capsys, "demo")
