@@ -16,6 +16,8 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 # Greedy decoding only: vLLM's own top-k/top-p sampler instead of FlashInfer's, whose JIT
 # build takes about 90 s on a machine that has not built it before.
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+# Every test model is a local folder: no look-ups on the model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ENGINE_ARGS = dict(dtype="float16", enforce_eager=True, max_model_len=4096,
                    max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.1, seed=0)

@@ -1,0 +1,57 @@
+"""The CPU path reads vLLM's CPU KV cache exactly, whatever the ISA's layout.
+
+vLLM's CPU attention writes keys and values in an ISA-specific layout (strided for the
+vector ISAs, 16-row tiles of element pairs for AMX); ``probe_layout`` finds it with the
+stock write kernel. Here random keys and values are written with that same kernel for
+every ISA this CPU runs and read back through ``kv_cache_views`` at random slots.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+from vllm import _custom_ops as ops  # noqa: E402
+
+from vllm_trianglemix.backends.cpu import probe_layout, kv_cache_views  # noqa: E402
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read()
+    except OSError:
+        return False
+
+
+CASES = [("vec", torch.float32, 64, 16), ("vec", torch.bfloat16, 128, 32),
+         ("vec16", torch.bfloat16, 64, 32)]
+if _cpu_has("amx_bf16"):
+    CASES += [("amx", torch.bfloat16, 64, 32), ("amx", torch.bfloat16, 256, 32),
+              ("amx", torch.float16, 128, 128)]
+
+
+@pytest.mark.parametrize("isa,dtype,head_size,block_size", CASES)
+def test_cache_reads_back_what_the_stock_kernel_wrote(isa, dtype, head_size, block_size):
+    gen = torch.Generator().manual_seed(head_size + block_size)
+    nb, nh, n = 5, 3, 3 * block_size + 7
+    kv = torch.zeros(nb, nh, block_size, 2 * head_size, dtype=dtype)
+    k_view, v_view = kv.view(nb, nh, 2 * block_size, head_size).chunk(2, dim=2)
+    key = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    value = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    slots = torch.randperm(nb * block_size, generator=gen)[:n].to(torch.int64)
+    ops.cpu_attn_reshape_and_cache(key, value, k_view, v_view, slots, isa, k_scale=1.0,
+                                   v_scale=1.0, kv_cache_dtype="auto")
+    layout = probe_layout(isa, dtype, head_size, block_size)
+    keys, values = kv_cache_views(kv, layout)
+    assert tuple(keys.shape) == (nb, block_size, nh, head_size)
+    blocks, offsets = slots // block_size, slots % block_size
+    assert torch.equal(keys[blocks, offsets], key)
+    assert torch.equal(values[blocks, offsets], value)
+    # a wrong slot reads something else (the views are not trivially equal)
+    assert not torch.equal(keys[blocks, (offsets + 1) % block_size], key)
+
+
+def test_layout_kinds():
+    assert probe_layout("vec", torch.float32, 64, 16).strided in ("token_major", "channel_major")
+    if _cpu_has("amx_bf16"):
+        assert probe_layout("amx", torch.bfloat16, 64, 32).strided is None  # tiled
