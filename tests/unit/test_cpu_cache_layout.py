@@ -55,3 +55,25 @@ def test_layout_kinds():
     assert probe_layout("vec", torch.float32, 64, 16).strided in ("token_major", "channel_major")
     if _cpu_has("amx_bf16"):
         assert probe_layout("amx", torch.bfloat16, 64, 32).strided is None  # tiled
+
+
+@pytest.mark.parametrize("isa,dtype,head_size,block_size", CASES[-2:])
+def test_padded_blocks_are_read_in_place(isa, dtype, head_size, block_size):
+    """A layer's cache whose blocks are spaced apart in a larger buffer (hybrid models pad
+    attention pages to the Mamba state's size) is read in place, at its own offset."""
+    gen = torch.Generator().manual_seed(7)
+    nb, nh, n, pad = 4, 2, 2 * block_size + 5, 96
+    page = nh * block_size * 2 * head_size
+    buf = torch.zeros(17 + nb * (page + pad), dtype=dtype)
+    kv = torch.as_strided(buf, (nb, nh, block_size, 2 * head_size),
+                          (page + pad, block_size * 2 * head_size, 2 * head_size, 1), 17)
+    k_view, v_view = kv.view(nb, nh, 2 * block_size, head_size).chunk(2, dim=2)
+    key = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    value = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+    slots = torch.randperm(nb * block_size, generator=gen)[:n].to(torch.int64)
+    ops.cpu_attn_reshape_and_cache(key, value, k_view, v_view, slots, isa, k_scale=1.0,
+                                   v_scale=1.0, kv_cache_dtype="auto")
+    keys, values = kv_cache_views(kv, probe_layout(isa, dtype, head_size, block_size))
+    blocks, offsets = slots // block_size, slots % block_size
+    assert torch.equal(keys[blocks, offsets], key)
+    assert torch.equal(values[blocks, offsets], value)

@@ -73,10 +73,11 @@ class TiledCacheView:
                 f"TriangleMix CPU path: KV cache strides {kv_cache.stride()} are not dense per "
                 "(block, head)"
             )
-        self._flat = torch.as_strided(kv_cache, (kv_cache.numel(),), (1,), 0) \
-            if kv_cache.is_contiguous() else kv_cache.reshape(-1)
         self._s_block, self._s_head = kv_cache.stride(0), kv_cache.stride(1)
-        self._base = kv_cache.storage_offset() - self._flat.storage_offset()
+        # One flat view over the cache's own extent (blocks may be padded apart, as in
+        # hybrid models whose attention pages share memory with Mamba state).
+        span = (nb - 1) * self._s_block + (nh - 1) * self._s_head + bs * two_d
+        self._flat = torch.as_strided(kv_cache, (span,), (1,), kv_cache.storage_offset())
         self._pos = pos
         self.shape = (nb, bs, nh, two_d // 2)
         self.dtype = kv_cache.dtype
@@ -84,7 +85,7 @@ class TiledCacheView:
     def __getitem__(self, index):
         blocks, offsets = index
         heads = torch.arange(self.shape[2]) * self._s_head
-        flat = (self._base + blocks.long()[:, None, None] * self._s_block + heads[None, :, None]
+        flat = (blocks.long()[:, None, None] * self._s_block + heads[None, :, None]
                 + self._pos[offsets.long()][:, None, :])
         return self._flat[flat]
 
