@@ -554,6 +554,9 @@ def run(args) -> int:
 
     if not args.url and not args.model:
         raise SystemExit("soak: give --url of a running server, or --model to start one")
+    if args.url and args.vllm_args:
+        raise SystemExit(f"soak: server arguments {args.vllm_args} need --model (a server to start), "
+                         "not --url")
     server = None
     url = (args.url or "").rstrip("/")
     if not args.url:
