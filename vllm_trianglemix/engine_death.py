@@ -14,7 +14,9 @@ wraps vLLM's ``terminate_if_errored`` (both callers: the watchdog and the
 exception handler), which decides that shutdown, to remember that the engine
 died; at exit the process then ends with status 1 after the usual clean-up
 handlers ran, with the reason logged. A clean stop (SIGTERM, Ctrl-C) still
-exits 0, and ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH`` keeps its meaning.
+exits 0: it first shuts the engine client down (``AsyncLLM.shutdown``, also
+wrapped), after which the engine's errored state is expected and not
+recorded. ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH`` keeps its meaning.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ HANDLER_MODULE = "vllm.entrypoints.serve.exception_handling.handlers.vllm_error"
 EXIT_CODE = 1
 
 _engine_died = False
+_stopping = False
 
 
 def engine_died() -> bool:
@@ -50,7 +53,8 @@ def install() -> bool:
     @functools.wraps(original)
     def terminate_if_errored(server, engine):
         original(server, engine)
-        if getattr(server, "should_exit", False) and _dead(engine) and _selected(engine):
+        if (not _stopping and getattr(server, "should_exit", False) and _dead(engine)
+                and _selected(engine)):
             _record_death()
 
     launcher.terminate_if_errored = terminate_if_errored
@@ -63,10 +67,26 @@ def install() -> bool:
             handler.terminate_if_errored = terminate_if_errored
     except ImportError:
         pass
+    _wrap_clean_shutdown()
     # Registered now (early), so it runs after the clean-up handlers vLLM
     # registers later (atexit runs them last-in, first-out).
     atexit.register(_exit_non_zero_if_engine_died)
     return True
+
+
+def _wrap_clean_shutdown() -> None:
+    """A shutdown the server asked for (a signal) is not an engine death."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    shutdown = AsyncLLM.shutdown
+
+    @functools.wraps(shutdown)
+    def wrapped(self, *args, **kwargs):
+        global _stopping
+        _stopping = True
+        return shutdown(self, *args, **kwargs)
+
+    AsyncLLM.shutdown = wrapped
 
 
 def _dead(engine) -> bool:
