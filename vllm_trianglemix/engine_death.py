@@ -31,8 +31,10 @@ from vllm.logger import init_logger
 
 logger = init_logger("vllm.trianglemix")
 
-LAUNCHER_MODULE = "vllm.entrypoints.launchers.launcher"
+LAUNCHER_MODULES = ("vllm.entrypoints.launchers.launcher", "vllm.entrypoints.launcher")
+"""Where ``terminate_if_errored`` lives (newer, older vLLM)."""
 HANDLER_MODULE = "vllm.entrypoints.serve.exception_handling.handlers.vllm_error"
+"""Newer vLLM's exception handler, which imports it by name."""
 EXIT_CODE = 1
 
 _engine_died = False
@@ -45,9 +47,11 @@ def engine_died() -> bool:
 
 def install() -> bool:
     """In a process that runs vLLM's HTTP server; idempotent. True if installed."""
-    launcher = sys.modules.get(LAUNCHER_MODULE)
-    if launcher is None or getattr(launcher, "_trianglemix_wrapped", False):
-        return launcher is not None
+    launcher = next((sys.modules[m] for m in LAUNCHER_MODULES if m in sys.modules), None)
+    if launcher is None or not hasattr(launcher, "terminate_if_errored"):
+        return False
+    if getattr(launcher, "_trianglemix_wrapped", False):
+        return True
     original = launcher.terminate_if_errored
 
     @functools.wraps(original)

@@ -94,11 +94,12 @@ def _wrap_step(runner_cls) -> None:
     execute_model = runner_cls.execute_model
 
     @functools.wraps(execute_model)
-    def wrapped_execute_model(self, scheduler_output, *args, **kwargs):
+    def wrapped_execute_model(self, *args, **kwargs):
         try:
-            return execute_model(self, scheduler_output, *args, **kwargs)
+            return execute_model(self, *args, **kwargs)
         finally:
             publish(None)
+            scheduler_output = args[0] if args else kwargs.get("scheduler_output")
             finished = getattr(scheduler_output, "finished_req_ids", None) or ()
             preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
             if finished or preempted:

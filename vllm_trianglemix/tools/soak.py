@@ -98,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check = parser.add_argument_group("checks and output")
     check.add_argument("--probe-prompts", type=int, default=2,
                        help="fixed prompts compared before and after the load (0: none)")
+    check.add_argument("--probe-len", type=int, default=12288,
+                       help="the longest probe prompt (clipped to the longest load prompt; prompt "
+                            "logprobs cost a vocabulary-wide row per token)")
     check.add_argument("--probe-tolerance", type=float, default=1e-3,
                        help="largest prompt-logprob change allowed for the probes")
     check.add_argument("--settle-seconds", type=float, default=30.0,
@@ -508,12 +511,18 @@ def _server_info(url: str, model: str | None) -> tuple[str, int | None, str | No
     return card["id"], card.get("max_model_len"), card.get("root")
 
 
-def _vocab_from(path: str | None) -> int | None:
-    if not path or not os.path.isfile(os.path.join(path, "config.json")):
+def _vocab_from(name_or_path: str | None) -> int | None:
+    """The model's vocabulary size from its config (a folder, or the local Hugging Face cache)."""
+    if not name_or_path:
         return None
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except Exception:  # not a model folder, not cached here: the caller falls back
+        return None
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    return getattr(cfg, "vocab_size", None)
 
 
 def soak(args, url: str) -> dict:
@@ -528,7 +537,7 @@ def soak(args, url: str) -> dict:
                       abort_max_seconds=args.abort_max_seconds,
                       malformed_fraction=args.malformed_fraction, seed=args.seed)
     longest = max((len(j.prompt) for j in jobs if not j.kind.startswith("malformed")), default=64)
-    probes = probe_prompts(args.probe_prompts, longest, vocab)
+    probes = probe_prompts(args.probe_prompts, min(longest, args.probe_len), vocab)
     request_timeout = args.request_timeout or args.timeout
     before = probe(url, model, probes, request_timeout) if probes else []
     metrics_before = read_metrics(url)
