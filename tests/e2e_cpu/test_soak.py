@@ -85,7 +85,7 @@ def soak_run(server, pressure):
     """The soak's summary, and the largest tracked-request count seen while it ran."""
     parser = argparse.ArgumentParser()
     soak.add_arguments(parser)
-    args = parser.parse_args(["--url", server.url, *SOAK_ARGS])
+    args = parser.parse_args(["--url", server.url, "--server-log", server.log_path, *SOAK_ARGS])
     seen, stop = [], threading.Event()
 
     def watch():
@@ -109,7 +109,8 @@ def test_soak_loses_nothing(soak_run):
     assert summary["unfinished_at_timeout"] == 0
     assert summary["ok"] >= 30 and summary["prompt_tokens"] > 0
     assert summary["logprobs_checked"] > 0 and summary["non_finite_logprobs"] == 0
-    assert summary["server_alive_after"] and summary["passed"]
+    assert summary["server_alive_after"] and summary["released_after"]
+    assert summary["server_log_errors"] == [] and summary["passed"]
 
 
 def test_cancels_land_inside_prefills(soak_run):

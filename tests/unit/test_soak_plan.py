@@ -89,3 +89,13 @@ def test_probe_comparison():
     r = soak.compare_probes(a, b, tolerance=1e-3)
     assert r["ok"] and math.isclose(r["max_prompt_logprob_diff"], 5e-4)
     assert not soak.compare_probes(a, [{"tokens": ["x", "z"], "prompt_logprobs": []}], 1e-3)["ok"]
+
+
+def test_release_and_log_checks(tmp_path):
+    assert soak.released({"vllm:kv_cache_usage_perc": 0.0, "trianglemix_tracked_requests": 0.0})
+    assert soak.released({})  # a server that reports none of them
+    assert not soak.released({"trianglemix_tracked_requests": 2.0})
+    assert not soak.released({"vllm:kv_cache_usage_perc": 0.01})
+    log = tmp_path / "server.log"
+    log.write_text("INFO ok\n(APIServer pid=1) ERROR 12-01 boom\nTraceback (most recent call last):\n")
+    assert len(soak.log_errors(str(log))) == 2 and soak.log_errors(None) is None

@@ -20,10 +20,12 @@ ints), so no tokenizer is needed here. The mix:
 
 Before and after the load, ``--probe-prompts`` fixed prompts are sent alone
 (greedy, with prompt logprobs): the answers must be the same after the load.
-Afterwards ``/health`` must answer, and the server's ``/metrics`` are read
-(KV-cache usage, preemptions, the plugin's ``trianglemix_tracked_requests``).
-A JSON summary goes to stdout (and ``--output``); the exit code is 0 only if
-nothing was lost or wrong. The run is bounded by ``--timeout`` seconds.
+Afterwards ``/health`` must answer, the server's ``/metrics`` must show
+nothing running or waiting, no KV cache in use and none of the plugin's
+per-request state (``trianglemix_tracked_requests``), and its log (the one of
+a server it started, or ``--server-log``) no ERROR line. A JSON summary goes
+to stdout (and ``--output``); the exit code is 0 only if nothing was lost or
+wrong. The run is bounded by ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the whole load stops after this many seconds")
     check.add_argument("--request-timeout", type=float, default=None,
                        help="one request (default: --timeout)")
+    check.add_argument("--server-log", help="with --url: the server's log, checked for ERROR lines "
+                                            "(a server it starts: its own log)")
+    check.add_argument("--no-release-check", action="store_true",
+                       help="do not require running/waiting requests, KV-cache usage and the "
+                            "plugin's tracked requests at 0 after the load (a server with other traffic)")
     check.add_argument("--output", help="also write the JSON summary here")
     check.add_argument("--no-progress", action="store_true")
 
@@ -492,10 +499,27 @@ def summarize(outcomes: list[Outcome], wall: float, unfinished: int) -> dict:
     }
 
 
+def released(metrics_after: dict[str, float]) -> bool:
+    """Nothing running or waiting, no KV cache in use, no plugin state held (where reported)."""
+    return all(metrics_after.get(name, 0) == 0 for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "trianglemix_tracked_requests"))
+
+
+def log_errors(path: str | None) -> list[str] | None:
+    """ERROR and Traceback lines of a server log (None: no log given)."""
+    if not path:
+        return None
+    with open(path, errors="replace") as f:
+        return [line.rstrip() for line in f if " ERROR " in line or "Traceback" in line]
+
+
 def passed(summary: dict) -> bool:
     return (summary["errors"] == 0 and summary["unfinished_at_timeout"] == 0
             and summary["non_finite_logprobs"] == 0 and summary["server_alive_after"]
-            and summary.get("probe", {}).get("ok", True))
+            and summary.get("probe", {}).get("ok", True)
+            and summary.get("released_after", True)
+            and not summary.get("server_log_errors"))
 
 
 # -- The command -----------------------------------------------------------
@@ -525,7 +549,7 @@ def _vocab_from(name_or_path: str | None) -> int | None:
     return getattr(cfg, "vocab_size", None)
 
 
-def soak(args, url: str) -> dict:
+def soak(args, url: str, server_log: str | None = None) -> dict:
     model, server_len, root = _server_info(url, args.model if args.url else None)
     max_model_len = args.max_model_len or server_len
     if not max_model_len:
@@ -552,8 +576,13 @@ def soak(args, url: str) -> dict:
         summary["probe"] = compare_probes(before, probe(url, model, probes, request_timeout),
                                           args.probe_tolerance)
     summary["server_alive_after"] = health(url)
+    if not args.no_release_check:
+        summary["released_after"] = released(metrics_after)
     summary["metrics_before"] = metrics_before
     summary["metrics_after"] = metrics_after
+    errors = log_errors(server_log or args.server_log)
+    if errors is not None:
+        summary["server_log_errors"] = errors[:20]
     summary["passed"] = passed(summary)
     return summary
 
@@ -563,6 +592,18 @@ def run(args) -> int:
 
     if not args.url and not args.model:
         raise SystemExit("soak: give --url of a running server, or --model to start one")
+    try:
+        parse_lengths(args.lengths)
+    except ValueError as e:
+        raise SystemExit(f"soak: {e}") from None
+    for name in ("prefix_share", "stream_fraction", "abort_fraction", "malformed_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"soak: --{name.replace('_', '-')} must be within [0, 1], "
+                             f"got {getattr(args, name)}")
+    if args.abort_fraction + args.malformed_fraction > 1.0:
+        raise SystemExit("soak: --abort-fraction + --malformed-fraction must be at most 1")
+    if args.requests < 1 or args.concurrency < 1:
+        raise SystemExit("soak: --requests and --concurrency must be >= 1")
     if args.url and args.vllm_args:
         raise SystemExit(f"soak: server arguments {args.vllm_args} need --model (a server to start), "
                          "not --url")
@@ -581,7 +622,7 @@ def run(args) -> int:
         print(f"soak: started server {url}, log {server.log_path}", file=sys.stderr)
     try:
         try:
-            summary = soak(args, url)
+            summary = soak(args, url, server.log_path if server is not None else None)
         except httpx.HTTPError as e:
             raise SystemExit(f"soak: the server at {url} does not answer: {e!r}") from None
         if server is not None:
