@@ -22,6 +22,17 @@ publishes the lengths, in batch order, for real steps, and withdraws them for
 dummy, profiling and graph-capture steps, which then run stock. The wrappers
 are installed when the TriangleMix builder is first created, so a vLLM that
 does not select TriangleMix is never touched.
+
+These lengths are the plugin's only per-request state in the worker (the
+prefix-cache rule keeps none: a block's tag is a function of the prompt
+length, computed when vLLM hashes the block). They live for one model step:
+the runner's ``execute_model`` is wrapped too, and withdraws them when the step
+ends, however it ends, so nothing of a finished, aborted or preempted request
+outlives the step it was in. Their number is the gauge
+``trianglemix_tracked_requests`` (0 between steps; on the server's
+``/metrics`` when vLLM gathers every process's metrics, i.e. with
+``PROMETHEUS_MULTIPROC_DIR`` set at start), and a debug line reports it when
+requests finish, are aborted or are preempted.
 """
 
 from __future__ import annotations
@@ -31,10 +42,16 @@ import inspect
 import sys
 
 import numpy as np
+from vllm.logger import init_logger
 
 from vllm_trianglemix import compat
 
+logger = init_logger("vllm.trianglemix")
+
 _current: np.ndarray | None = None
+_gauge = None
+
+TRACKED_REQUESTS_METRIC = "trianglemix_tracked_requests"
 
 
 def current() -> np.ndarray | None:
@@ -45,10 +62,59 @@ def current() -> np.ndarray | None:
 def publish(lengths: np.ndarray | None) -> None:
     global _current
     _current = lengths
+    if _gauge is not None:
+        _gauge.set(tracked_requests())
+
+
+def tracked_requests() -> int:
+    """How many requests' state the plugin holds in this process now."""
+    return 0 if _current is None else int(_current.shape[0])
+
+
+def _make_gauge() -> None:
+    """Created once per process, the way vLLM creates its own gauges."""
+    global _gauge
+    if _gauge is not None:
+        return
+    import prometheus_client
+
+    try:
+        _gauge = prometheus_client.Gauge(
+            TRACKED_REQUESTS_METRIC,
+            "Requests whose per-request state (prompt length) the TriangleMix "
+            "backend holds in a worker; 0 between model steps.",
+            multiprocess_mode="mostrecent",
+        )
+    except ValueError:  # registered already (module reloaded)
+        _gauge = prometheus_client.REGISTRY._names_to_collectors.get(TRACKED_REQUESTS_METRIC)
+
+
+def _wrap_step(runner_cls) -> None:
+    """Withdraw the lengths when the runner's step ends, however it ends."""
+    execute_model = runner_cls.execute_model
+
+    @functools.wraps(execute_model)
+    def wrapped_execute_model(self, *args, **kwargs):
+        try:
+            return execute_model(self, *args, **kwargs)
+        finally:
+            publish(None)
+            scheduler_output = args[0] if args else kwargs.get("scheduler_output")
+            finished = getattr(scheduler_output, "finished_req_ids", None) or ()
+            preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
+            if finished or preempted:
+                logger.debug(
+                    "TriangleMix: %d requests finished or aborted, %d preempted; "
+                    "per-request state held: %d requests",
+                    len(finished), len(preempted), tracked_requests(),
+                )
+
+    runner_cls.execute_model = wrapped_execute_model
 
 
 def install() -> list[str]:
     """Wrap the loaded model runners; idempotent. Returns what was wrapped."""
+    _make_gauge()
     wrapped: list[str] = []
     v1 = sys.modules.get(compat.V1_RUNNER_MODULE)
     if v1 is not None and not getattr(v1.GPUModelRunner, "_trianglemix_wrapped", False):
@@ -86,6 +152,7 @@ def _wrap_v1(runner_cls) -> None:
 
     runner_cls._build_attention_metadata = build_attention_metadata
     runner_cls._dummy_run = _dummy_run
+    _wrap_step(runner_cls)
     runner_cls._trianglemix_wrapped = True
 
 
@@ -105,4 +172,5 @@ def _wrap_v2(runner_cls) -> None:
 
     runner_cls.prepare_attn = wrapped_prepare_attn
     runner_cls.prepare_dummy_attn = wrapped_prepare_dummy_attn
+    _wrap_step(runner_cls)
     runner_cls._trianglemix_wrapped = True

@@ -10,7 +10,10 @@ In every process (front end, engine core, workers, Ray workers) ``register``:
 * on the CPU platform, which otherwise ignores a selected backend, returns
   the TriangleMix CPU backend when (and only when) it is the one selected;
 * in the engine-core process, installs the prefix-cache rule (no-op unless
-  the engine selected TriangleMix).
+  the engine selected TriangleMix);
+* in the process of vLLM's HTTP server, makes the server exit non-zero when
+  its engine died (engine_death.py; only for an engine that selected
+  TriangleMix).
 
 Every wrapper passes straight through unless TriangleMix is selected, so an
 installed but unselected plugin leaves vLLM's behaviour as it is.
@@ -22,7 +25,7 @@ import functools
 
 from vllm.logger import init_logger
 
-from vllm_trianglemix import compat, prefix_cache, selection, stock_backend
+from vllm_trianglemix import compat, engine_death, prefix_cache, selection, stock_backend
 from vllm_trianglemix.config import TriangleMixConfigError
 
 logger = init_logger("vllm.trianglemix")
@@ -75,6 +78,7 @@ def register_plugin() -> None:
     if current_platform.is_cuda():
         _wrap_cuda_backend_choice(type(current_platform))
     prefix_cache.install()
+    engine_death.install()
 
 
 def _wrap_config_check(platform_cls) -> None:

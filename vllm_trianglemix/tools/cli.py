@@ -25,6 +25,7 @@ COMMANDS = {
     "bench": "vllm_trianglemix.tools.bench",
     "calibrate": "vllm_trianglemix.tools.calibrate",
     "check-accuracy": "vllm_trianglemix.tools.accuracy",
+    "soak": "vllm_trianglemix.tools.soak",
 }
 
 
