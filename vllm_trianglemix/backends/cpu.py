@@ -28,22 +28,52 @@ from vllm_trianglemix.selection import FP8_KV_CACHE_DTYPES, TriangleMixUnsupport
 
 # How the stock CPU kernel lays out K inside a (block, head): per ISA, probed.
 _KEY_LAYOUTS: dict[tuple[str, bool], str] = {}  # (ISA, fp8 cache) -> layout
-KEY_LAYOUTS = ("token_major", "channel_major")
+KEY_LAYOUTS = ("token_major", "channel_major", "vnni_pairs")
+VNNI_TOKENS = 16
+"""``vnni_pairs`` (the AMX kernel, bf16): keys per group of 16 tokens as ``[dim / 2,
+16 tokens, 2 channels]``, values per group of 16 channels as ``[block_size / 2 token
+pairs, 16 channels, 2 tokens]``."""
+
+
+class PackedCache:
+    """K or V that no strided view can express (``vnni_pairs``), gathered as a
+    ``[blocks, block_size, kv_heads, dim]`` tensor would be: ``cache[blocks, offsets]``."""
+
+    def __init__(self, packed: torch.Tensor, shape: tuple[int, int, int, int], split: int):
+        self.packed = packed  # [blocks, block_size / split, split, kv_heads, ...channels]
+        self.split = split
+        self.shape = torch.Size(shape)
+        self.dtype = packed.dtype
+        self.device = packed.device
+
+    def __getitem__(self, index):
+        blocks, offsets = index
+        got = self.packed[blocks, offsets // self.split, offsets % self.split]
+        return got.reshape(got.shape[0], self.shape[2], self.shape[3])
 
 
 def kv_cache_views(kv_cache: torch.Tensor, key_layout: str):
     """CPU cache [blocks, kv_heads, block_size, 2*dim] as two [blocks, block_size, kv_heads, dim] views.
 
     Per (block, head) the stock kernel stores block_size*dim keys, then
-    block_size*dim values (values token-major; keys in ``key_layout``).
+    block_size*dim values (values token-major; keys in ``key_layout``), except
+    ``vnni_pairs`` (AMX, bf16): both packed for AMX tiles, read through :class:`PackedCache`.
     """
     nb, nh, bs, two_d = kv_cache.shape
     d = two_d // 2
     s_block, s_head = kv_cache.stride(0), kv_cache.stride(1)
     off = kv_cache.storage_offset()
     size = (nb, bs, nh, d)
+    if key_layout == "vnni_pairs":
+        keys = PackedCache(torch.as_strided(
+            kv_cache, (nb, bs // VNNI_TOKENS, VNNI_TOKENS, nh, d // 2, 2),
+            (s_block, VNNI_TOKENS * d, 2, s_head, 2 * VNNI_TOKENS, 1), off), size, VNNI_TOKENS)
+        values = PackedCache(torch.as_strided(
+            kv_cache, (nb, bs // 2, 2, nh, d // VNNI_TOKENS, VNNI_TOKENS),
+            (s_block, 2 * VNNI_TOKENS, 1, s_head, bs * VNNI_TOKENS, 2), off + bs * d), size, 2)
+        return keys, values
     key_strides = (s_block, d, s_head, 1) if key_layout == "token_major" else (s_block, 1, s_head, bs)
-    keys = torch.as_strided(kv_cache, size, key_strides, off)
+        keys = torch.as_strided(kv_cache, size, key_strides, off)
     values = torch.as_strided(kv_cache, size, (s_block, d, s_head, 1), off + bs * d)
     return keys, values
 
@@ -76,6 +106,8 @@ def probe_key_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: i
     )
     blocks, offsets = slots // block_size, slots % block_size
     for layout in KEY_LAYOUTS:
+        if layout == "vnni_pairs" and (block_size % VNNI_TOKENS or head_size % VNNI_TOKENS):
+            continue
         keys, values = kv_cache_views(as_fp8_cache(kv, kv_cache_dtype), layout)
         got_k = keys[blocks, offsets].to(dtype) * k_scale if fp8 else keys[blocks, offsets]
         got_v = values[blocks, offsets].to(dtype) * v_scale if fp8 else values[blocks, offsets]
