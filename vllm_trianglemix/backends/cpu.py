@@ -73,7 +73,7 @@ def kv_cache_views(kv_cache: torch.Tensor, key_layout: str):
             (s_block, 2 * VNNI_TOKENS, 1, s_head, bs * VNNI_TOKENS, 2), off + bs * d), size, 2)
         return keys, values
     key_strides = (s_block, d, s_head, 1) if key_layout == "token_major" else (s_block, 1, s_head, bs)
-        keys = torch.as_strided(kv_cache, size, key_strides, off)
+    keys = torch.as_strided(kv_cache, size, key_strides, off)
     values = torch.as_strided(kv_cache, size, (s_block, d, s_head, 1), off + bs * d)
     return keys, values
 
