@@ -146,6 +146,12 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
     else:
         if not on_cuda and choice != stock_backend.AUTO:
             reasons.append(f"{stock_backend.STOCK_BACKEND_KEY} applies to CUDA only")
+    try:
+        from vllm_trianglemix.density import interval_from
+
+        interval_from(vllm_config.additional_config)
+    except ValueError as e:
+        reasons.append(str(e))
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding is not supported")
     pc = vllm_config.parallel_config

@@ -128,6 +128,8 @@ def test_encoder_decoder_model_refused(tmp_path):
          "trianglemix_stock_backend: must be one of auto, FLASH_ATTN, FLASHINFER, got 'XFORMERS'"),
         (dict(additional_config={"trianglemix_stock_backend": "FLASHINFER"}),
          "trianglemix_stock_backend applies to CUDA only"),
+        (dict(additional_config={"trianglemix_density_log_interval": "often"}),
+         "trianglemix_density_log_interval: must be a number of seconds >= 0"),
     ],
 )
 def test_kv_cache_dtype_and_stock_backend_refusals(model_dir, kw, expected):

@@ -13,6 +13,7 @@ cache stands for.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +80,12 @@ class TorchXAttentionOp:
 
     def run(self, query, key_cache, value_cache, prepared: TorchDynamicPlan,
             params: DynamicParams, scale: float, output, select=select_key_blocks,
-            scales: Fp8Scales | None = None) -> None:
+            scales: Fp8Scales | None = None, stats: torch.Tensor | None = None) -> None:
         """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim].
 
-        An fp8 cache (and an fp8 query) is dequantized with ``scales``.
+        An fp8 cache (and an fp8 query) is dequantized with ``scales``. ``stats``
+        (the density report, float64 [3]): adds the kept and the causal key blocks
+        and the estimate's seconds.
         """
         plan, page = prepared.plan, key_cache.shape[1]
         num_kv_heads = key_cache.shape[2]
@@ -98,8 +101,12 @@ class TorchXAttentionOp:
             values = dequantize(value_cache[blocks, k_pos % page], scales.v if scales else None,
                                 num_kv_heads)
             q = query[tok : tok + n]
+            t0 = time.perf_counter()
             mass = antidiagonal_block_mass(q, keys, pos0, b, B, params.stride, scale)
             keep = select(mass, b, params.threshold, params.max_density)  # [Hkv, b+1]
+            if stats is not None:
+                stats += torch.tensor([float(keep.sum()), float(keep.numel()),
+                                       time.perf_counter() - t0], dtype=stats.dtype)
             q_pos = torch.arange(pos0, pos0 + n)
             mask = keep[:, k_pos // B][:, None, :] & (k_pos[None, None, :] <= q_pos[None, :, None])
             out = attention_with_mask(q, keys, values, mask, scale)
