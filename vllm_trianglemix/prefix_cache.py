@@ -39,6 +39,12 @@ step starts on a query-block boundary, as a fresh prefill's does. (Blocks are
 cached as the request that computed them chunked them: a chunk boundary that
 cut a query block there changed that block's selection, see pattern.py.)
 
+On a hybrid the hit also needs the linear layers' state at its end, which
+vLLM keeps only at some block boundaries ("align" mode): the first blocks of
+a longer hit may end where no state is kept, so a hit to be cut is looked up
+again through vLLM's coordinator, no longer than the cut, until it ends on a
+query-block boundary (or is empty).
+
 The tag is added in the engine-core process (where vLLM hashes blocks); the
 hook is installed there only, and is a no-op unless the engine selected
 TriangleMix.
