@@ -65,7 +65,7 @@ def dyn_map(dyn_map_path):
 
 @pytest.fixture(scope="module")
 def dyn_hybrid(hybrid_model_dir, dyn_map_path):
-    llm = make_hybrid_llm(hybrid_model_dir, dyn_map_path, max_model_len=1024,
+    llm = make_hybrid_llm(hybrid_model_dir, dyn_map_path, max_model_len=768,
                           max_num_batched_tokens=512, long_prefill_token_threshold=128,
                           kv_cache_memory_bytes=CACHE_BLOCKS * 2 * (256 << 10), max_num_seqs=3,
                           disable_log_stats=False)
