@@ -273,6 +273,13 @@ class TriangleMixImplMixin:
         self._layer_map = selection.engine_layer_map(get_current_vllm_config())
         self._layer_params: dict[str, TriangleParams | DynamicParams | None] = {}
         self._density = None
+        if self._layer_map.dynamic_layers and self._kv_fp8 and (
+                "scales" not in inspect.signature(self.dynamic_op.run).parameters):
+            raise selection.TriangleMixUnsupportedError(
+                f"TriangleMix layer map {self._layer_map.source}: field 'dynamic_layers': this "
+                f"platform's dynamic op ({type(self.dynamic_op).__name__}) does not read an fp8 "
+                "KV cache; serve this map with --kv-cache-dtype auto, or drop dynamic_layers"
+            )
         if self._layer_map.dynamic_layers:
             from vllm_trianglemix import density
 
