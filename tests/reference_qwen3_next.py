@@ -6,6 +6,9 @@ float32 on the CPU, with one change: its attention function is replaced by
 one that applies, in each full-attention layer, the mask from
 ``vllm_trianglemix.pattern.visible`` with that layer's parameters (the same
 definition the plugin uses), so the tests compare vLLM with the rule itself.
+Dynamic (XAttention) layers select their blocks with tests/xattention_reference.py
+(float64, its own estimate); ``self.margin`` is then the smallest distance of a
+selection decision from flipping.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from vllm_trianglemix.config import LayerMap
-from vllm_trianglemix.pattern import dense_start, visible
+from tests.xattention_reference import dynamic_attention
+from vllm_trianglemix.pattern import DynamicParams, dense_start, visible
 
 ATTN_IMPLEMENTATION = "trianglemix_reference"
 
@@ -29,6 +33,8 @@ class ReferenceQwen3Next:
         self.dtype = dtype
         self._layer_map: LayerMap | None = None
         self._prompt_len = 0
+        self._chunk_starts = ()
+        self.margin = float("inf")
         self.full_attention_layers = [
             i for i, t in enumerate(self.model.config.layer_types) if t == "full_attention"
         ]
@@ -38,6 +44,15 @@ class ReferenceQwen3Next:
         n = query.shape[2]
         pos = torch.arange(n)
         params = self._layer_map.params_for(module.layer_idx) if self._layer_map else None
+        if isinstance(params, DynamicParams):
+            ds = int(dense_start(self._prompt_len, params.n_last, self._layer_map.min_prompt_len))
+            out, margin = dynamic_attention(
+                query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), 0, ds,
+                params.block_size, params.stride, params.threshold, params.max_density, scaling,
+                self._chunk_starts,
+            )
+            self.margin = min(self.margin, margin)
+            return out.to(query.dtype)[None], None
         if params is None:
             mask = visible(pos[:, None], pos[None, :], 0, 0, 1)
         else:
@@ -52,13 +67,17 @@ class ReferenceQwen3Next:
         return out.transpose(1, 2).contiguous(), None
 
     @torch.no_grad()
-    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None):
+    def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None,
+                 chunk_starts=()):
         """log-softmax of the logits at every position, [T, vocab] (float64).
 
         ``prompt_len`` (default: all tokens) is the L of the rule; positions at
         or past it (generated tokens) are dense rows, as in the plugin.
-        ``layer_map=None`` runs every layer dense.
+        ``layer_map=None`` runs every layer dense. ``chunk_starts``: where the
+        engine's steps begin (dynamic layers; only matters when one cuts a query block).
         """
+        self.margin = float("inf")
+        self._chunk_starts = tuple(chunk_starts)
         self._layer_map = layer_map
         self._prompt_len = len(token_ids) if prompt_len is None else prompt_len
         try:
@@ -69,8 +88,8 @@ class ReferenceQwen3Next:
             self._layer_map = None
         return torch.log_softmax(out.logits[0].to(torch.float64), dim=-1)
 
-    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None) -> torch.Tensor:
+    def prompt_logprobs(self, token_ids, layer_map, prompt_len=None, chunk_starts=()) -> torch.Tensor:
         """Logprob of each token given the ones before it (positions 1..T-1)."""
-        lp = self.logprobs(token_ids, layer_map, prompt_len)
+        lp = self.logprobs(token_ids, layer_map, prompt_len, chunk_starts)
         ids = torch.tensor(token_ids[1:])
         return lp[:-1].gather(1, ids[:, None])[:, 0]

@@ -10,6 +10,8 @@ A layer map is a YAML file::
     n_last: 128          # the last n_last prompt rows stay dense
     min_prompt_len: 8192 # shorter prompts run dense in every layer
     triangle_layers: "16-31"                  # ints and "a-b" ranges, a list or one string
+                                              # (may be empty or absent when dynamic_layers
+                                              # is given: a dynamic-only map)
     layer_overrides:                          # optional, per triangle layer
       20: {n_local: 1024}
     dynamic_layers: "0-15"                    # optional: TriangleMix + XAttention layers
@@ -45,9 +47,9 @@ RESOLVED_KEY = "trianglemix_resolved_map"
 so that workers on other nodes need no access to the file."""
 
 PARAM_KEYS = ("n_init", "n_local", "n_last")
-REQUIRED_KEYS = PARAM_KEYS + ("min_prompt_len", "triangle_layers")
+REQUIRED_KEYS = PARAM_KEYS + ("min_prompt_len",)
 OPTIONAL_KEYS = (
-    "model", "match", "num_hidden_layers", "layer_overrides", "dynamic_layers", "dynamic", "notes",
+    "triangle_layers", "model", "match", "num_hidden_layers", "layer_overrides", "dynamic_layers", "dynamic", "notes",
 )
 
 DYNAMIC_METHODS = ("xattention",)
@@ -198,9 +200,12 @@ _MINIMUM = {"n_init": 0, "n_local": 1, "n_last": 0, "min_prompt_len": 0}
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
-def _layer_ids(source: str, value: Any, name: str = "triangle_layers") -> list[int]:
+def _layer_ids(source: str, value: Any, name: str = "triangle_layers",
+               may_be_empty: bool = False) -> list[int]:
+    if value is None and may_be_empty:
+        return []
     if isinstance(value, str):
-        items: list[Any] = [s for s in value.split(",")]
+        items: list[Any] = [s for s in value.split(",")] if value.strip() else []
     elif isinstance(value, list):
         items = value
     else:
@@ -208,6 +213,8 @@ def _layer_ids(source: str, value: Any, name: str = "triangle_layers") -> list[i
             source, name, f"must be a list of layer ids or ranges like '16-31', got {value!r}"
         )
     if not items:
+        if may_be_empty:
+            return []
         raise TriangleMixConfigError(source, name, "names no layer")
     ids: list[int] = []
     for i, item in enumerate(items):
@@ -257,7 +264,15 @@ def parse_layer_map(data: Any, source: str) -> LayerMap:
 
     values = {k: _int_field(source, k, data[k], _MINIMUM[k]) for k in _MINIMUM}
     defaults = TriangleParams(values["n_init"], values["n_local"], values["n_last"])
-    layers = {i: defaults for i in _layer_ids(source, data["triangle_layers"])}
+    # A map without triangle layers is a dynamic-only map: it must name dynamic layers.
+    dynamic_only = "dynamic_layers" in data
+    if "triangle_layers" not in data and not dynamic_only:
+        raise TriangleMixConfigError(
+            source, "triangle_layers", "required key is missing (a map names triangle_layers, "
+            "dynamic_layers or both)"
+        )
+    triangle_ids = _layer_ids(source, data.get("triangle_layers"), may_be_empty=dynamic_only)
+    layers = {i: defaults for i in triangle_ids}
 
     overrides = data.get("layer_overrides") or {}
     if not isinstance(overrides, dict):

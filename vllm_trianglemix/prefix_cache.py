@@ -39,6 +39,12 @@ step starts on a query-block boundary, as a fresh prefill's does. (Blocks are
 cached as the request that computed them chunked them: a chunk boundary that
 cut a query block there changed that block's selection, see pattern.py.)
 
+On a hybrid the hit also needs the linear layers' state at its end, which
+vLLM keeps only at some block boundaries ("align" mode): the first blocks of
+a longer hit may end where no state is kept, so a hit to be cut is looked up
+again through vLLM's coordinator, no longer than the cut, until it ends on a
+query-block boundary (or is empty).
+
 The tag is added in the engine-core process (where vLLM hashes blocks); the
 hook is installed there only, and is a no-op unless the engine selected
 TriangleMix.
@@ -166,10 +172,40 @@ def _wrap_cache_hits() -> None:
         kept = tagger.aligned_hit(request.num_prompt_tokens, hit, math.lcm(*sizes))
         if kept == hit:
             return result
-        trimmed = tuple(list(group[: kept // size]) for group, size in zip(blocks.blocks, sizes))
-        return (dataclasses.replace(blocks, blocks=trimmed), kept, *result[2:])
+        if len(sizes) == 1:  # one group of attention blocks: the hit's first blocks
+            trimmed = tuple(list(group[: kept // size]) for group, size in zip(blocks.blocks, sizes))
+            return (dataclasses.replace(blocks, blocks=trimmed), kept, *result[2:])
+        return _shorter_hit(self, request, tagger, kept, result)
 
     manager.get_computed_blocks = wrapped
+
+
+def _shorter_hit(manager, request, tagger: BlockTagger, kept: int, result):
+    """A hybrid's hit, looked up again no longer than ``kept``.
+
+    A hybrid's hit also needs the linear layers' state at its end, which vLLM
+    keeps only at some block boundaries (its "align" mode): the first blocks of
+    a longer hit may end where no state is cached. So the coordinator looks the
+    hit up again with ``kept`` as its longest length (attention blocks and a
+    cached state agreeing, as vLLM finds them) until it ends on a query-block
+    boundary (or is empty).
+    """
+    lookup = manager.coordinator.find_longest_cache_hit
+    sizes = [g.kv_cache_spec.block_size for g in manager.kv_cache_config.kv_cache_groups]
+    unit = math.lcm(*sizes)
+    while True:
+        found = lookup(request.block_hashes, kept)
+        computed, hit = found[0], found[1]
+        uncached = found[2] if len(found) > 2 else 0
+        aligned = tagger.aligned_hit(request.num_prompt_tokens, hit, unit)
+        if aligned == hit:
+            break
+        kept = aligned
+    blocks = manager.create_kv_cache_blocks(computed)
+    if len(result) == 2:
+        return blocks, hit
+    # vLLM's shared-prefix boundary, as get_computed_blocks computes it
+    return (blocks, hit, hit + uncached if uncached else 0, *result[3:])
 
 
 def _configure(vllm_config) -> None:

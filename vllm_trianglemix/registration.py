@@ -102,6 +102,10 @@ def _wrap_config_check(platform_cls) -> None:
             raise
         if first_time:
             logger.info("TriangleMix attention: %s", layer_map.describe())
+            if layer_map.dynamic_layers:
+                from vllm_trianglemix import density
+
+                density.install_collector(vllm_config)
             if "uncalibrated" in (layer_map.notes or "").lower():
                 logger.warning(
                     "TriangleMix: map %s is an uncalibrated starting point; run "

@@ -126,6 +126,12 @@ def _refusals(vllm_config, on_cuda: bool) -> list[str]:
     else:
         if not on_cuda and choice != stock_backend.AUTO:
             reasons.append(f"{stock_backend.STOCK_BACKEND_KEY} applies to CUDA only")
+    try:
+        from vllm_trianglemix.density import interval_from
+
+        interval_from(vllm_config.additional_config)
+    except ValueError as e:
+        reasons.append(str(e))
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding is not supported")
     pc = vllm_config.parallel_config
@@ -172,18 +178,6 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
         vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
     )
     layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
-    if layer_map.dynamic_layers and vllm_config.cache_config.cache_dtype in FP8_KV_CACHE_DTYPES:
-        raise TriangleMixUnsupportedError(
-            f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "
-            "do not read an fp8 KV cache yet; serve this map with --kv-cache-dtype auto, or "
-            "drop dynamic_layers"
-        )
-    if layer_map.dynamic_layers and getattr(mc, "is_hybrid", False):
-        raise TriangleMixUnsupportedError(
-            f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "
-            "are not supported on hybrid models (their prefix-cache hits cannot be cut back to "
-            "query-block boundaries); use triangle_layers only"
-        )
     if on_cuda:
         problems = [p for params in layer_map.dynamic_param_sets for p in dynamic_gpu_problems(params)]
         if problems:

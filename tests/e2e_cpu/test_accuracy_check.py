@@ -1,9 +1,11 @@
 """`vllm-trianglemix check-accuracy` against two real vLLM servers of the tiny model on CPU.
 
 One server is stock, the other runs ``--attention-backend TRIANGLEMIX`` with the
-bundled tiny map. Prompts shorter than the map's ``min_prompt_len`` run dense
-on both, so the two must agree exactly; longer prompts exercise the pattern
-and the tool must report them end to end.
+bundled tiny map's dynamic variant (triangle layers 2-3, XAttention in 0-1) and
+the density report on (every second). Prompts shorter than the map's
+``min_prompt_len`` run dense on both, so the two must agree exactly; longer
+prompts exercise the pattern and the tool must report them end to end, with
+the densities the server reported on ``/metrics`` (and in its log) for this run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def tiny_map():
-    path = next(p for p in bundled_map_paths() if p.endswith("tiny-llama-demo.yaml"))
+    path = next(p for p in bundled_map_paths() if p.endswith("tiny-llama-demo-dynamic.yaml"))
     return path, load_layer_map(path)
 
 
@@ -36,7 +38,8 @@ def servers(tmp_path_factory, tiny_map):
         str(tmp_path_factory.mktemp("model") / "tiny-llama-trianglemix-demo"))
     common = ["--max-model-len", "4096", *CPU_ARGS]
     tm_args = ["--attention-backend", "TRIANGLEMIX",
-               "--additional-config", json.dumps({"trianglemix_config": tiny_map[0]})]
+               "--additional-config", json.dumps({"trianglemix_config": tiny_map[0],
+                                                 "trianglemix_density_log_interval": 1})]
     handles = []
     try:
         handles.append(launch_server(model_dir, extra_args=common))
@@ -85,9 +88,10 @@ def test_long_prompts_run_end_to_end(servers, tiny_map, tmp_path, capsys):
 
     report = tmp_path / "long.json"
     rc = main(check_args(servers, report, "--prompt-len", "600", "--num-prompts", "2",
-                         "--max-tokens", "8", "--min-agreement", "1.01"))
+                         "--max-tokens", "8", "--min-agreement", "1.01", "--density-wait", "20"))
     assert rc == 1
-    assert "BELOW MINIMUM" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "BELOW MINIMUM" in out
     result = json.loads(report.read_text())
     summary, rows = result["summary"], result["prompts"]
     assert [r["prompt_tokens"] for r in rows] == [600, 600]
@@ -96,3 +100,30 @@ def test_long_prompts_run_end_to_end(servers, tiny_map, tmp_path, capsys):
     assert all(r["top_tokens_shared"] >= 1 for r in rows)
     # Layers 2-3 are triangle at 600 tokens: the first token's logprobs must move.
     assert summary["top_logprob_max_abs_delta"] > 1e-6, summary
+    # The dynamic layers' densities of this run, read from the server's /metrics.
+    dens = summary["dynamic_density"]
+    assert sorted(dens) == ["0", "1"] and all(0 < d <= 1 for d in dens.values()), dens
+    assert "dynamic layers' density (key blocks kept): layer 0 " in out
+
+
+def test_density_report_on_metrics_and_in_the_log(servers):
+    """Through the real server: Prometheus counters next to vLLM's own on /metrics, and the
+    periodic INFO line, per dynamic layer; the counters are consistent with each other."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, tm = servers
+    text = requests.get(tm.url + "/metrics", timeout=30).text
+    assert "vllm:num_requests_running" in text  # vLLM's own metrics, same endpoint
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    kept = {s.labels["layer"]: s.value for s in fams["trianglemix:dynamic_kept_blocks"].samples}
+    causal = {s.labels["layer"]: s.value for s in fams["trianglemix:dynamic_causal_blocks"].samples}
+    assert sorted(causal) == ["0", "1"], causal  # the test above ran long prompts
+    assert all(0 < kept[i] <= causal[i] for i in causal)
+    dens = {s.labels["layer"]: s.value for s in fams["trianglemix:dynamic_density"].samples}
+    assert all(0 < d <= 1 for d in dens.values()) and sorted(dens) == ["0", "1"]
+    est = {s.labels["layer"]: s.value for s in fams["trianglemix:dynamic_estimate_seconds"].samples}
+    assert all(v > 0 for v in est.values())
+    log = tm.log_text()
+    assert "TriangleMix dynamic layers, last 1 s: layer 0: kept " in log
+    assert "% of " in log and "key blocks (estimate " in log

@@ -14,7 +14,8 @@ so a wrong selection fails.
 Chunk boundaries: on query-block boundaries (chunk sizes 64/128/256 and prompt
 lengths that keep the splits there) results do not depend on the chunking; a
 chunk size of 96 cuts query blocks, and the engine then equals the reference
-told where the steps begin (the documented behaviour).
+told where the steps begin (the documented behaviour). A dynamic-only map (no
+triangle layer: XAttention in all four layers) is checked the same way.
 """
 
 from contextlib import contextmanager
@@ -144,12 +145,37 @@ def test_preempted_prefills_match_the_reference(model_dir, reference, dyn_map):
         assert (got - checked_reference(reference, p, dyn_map)).abs().max().item() < TOL, len(p)
 
 
-def test_chunks_that_cut_query_blocks_change_only_those_blocks(model_dir, reference, dyn_map):
-    p = random_prompt(701, seed=701)
-    with engine(model_dir, max_num_batched_tokens=96, enable_prefix_caching=False) as llm:
-        got = prompt_logprobs(gen(llm, [p], max_tokens=1, prompt_logprobs=0)[0], p)
-    ref_cut = checked_reference(reference, p, dyn_map, chunk_starts=range(96, 701, 96))
-    assert (got - ref_cut).abs().max().item() < TOL
+@pytest.fixture(scope="module")
+def dyn_only_map_path(dyn_map, tmp_path_factory):
+    """A dynamic-only map: no triangle layers, XAttention in every layer the
+    TriangleMix + dynamic map covers (0-3)."""
+    import yaml
+
+    data = {k: v for k, v in dyn_map.raw.items() if k != "triangle_layers"}
+    data["dynamic_layers"] = "0-3"
+    path = tmp_path_factory.mktemp("maps") / "dynamic-only.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_dynamic_only_map_and_chunks_that_cut_query_blocks(model_dir, reference, dyn_map,
+                                                            dyn_only_map_path):
+    """A map without triangle layers runs XAttention in every layer, exact; a chunk
+    size of 96 cuts query blocks, and only those blocks change (the documented rule)."""
+    from vllm_trianglemix.config import load_layer_map
+
+    only = load_layer_map(dyn_only_map_path)
+    assert only.layers == {} and sorted(only.dynamic_layers) == [0, 1, 2, 3]
+    prompts = [random_prompt(701, seed=701), random_prompt(203, seed=210)]
+    with engine(model_dir, map_ref=dyn_only_map_path, max_num_batched_tokens=96,
+                enable_prefix_caching=False) as llm:
+        got = [prompt_logprobs(gen(llm, [p], max_tokens=1, prompt_logprobs=0)[0], p) for p in prompts]
+    for p, lp in zip(prompts, got):
+        ref_cut = checked_reference(reference, p, only, chunk_starts=range(96, len(p), 96))
+        assert (lp - ref_cut).abs().max().item() < TOL, len(p)
+        # no triangle layer ran: the TriangleMix + dynamic map's result is far
+        assert (lp - reference.prompt_logprobs(p, dyn_map, chunk_starts=range(96, len(p), 96))
+                ).abs().max().item() > FAR, len(p)
 
 
 def test_threshold_one_equals_the_map_without_dynamic_layers(model_dir, reference, dyn_map, tri_map,

@@ -4,12 +4,17 @@ Two engines of the tiny Llama with ``kv_cache_dtype="fp8"`` (vLLM's CPU
 attention supports it on AVX-512/AMX), per-layer K/V scales of 0.5 set on
 every attention layer as a checkpoint would (so ignoring them is far off):
 
-* prompt logprobs of long prompts (several chunks), against a float64 forward
-  that reads K/V from an fp8 cache with the same scale: TriangleMix (exact
-  mask) within stock fp8's own error (dense mask), and far from the dense mask.
-  The stock fp8 kernel's own rounding (dense layers 0-1 run it in both
-  engines) sets that error, not the triangle path, which is float32 on the
-  dequantized cache;
+* prompt logprobs of long prompts (several chunks of 96 tokens, each prompt
+  alone), against a float64 forward that reads K/V from an fp8 cache with the
+  same scale: TriangleMix with the demo map's dynamic variant (XAttention in
+  layers 0-1, which read the fp8 cache with its scales for the estimate and the
+  attention; triangle layers 2-3) within stock fp8's own error (dense mask),
+  and far from the dense mask. The reference derives every selection itself on
+  the fp8 cache, told where the steps begin. The stock fp8 kernel's own
+  rounding (dense rows and short prompts) sets that error, not the TriangleMix
+  paths, which are float32 on the dequantized cache. (vLLM's CPU attention
+  refuses an fp8 cache without AVX-512/AMX: there these tests skip, and
+  tests/unit/test_xattention_ops.py checks the CPU dynamic op on fp8 caches.)
 * the same side by side against the unquantized float64 reference;
 * short prompts are bit for bit the stock fp8 engine.
 """
@@ -19,7 +24,7 @@ import os
 import pytest
 import torch
 
-from tests.e2e_cpu.conftest import make_llm, prompt_logprobs, random_prompt
+from tests.e2e_cpu.conftest import CHUNK, make_llm, prompt_logprobs, random_prompt
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 
@@ -53,7 +58,10 @@ def fp8_engines(model_dir):
     engines = []
     try:
         for backend in (None, "TRIANGLEMIX"):
-            llm = make_llm(model_dir, backend, kv_cache_dtype="fp8", enable_prefix_caching=False)
+            extra = {} if backend is None else {
+                "additional_config": {"trianglemix_config": "tiny-llama-demo-dynamic"}}
+            llm = make_llm(model_dir, backend, kv_cache_dtype="fp8", enable_prefix_caching=False,
+                           **extra)
             engines.append(llm)
             assert llm.collective_rpc(set_kv_scales, args=(KV_SCALE,))[0] == 4
         yield engines
@@ -70,21 +78,25 @@ def _run(llm, ids, **sp):
                         SamplingParams(temperature=0, **sp), use_tqdm=False)
 
 
-def test_fp8_prompt_logprobs_exact_on_the_quantized_cache(fp8_engines, reference, layer_map):
+def test_fp8_prompt_logprobs_exact_on_the_quantized_cache(fp8_engines, reference):
+    from vllm_trianglemix.config import resolve_layer_map
+
+    layer_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo-dynamic"}, "any")
     stock, tri = fp8_engines
     ids = [random_prompt(n, seed=n) for n in (700, 333)]
-    outs_tri = _run(tri, ids, max_tokens=1, prompt_logprobs=0)
+    outs_tri = [_run(tri, [p], max_tokens=1, prompt_logprobs=0)[0] for p in ids]  # alone: known chunks
     outs_stock = _run(stock, ids, max_tokens=1, prompt_logprobs=0)
     for p, ot, os_ in zip(ids, outs_tri, outs_stock):
         got, got_stock = prompt_logprobs(ot, p), prompt_logprobs(os_, p)
         # float64 forwards reading K/V from an fp8 cache with the same scale
-        fp8_exact = reference.prompt_logprobs(p, layer_map, kv_scale=KV_SCALE)
+        steps = range(CHUNK, len(p), CHUNK)
+        fp8_exact = reference.prompt_logprobs(p, layer_map, chunk_starts=steps, kv_scale=KV_SCALE)
         fp8_dense = reference.prompt_logprobs(p, None, kv_scale=KV_SCALE)
         err = (got - fp8_exact).abs().mean().item()
         err_stock = (got_stock - fp8_dense).abs().mean().item()  # stock fp8's own error
         off_mask = (got - fp8_dense).abs().mean().item()
         # the same, side by side against the unquantized float64 reference
-        err_unq = (got - reference.prompt_logprobs(p, layer_map)).abs().mean().item()
+        err_unq = (got - reference.prompt_logprobs(p, layer_map, chunk_starts=steps)).abs().mean().item()
         err_stock_unq = (got_stock - reference.prompt_logprobs(p, None)).abs().mean().item()
         print(f"fp8 CPU prompt {len(p)}: mean |logprob diff| TriangleMix {err:.2e} "
               f"(unquantized ref {err_unq:.2e}), stock {err_stock:.2e} ({err_stock_unq:.2e}); "

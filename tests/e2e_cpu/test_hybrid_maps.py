@@ -49,6 +49,23 @@ def test_bundled_hybrid_map_is_a_marked_starting_point(name):
     assert {(p.n_init, p.n_local, p.n_last) for p in layer_map.layers.values()} == {(8, 512, 128)}
 
 
+@pytest.mark.parametrize("name", sorted(HYBRID_MAPS))
+def test_bundled_hybrid_dynamic_map_covers_the_other_full_attention_layers(name):
+    """``<map>-dynamic``: opt-in (no ``match``), the same triangle layers, XAttention on
+    every other full-attention layer."""
+    from vllm_trianglemix.config import resolve_layer_map
+
+    base = load_layer_map(os.path.join(ROOT, "configs", name))
+    dyn = resolve_layer_map({"trianglemix_config": name[: -len(".yaml")] + "-dynamic"}, "any")
+    assert dyn.match == () and "UNCALIBRATED" in dyn.notes
+    full = hf_attention_layer_ids(_text_config(HYBRID_MAPS[name], base.num_hidden_layers))
+    dyn.check_model(base.num_hidden_layers, full)
+    assert dyn.layers == base.layers
+    assert sorted(dyn.dynamic_layers) == [i for i in full if i not in base.layers]
+    p = dyn.dynamic_param_sets[0]
+    assert (p.block_size, p.stride, p.threshold, p.max_density) == (128, 8, 0.9, None)
+
+
 def _config_step(folder, **kw):
     from vllm.engine.arg_utils import EngineArgs
 

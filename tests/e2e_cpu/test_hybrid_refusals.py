@@ -3,8 +3,8 @@
 * A map may name only full-attention layers: any other layer fails at start,
   naming the field and listing the model's full-attention layers.
 * Hybrids other than Qwen3-Next / Qwen3.5 are refused with the reason.
-* A supported hybrid with a map of full-attention layers is accepted, with
-  prefix caching on (vLLM's default; see test_hybrid_exact.py for why it is exact).
+* A supported hybrid with a map of full-attention layers (triangle or dynamic)
+  is accepted, with prefix caching on (vLLM's default; see test_hybrid_exact.py for why it is exact).
 """
 
 import pytest
@@ -66,11 +66,11 @@ def test_other_hybrid_models_are_refused(tmp_path):
         engine_config(d, additional_config=extra)
 
 
-def test_dynamic_layers_on_a_hybrid_are_refused(hybrid_model_dir, tmp_path):
+def test_dynamic_layers_on_full_attention_layers_are_accepted(hybrid_model_dir, tmp_path):
     extra, path = with_map(tmp_path, MAP.format("[7]") + "dynamic_layers: [3]\n")
-    with pytest.raises(Exception) as e:
-        engine_config(hybrid_model_dir, additional_config=extra)
-    assert "field 'dynamic_layers'" in str(e.value) and "hybrid models" in str(e.value)
+    config = engine_config(hybrid_model_dir, additional_config=extra)
+    assert config.additional_config["trianglemix_resolved_map"]["map"]["dynamic_layers"] == [3]
+    assert config.cache_config.mamba_cache_mode == "align"
 
 
 def test_dynamic_layers_must_be_full_attention_layers(hybrid_model_dir, tmp_path):

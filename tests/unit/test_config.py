@@ -156,6 +156,43 @@ def test_dynamic_without_layers_is_refused():
         parse_layer_map({**GOOD, "dynamic": {"threshold": 0.8}}, "d.yaml")
 
 
+ONLY_DYN = {k: v for k, v in DYN.items() if k != "triangle_layers"}
+
+
+@pytest.mark.parametrize("triangle", [None, [], ""], ids=["absent", "empty-list", "empty-string"])
+def test_dynamic_only_maps_are_accepted(triangle, tmp_path):
+    data = dict(ONLY_DYN) if triangle is None else {**ONLY_DYN, "triangle_layers": triangle}
+    m = parse_layer_map(data, "only.yaml")
+    assert m.layers == {} and m.param_sets == [] and sorted(m.dynamic_layers) == list(range(16))
+    assert m.params_for(20) is None and m.params_for(3).block_size == 128
+    assert m.min_n_last == 128
+    assert m.describe().startswith("dynamic layers 0-15 (xattention")
+    m.check_model(32)
+    # what the front end ships to the engine parses to the same map
+    shipped = resolve_layer_map({RESOLVED_KEY: to_additional_config(m)}, "any")
+    assert shipped == m
+    # and the prefix-cache tag counts the dynamic rows only
+    from vllm_trianglemix.prefix_cache import BlockTagger
+
+    tagger = BlockTagger(m)
+    assert tagger.tag(16384, 0, 128) is None  # the first query block is never sparse
+    assert tagger.tag(16384, 128, 256) == ("trianglemix", tagger.digest, (128,))
+
+
+@pytest.mark.parametrize("data, field", [
+    ({**ONLY_DYN, "dynamic_layers": []}, "dynamic_layers"),
+    ({**ONLY_DYN, "dynamic_layers": ""}, "dynamic_layers"),
+    ({k: v for k, v in GOOD.items() if k != "triangle_layers"}, "triangle_layers"),
+    ({**GOOD, "triangle_layers": []}, "triangle_layers"),
+    ({**ONLY_DYN, "triangle_layers": "x"}, "triangle_layers[0]"),
+    ({**ONLY_DYN, "layer_overrides": {3: {"n_local": 64}}}, "layer_overrides.3"),
+])
+def test_a_map_must_name_some_layer(data, field):
+    with pytest.raises(TriangleMixConfigError) as e:
+        parse_layer_map(data, "none.yaml")
+    assert e.value.field == field
+
+
 def test_dynamic_layers_outside_the_model_are_refused():
     with pytest.raises(TriangleMixConfigError, match="field 'dynamic_layers': layer 40 is outside"):
         parse_layer_map({**GOOD, "dynamic_layers": [0, 40]}, "d").check_model(32)

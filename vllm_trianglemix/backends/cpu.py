@@ -79,8 +79,9 @@ class TiledCacheView:
         span = (nb - 1) * self._s_block + (nh - 1) * self._s_head + bs * two_d
         self._flat = torch.as_strided(kv_cache, (span,), (1,), kv_cache.storage_offset())
         self._pos = pos
-        self.shape = (nb, bs, nh, two_d // 2)
+        self.shape = torch.Size((nb, bs, nh, two_d // 2))
         self.dtype = kv_cache.dtype
+        self.device = kv_cache.device
 
     def __getitem__(self, index):
         blocks, offsets = index

@@ -57,3 +57,24 @@ def scale_stride(scale: torch.Tensor | None, num_kv_heads: int) -> int:
 def per_head(scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """A scale as float32 [num_kv_heads] (CPU path and tests)."""
     return scale.reshape(-1).float().expand(num_kv_heads) if scale.numel() == 1 else scale.float()
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None, num_kv_heads: int) -> torch.Tensor:
+    """Gathered cache entries ``[T, Hkv, D]``: fp8 -> float32 with the scale; others as they are."""
+    if not is_fp8(x):
+        return x
+    return x.float() * per_head(scale, num_kv_heads).to(x.device)[:, None]
+
+
+def dequantize_query(query: torch.Tensor, scales: "Fp8Scales | None", num_kv_heads: int) -> torch.Tensor:
+    """The query ``[T, Hq, D]``: an fp8 one (vLLM quantized it) -> float32 with ``_q_scale``."""
+    if not is_fp8(query):
+        return query
+    group = query.shape[1] // num_kv_heads
+    q_scale = per_head(scales.q, num_kv_heads).repeat_interleave(group).to(query.device)
+    return query.float() * q_scale[:, None]
+
+
+def check_scales(query: torch.Tensor, key_cache: torch.Tensor, scales: "Fp8Scales | None", op: str) -> None:
+    if (is_fp8(key_cache) or is_fp8(query)) and scales is None:
+        raise ValueError(f"TriangleMix {op}: fp8 inputs need their scales")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8, per_head
+from vllm_trianglemix.ops.fp8 import Fp8Scales, check_scales, dequantize, dequantize_query
 from vllm_trianglemix.pattern import BlockPlan, TriangleParams
 from vllm_trianglemix.reference import masked_attention
 
@@ -49,16 +49,8 @@ class TorchTriangleOp:
         """
         plan, block_size = prepared.plan, key_cache.shape[1]
         num_kv_heads = key_cache.shape[2]
-        if (is_fp8(key_cache) or is_fp8(query)) and scales is None:
-            raise ValueError("TriangleMix CPU op: fp8 inputs need their scales")
-
-        def dequant(x, scale):  # [T, Hkv, D] fp8 -> float32
-            return x.float() * per_head(scale, num_kv_heads)[:, None] if is_fp8(x) else x
-
-        if is_fp8(query):
-            group = query.shape[1] // num_kv_heads
-            q_scale = per_head(scales.q, num_kv_heads).repeat_interleave(group)
-            query = query.float() * q_scale[:, None]
+        check_scales(query, key_cache, scales, "CPU op")
+        query = dequantize_query(query, scales, num_kv_heads)
         for i in range(plan.num_items):
             req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
             k_pos = torch.cat(
@@ -72,8 +64,8 @@ class TorchTriangleOp:
             q_pos = torch.arange(int(plan.q_pos[i]), int(plan.q_pos[i]) + n)
             out = masked_attention(
                 query[tok : tok + n],
-                dequant(key_cache[blocks, offsets], scales.k if scales else None),
-                dequant(value_cache[blocks, offsets], scales.v if scales else None),
+                dequantize(key_cache[blocks, offsets], scales.k if scales else None, num_kv_heads),
+                dequantize(value_cache[blocks, offsets], scales.v if scales else None, num_kv_heads),
                 q_pos,
                 k_pos,
                 int(prepared.dense_from[req]),

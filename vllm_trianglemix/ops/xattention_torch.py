@@ -5,16 +5,21 @@ a query block it gathers the keys ``0 .. last row`` through the block table,
 computes the antidiagonal block masses of the block's present rows as
 defined in :mod:`vllm_trianglemix.pattern`, keeps the blocks
 :func:`~vllm_trianglemix.pattern.select_key_blocks` keeps, and attends under
-that mask with :func:`~vllm_trianglemix.reference.attention_with_mask`.
+that mask with :func:`~vllm_trianglemix.reference.attention_with_mask`. An fp8
+(e4m3) cache is dequantized with the layer's scales as its keys are gathered,
+as in the triangle op, so the estimate and the attention see the values the
+cache stands for.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vllm_trianglemix.ops.fp8 import Fp8Scales, check_scales, dequantize, dequantize_query
 from vllm_trianglemix.pattern import DynamicParams, QueryBlockPlan, select_key_blocks
 from vllm_trianglemix.reference import attention_with_mask
 
@@ -74,20 +79,34 @@ class TorchXAttentionOp:
         return TorchDynamicPlan(plan, cam.block_table_tensor)
 
     def run(self, query, key_cache, value_cache, prepared: TorchDynamicPlan,
-            params: DynamicParams, scale: float, output, select=select_key_blocks) -> None:
-        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim]."""
+            params: DynamicParams, scale: float, output, select=select_key_blocks,
+            scales: Fp8Scales | None = None, stats: torch.Tensor | None = None) -> None:
+        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim].
+
+        An fp8 cache (and an fp8 query) is dequantized with ``scales``. ``stats``
+        (the density report, float64 [3]): adds the kept and the causal key blocks
+        and the estimate's seconds.
+        """
         plan, page = prepared.plan, key_cache.shape[1]
+        num_kv_heads = key_cache.shape[2]
+        check_scales(query, key_cache, scales, "CPU dynamic op")
+        query = dequantize_query(query, scales, num_kv_heads)
         B = params.block_size
         for i in range(plan.num_items):
             req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
             pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
             k_pos = torch.arange(0, pos0 + n)
             blocks = prepared.block_table[req, k_pos // page].long()
-            keys = key_cache[blocks, k_pos % page]
-            values = value_cache[blocks, k_pos % page]
+            keys = dequantize(key_cache[blocks, k_pos % page], scales.k if scales else None, num_kv_heads)
+            values = dequantize(value_cache[blocks, k_pos % page], scales.v if scales else None,
+                                num_kv_heads)
             q = query[tok : tok + n]
+            t0 = time.perf_counter()
             mass = antidiagonal_block_mass(q, keys, pos0, b, B, params.stride, scale)
             keep = select(mass, b, params.threshold, params.max_density)  # [Hkv, b+1]
+            if stats is not None:
+                stats += torch.tensor([float(keep.sum()), float(keep.numel()),
+                                       time.perf_counter() - t0], dtype=stats.dtype)
             q_pos = torch.arange(pos0, pos0 + n)
             mask = keep[:, k_pos // B][:, None, :] & (k_pos[None, None, :] <= q_pos[None, :, None])
             out = attention_with_mask(q, keys, values, mask, scale)

@@ -14,6 +14,11 @@ overall:
 * mean / max |delta logprob| of the tokens both servers put in the top 5 of
   the first generated token.
 
+* the dynamic layers' density (the fraction of key blocks XAttention kept),
+  per layer, over this run's requests, read from the TriangleMix server's
+  ``/metrics`` (when it was started with the density report on:
+  ``--additional-config '{"trianglemix_density_log_interval": 5, ...}'``).
+
 It exits with status 1 when the agreement is below ``--min-agreement``, 2 on
 errors. Remember that prompts shorter than the layer map's ``min_prompt_len``
 run dense on the TriangleMix server too: use long prompts to test the pattern.
@@ -33,6 +38,7 @@ import logging
 import random
 import re
 import sys
+import time
 from dataclasses import dataclass
 
 import requests
@@ -136,6 +142,23 @@ class Server:
     def detokenize(self, ids: list[int]) -> str:
         return self._call("post", "/detokenize", {"model": self.model, "tokens": ids})["prompt"]
 
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """The dynamic-layer counters on ``/metrics``: {sample name: {layer: value}}
+        (empty when the server does not report them)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = requests.get(self.url + "/metrics", timeout=self.timeout)
+        if r.status_code != 200:
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(r.text):
+            if family.name.startswith("trianglemix:dynamic_"):
+                out.setdefault(family.name, {})
+                for sample in family.samples:
+                    if not sample.name.endswith("_created"):
+                        out[family.name][sample.labels.get("layer", "")] = sample.value
+        return out
+
     def complete(self, prompt, max_tokens: int) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0, "logprobs": 5}
@@ -158,6 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", default=None, help="write per-prompt results here (JSON)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--density-wait", type=float, default=60.0,
+                        help="seconds to wait for the TriangleMix server to publish the densities "
+                             "of this run (its report interval)")
 
 
 # ----------------------------------------------------------------------------
@@ -269,6 +295,46 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+KEPT, CAUSAL = "trianglemix:dynamic_kept_blocks", "trianglemix:dynamic_causal_blocks"
+REPORT_TIME = "trianglemix:dynamic_report_time_seconds"
+
+
+def densities(before: dict, after: dict) -> dict[str, float]:
+    """Per dynamic layer: kept / causal key blocks between two reads of the counters."""
+    out = {}
+    for layer, causal in after.get(CAUSAL, {}).items():
+        d_causal = causal - before.get(CAUSAL, {}).get(layer, 0.0)
+        if d_causal > 0:
+            d_kept = after[KEPT].get(layer, 0.0) - before.get(KEPT, {}).get(layer, 0.0)
+            out[layer] = d_kept / d_causal
+    return out
+
+
+def wait_for_densities(server: Server, before: dict, wait_s: float) -> dict:
+    """The counters once the server has read them after this run: the first report
+    published after this call's first read (the engine reports every interval)."""
+    if CAUSAL not in before:  # the report is off (or no dynamic layer): nothing to wait for
+        return before
+    first = server.metrics()
+    deadline = time.monotonic() + wait_s
+    while True:
+        now = server.metrics()
+        if now.get(REPORT_TIME) != first.get(REPORT_TIME) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
+
+
+def density_lines(summary: dict) -> list[str]:
+    dens = summary.get("dynamic_density")
+    if dens is None:
+        return ["dynamic layers' density: not reported (no dynamic layer, or the TriangleMix "
+                "server's density report is off: trianglemix_density_log_interval)"]
+    if not dens:
+        return ["dynamic layers' density: no dynamic rows in these prompts"]
+    return ["dynamic layers' density (key blocks kept): " + ", ".join(
+        f"layer {layer} {100 * d:.1f}%" for layer, d in sorted(dens.items(), key=lambda x: int(x[0])))]
+
+
 def _fmt(x) -> str:
     if isinstance(x, bool):
         return "yes" if x else "no"
@@ -295,6 +361,7 @@ def table(rows: list[dict], summary: dict, min_agreement: float) -> str:
     lines.append(f"first token, top-5 |delta logprob|: mean "
                  f"{_fmt(summary['top_logprob_mean_abs_delta'])}, max "
                  f"{_fmt(summary['top_logprob_max_abs_delta'])}")
+    lines += density_lines(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -319,15 +386,18 @@ def run(args: argparse.Namespace) -> int:
             tasks = passkey_tasks(dense, args.num_prompts, length, args.seed)
         if not tasks:
             raise RuntimeError(f"no prompt in {args.prompts}")
+        before = tm.metrics()
         rows = []
         for i, task in enumerate(tasks):
             logger.info("check-accuracy: prompt %d/%d", i + 1, len(tasks))
             rows.append(compare(task, dense.complete(task.prompt, args.max_tokens),
                                 tm.complete(task.prompt, args.max_tokens)))
+        after = wait_for_densities(tm, before, args.density_wait)
     except (requests.RequestException, RuntimeError, OSError, KeyError, ValueError) as e:
         logger.error("check-accuracy: %s", e)
         return 2
     summary = summarize(rows)
+    summary["dynamic_density"] = densities(before, after) if CAUSAL in after else None
     summary.update(min_agreement=args.min_agreement, dense_url=args.dense_url,
                    trianglemix_url=args.trianglemix_url, model=dense.model)
     if args.report:

@@ -21,7 +21,10 @@ Backends: ``dense`` (the stock backend), ``trianglemix`` (the bundled map),
 ``dynamic`` (TriangleMix + XAttention: the bundled ``<model>-dynamic`` map or
 ``--dynamic-map``), and ``dynamic@D``: the same map with a fixed budget, every
 dynamic layer keeping a fraction ``D`` of the causal key blocks (threshold 1,
-``max_density D``). Random weights give diffuse attention, on which a
+``max_density D``). ``dynamic-only`` / ``dynamic-only@D``: the same map
+without triangle layers, XAttention in every layer the ``dynamic`` map covers
+(its triangle and its dynamic layers), the dynamic-only baseline the
+TriangleMix paper compares with. Random weights give diffuse attention, on which a
 threshold keeps nearly every block; a fixed density measures the cost at the
 density a real model reaches.
 
@@ -58,7 +61,9 @@ import time
 
 from vllm_trianglemix.tools.bench import command_line
 
-BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX", "dynamic": "TRIANGLEMIX"}
+BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX", "dynamic": "TRIANGLEMIX",
+            "dynamic-only": "TRIANGLEMIX"}
+KNOWN = "dense, trianglemix, dynamic, dynamic@D, dynamic-only, dynamic-only@D"
 
 
 def _backend_kind(name: str) -> str:
@@ -66,7 +71,7 @@ def _backend_kind(name: str) -> str:
     if kind not in BACKENDS:
         from vllm_trianglemix.tools.errors import ToolError
 
-        raise ToolError(f"--backends: unknown backend '{name}' (known: dense, trianglemix, dynamic, dynamic@D)")
+        raise ToolError(f"--backends: unknown backend '{name}' (known: {KNOWN})")
     if "@" in name:
         try:
             density = float(name.split("@", 1)[1])
@@ -75,21 +80,33 @@ def _backend_kind(name: str) -> str:
         if not 0.0 < density <= 1.0:
             from vllm_trianglemix.tools.errors import ToolError
 
-            raise ToolError(f"--backends: '{name}': D of dynamic@D is a density in (0, 1]")
+            raise ToolError(f"--backends: '{name}': D of {kind}@D is a density in (0, 1]")
     return kind
 
 
-def _dynamic_map_file(args, name: str) -> str:
-    """The layer map of a ``dynamic`` / ``dynamic@D`` engine, written to a temp file."""
-    import yaml
+def dynamic_map_data(ref: str, model: str, name: str) -> dict:
+    """The map of a ``dynamic[-only][@D]`` engine: the map ``ref``; ``-only``: its
+    triangle and dynamic layers all dynamic; ``@D``: a fixed density D."""
+    from vllm_trianglemix.config import format_layer_ranges, resolve_layer_map
 
-    from vllm_trianglemix.config import resolve_layer_map
-
-    ref = args.dynamic_map or os.path.basename(args.model.rstrip("/")).lower() + "-dynamic"
-    data = dict(resolve_layer_map({"trianglemix_config": ref}, args.model).raw)
+    layer_map = resolve_layer_map({"trianglemix_config": ref}, model)
+    data = dict(layer_map.raw)
+    if _backend_kind(name) == "dynamic-only":
+        for key in ("triangle_layers", "layer_overrides"):
+            data.pop(key, None)
+        data["dynamic_layers"] = format_layer_ranges(sorted({*layer_map.layers, *layer_map.dynamic_layers}))
     if "@" in name:
         density = float(name.split("@", 1)[1])
         data["dynamic"] = {**(data.get("dynamic") or {}), "threshold": 1.0, "max_density": density}
+    return data
+
+
+def _dynamic_map_file(args, name: str) -> str:
+    """The layer map of a ``dynamic[-only][@D]`` engine, written to a temp file."""
+    import yaml
+
+    ref = args.dynamic_map or os.path.basename(args.model.rstrip("/")).lower() + "-dynamic"
+    data = dynamic_map_data(ref, args.model, name)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(data, f)
     return f.name
@@ -113,7 +130,7 @@ def _worker(args) -> dict:
     max_len = max(args.lengths + [args.itl_context + args.itl_tokens]) + 16
     kind = _backend_kind(args.worker)
     attention_backend, extra = engine_backend(kind, args.stock_backend)
-    if kind == "dynamic":
+    if kind in ("dynamic", "dynamic-only"):
         extra.setdefault("additional_config", {})["trianglemix_config"] = _dynamic_map_file(args, args.worker)
     if args.language_model_only:
         extra["language_model_only"] = True
@@ -282,7 +299,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True,
                     help="a model folder (config.json is enough: weights are random)")
     ap.add_argument("--backends", default="dense,trianglemix",
-                    help="comma-separated: dense, trianglemix, dynamic, dynamic@D (fixed density D)")
+                    help="comma-separated: dense, trianglemix, dynamic, dynamic@D (fixed density D), "
+                         "dynamic-only, dynamic-only@D (every layer of the dynamic map dynamic)")
     ap.add_argument("--dynamic-map", default=None,
                     help="map of the dynamic engines (default: the bundled <model>-dynamic)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000],

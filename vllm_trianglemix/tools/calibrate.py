@@ -64,6 +64,7 @@ import sys
 from dataclasses import dataclass, field
 
 from vllm_trianglemix.config import (
+    DYNAMIC_DEFAULTS,
     TriangleMixConfigError,
     format_layer_ranges,
     load_layer_map,
@@ -119,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-layers-fraction", type=float, default=0.5,
                         help="at most this fraction of the candidate layers become triangle")
+    parser.add_argument(
+        "--dynamic-rest", action="store_true",
+        help="also make every attention layer not chosen as a triangle layer (on a hybrid: "
+        "every other full-attention layer) a dynamic (XAttention) layer, with XAttention's "
+        "defaults; their accuracy is not measured here: check the map with check-accuracy",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
 
 
@@ -384,6 +391,12 @@ def map_text(args, num_layers: int, sel: Selection, prompt_desc: str) -> str:
         "notes": f"calibrated: joint KL {sel.joint_kl:.4g} nats <= budget {args.kl_budget:g} "
                  f"on {prompt_desc}",
     }
+    rest = [i for i in sel.per_layer if i not in sel.chosen]
+    if getattr(args, "dynamic_rest", False) and rest:
+        data["dynamic_layers"] = format_layer_ranges(rest)
+        data["dynamic"] = {k: v for k, v in DYNAMIC_DEFAULTS.items() if v is not None}
+        data["notes"] += (f"; dynamic layers {format_layer_ranges(rest)} (XAttention defaults) "
+                          "added by --dynamic-rest, their accuracy not measured")
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, width=1000)
 
 

@@ -1,0 +1,28 @@
+"""`bench ttft`'s dynamic engines: the maps it serves them (TM + dynamic vs dynamic-only
+at the same density, the TriangleMix paper's comparison)."""
+
+import pytest
+
+from vllm_trianglemix.config import parse_layer_map
+from vllm_trianglemix.tools.bench_ttft import dynamic_map_data
+
+REF = "llama-3.1-8b-instruct-dynamic"
+
+
+def test_dynamic_at_density_keeps_the_triangle_layers():
+    m = parse_layer_map(dynamic_map_data(REF, "any", "dynamic@0.1"), "d")
+    assert sorted(m.layers) == list(range(16, 32)) and sorted(m.dynamic_layers) == list(range(16))
+    p = m.dynamic_param_sets[0]
+    assert (p.threshold, p.max_density) == (1.0, 0.1)
+
+
+@pytest.mark.parametrize("name, density", [("dynamic-only", None), ("dynamic-only@0.1", 0.1)])
+def test_dynamic_only_makes_every_covered_layer_dynamic(name, density):
+    m = parse_layer_map(dynamic_map_data(REF, "any", name), "d")
+    assert m.layers == {} and sorted(m.dynamic_layers) == list(range(32))
+    assert m.dynamic_param_sets[0].max_density == density
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(SystemExit, match="unknown backend 'dynamic-all'"):
+        dynamic_map_data(REF, "any", "dynamic-all")
