@@ -5,6 +5,7 @@ import pytest
 
 from vllm_trianglemix.config import parse_layer_map
 from vllm_trianglemix.tools.bench_ttft import dynamic_map_data
+from vllm_trianglemix.tools.errors import ToolError
 
 REF = "llama-3.1-8b-instruct-dynamic"
 
@@ -24,5 +25,5 @@ def test_dynamic_only_makes_every_covered_layer_dynamic(name, density):
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(SystemExit, match="unknown backend 'dynamic-all'"):
+    with pytest.raises(ToolError, match="unknown backend .dynamic-all."):
         dynamic_map_data(REF, "any", "dynamic-all")

@@ -71,15 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "with --url: the model name to send (default: the server's first)")
     target.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARGS",
                         help="arguments of `vllm serve` for the server it starts")
-    target.add_argument("--server-start-timeout", type=float, default=900.0)
+    target.add_argument("--server-start-timeout", type=float, default=900.0,
+                        help="seconds to wait for a server this tool starts to answer /health")
     target.add_argument("--max-model-len", type=int, default=None,
                         help="default: the server's (from /v1/models)")
     target.add_argument("--vocab-size", type=int, default=None,
                         help="prompt token ids are drawn below it (default: the model folder's "
                              "config.json, else 1000)")
     load = parser.add_argument_group("load")
-    load.add_argument("--requests", type=int, default=200)
-    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--requests", type=int, default=200, help="requests to send in all")
+    load.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     load.add_argument("--lengths", default="64,512,2000",
                       help="prompt lengths in tokens: a list (A,B,C) or a range (MIN-MAX)")
     load.add_argument("--max-tokens", type=int, default=16,
@@ -88,15 +89,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fraction of prompts that start with the shared prefix")
     load.add_argument("--prefix-len", type=int, default=None,
                       help="shared prefix length (default: half the longest length)")
-    load.add_argument("--stream-fraction", type=float, default=0.5)
+    load.add_argument("--stream-fraction", type=float, default=0.5,
+                      help="share of the well-formed requests sent with stream=true")
     load.add_argument("--abort-fraction", type=float, default=0.1,
                       help="fraction of (streamed) requests cancelled at a random point")
     load.add_argument("--abort-max-seconds", type=float, default=2.0,
                       help="time-based cancels happen within this many seconds")
-    load.add_argument("--malformed-fraction", type=float, default=0.05)
+    load.add_argument("--malformed-fraction", type=float, default=0.05,
+                      help="share of requests that are malformed on purpose (each must get a 4xx)")
     load.add_argument("--logprobs", type=int, default=1, help="top logprobs asked per token")
-    load.add_argument("--temperature", type=float, default=0.0)
-    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the load")
+    load.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the request mix")
     check = parser.add_argument_group("checks and output")
     check.add_argument("--probe-prompts", type=int, default=2,
                        help="fixed prompts compared before and after the load (0: none)")
@@ -117,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="do not require running/waiting requests, KV-cache usage and the "
                             "plugin's tracked requests at 0 after the load (a server with other traffic)")
     check.add_argument("--output", help="also write the JSON summary here")
-    check.add_argument("--no-progress", action="store_true")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # -- The plan: what each request is ----------------------------------------
