@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8, kernel_fp8_args
+from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
 from vllm_trianglemix.ops.triangle_triton import (
     LOG2E,
     _attend_tiles,
@@ -106,7 +106,7 @@ def _antidiagonal_scores(
         q_s = tl.load(Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
                       mask=ok[:, None], other=0.0)
         if Q_FP8:
-            q_s = q_s.to(tl.bfloat16)  # exact; q_scale is in qk_scale
+            q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
         kp = h * S + s
         kok = col_ok & (kp < end)
         blk = tl.load(bt_row + kp // page_size, mask=kok, other=0).to(tl.int64)
@@ -383,7 +383,7 @@ def _xattn_estimate_packed_kernel(
             q_s = tl.load(Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
                           mask=ok[:, None], other=0.0)
             if Q_FP8:
-                q_s = q_s.to(tl.bfloat16)  # exact; q_scale is in qk_scale
+                q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
             kp = h * S + s
             # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
             k_s = _load_keys_t(KP, kp_base, K, bt_row, kv_head, kp, col_ok & (kp < n_keys), stride_kb,
@@ -837,7 +837,7 @@ class TritonXAttentionOp:
         if prepared.num_items == 0:
             return mass
         groups = self.groups(prepared, params)
-        compute = torch.bfloat16 if fp8.q_fp8 else query.dtype
+        compute = torch.float16 if fp8.q_fp8 else query.dtype  # fp16 holds e4m3 values exactly
         kp = self.repack_keys(key_cache, prepared, groups, compute) if cfg.est2_repack else key_cache
         max_tiles = -(-prepared.num_blocks // kb)
         per_super = self.num_kv_heads * row_tiles
