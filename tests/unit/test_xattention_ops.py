@@ -411,3 +411,20 @@ def test_triton_interpreted_fp8_cache_matches_reference(est_kernel, per_head, fp
     ignored = _run_layer(dyn, tri, tri.block_q, batch, params,
                          scales=Fp8Scales(q_scale if fp8_query else None, k_scale * 0 + 1, v_scale * 0 + 1))
     assert relative_error(ignored, ref) > 1e-1  # the scales matter
+
+
+@pytest.mark.parametrize("fp8_query", [False, True])
+def test_torch_op_fp8_cache_matches_reference(fp8_query):
+    """The CPU path dequantizes an fp8 cache (per-head K scales) and an fp8 query with their scales."""
+    from tests.paged import to_fp8
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params = PARAMS["tau"]
+    k_scale, v_scale, q_scale = torch.tensor([0.3, 0.5]), torch.tensor(0.25), torch.tensor(0.05)
+    batch = to_fp8(make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 32, 16, seed=5), k_scale, v_scale,
+                   q_scale if fp8_query else None)
+    scales = Fp8Scales(q_scale if fp8_query else None, k_scale, v_scale)
+    out = _run_layer(TorchXAttentionOp(), TorchTriangleOp(), 32, batch, params, scales=scales)
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5

@@ -305,7 +305,8 @@ class TriangleMixImplMixin:
             dense_plan, block_plan = plan
             self.triangle_op.run(query, key_cache, value_cache, dense_plan,
                                  dense_row_params(params.n_last), self.scale, output, scales=scales)
-            self.dynamic_op.run(query, key_cache, value_cache, block_plan, params, self.scale, output)
+            self.dynamic_op.run(query, key_cache, value_cache, block_plan, params, self.scale, output,
+                                scales=scales)
         else:
             self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output,
                                  scales=scales)

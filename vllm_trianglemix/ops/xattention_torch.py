@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8, per_head
 from vllm_trianglemix.pattern import DynamicParams, QueryBlockPlan, select_key_blocks
 from vllm_trianglemix.reference import attention_with_mask
 
@@ -74,17 +75,31 @@ class TorchXAttentionOp:
         return TorchDynamicPlan(plan, cam.block_table_tensor)
 
     def run(self, query, key_cache, value_cache, prepared: TorchDynamicPlan,
-            params: DynamicParams, scale: float, output, select=select_key_blocks) -> None:
-        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim]."""
+            params: DynamicParams, scale: float, output, select=select_key_blocks,
+            scales: Fp8Scales | None = None) -> None:
+        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim].
+
+        An fp8 cache (and an fp8 query) is dequantized with ``scales`` as its keys are gathered.
+        """
         plan, page = prepared.plan, key_cache.shape[1]
         B = params.block_size
+        num_kv_heads = key_cache.shape[2]
+        if (is_fp8(key_cache) or is_fp8(query)) and scales is None:
+            raise ValueError("TriangleMix CPU op: fp8 inputs need their scales")
+
+        def dequant(x, s):  # [T, Hkv, D] fp8 -> float32
+            return x.float() * per_head(s, num_kv_heads)[:, None] if is_fp8(x) else x
+
+        if is_fp8(query):
+            group = query.shape[1] // num_kv_heads
+            query = query.float() * per_head(scales.q, num_kv_heads).repeat_interleave(group)[:, None]
         for i in range(plan.num_items):
             req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
             pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
             k_pos = torch.arange(0, pos0 + n)
             blocks = prepared.block_table[req, k_pos // page].long()
-            keys = key_cache[blocks, k_pos % page]
-            values = value_cache[blocks, k_pos % page]
+            keys = dequant(key_cache[blocks, k_pos % page], scales.k if scales else None)
+            values = dequant(value_cache[blocks, k_pos % page], scales.v if scales else None)
             q = query[tok : tok + n]
             mass = antidiagonal_block_mass(q, keys, pos0, b, B, params.stride, scale)
             keep = select(mass, b, params.threshold, params.max_density)  # [Hkv, b+1]
