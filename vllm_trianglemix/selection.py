@@ -197,12 +197,6 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
         vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
     )
     layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
-    if layer_map.dynamic_layers and vllm_config.cache_config.cache_dtype in FP8_KV_CACHE_DTYPES:
-        raise TriangleMixUnsupportedError(
-            f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "
-            "do not read an fp8 KV cache yet; serve this map with --kv-cache-dtype auto, or "
-            "drop dynamic_layers"
-        )
     if layer_map.dynamic_layers and getattr(mc, "is_hybrid", False):
         raise TriangleMixUnsupportedError(
             f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "

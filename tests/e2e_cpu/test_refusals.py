@@ -135,7 +135,9 @@ def test_kv_cache_dtype_and_stock_backend_refusals(model_dir, kw, expected):
         engine_config(model_dir, **kw)
 
 
-def test_dynamic_layers_with_an_fp8_cache_are_refused(model_dir):
-    with pytest.raises(Exception, match="field 'dynamic_layers': dynamic layers do not read an fp8"):
-        engine_config(model_dir, kv_cache_dtype="fp8",
-                      additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+def test_dynamic_layers_with_an_fp8_cache_are_accepted(model_dir):
+    """Dynamic layers read an fp8 cache (ops tested in tests/unit/test_xattention_ops.py and
+    tests/gpu/test_xattention_gpu.py); the map is no longer refused for it."""
+    config = engine_config(model_dir, kv_cache_dtype="fp8",
+                           additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+    assert config.cache_config.cache_dtype == "fp8"
