@@ -290,7 +290,7 @@ def run(args) -> int:
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
     for v, op in ops.items():
-        w(f"config {v}: {op.config}\n")
+        w(f"config: {v} {op.config}\n")
     w("\n| length | density (achieved) | kernels | estimate ms | select ms | sparse attn ms | dense rows ms "
       "| layer ms | FA3 dense ms | layer / FA3 | keep-all vs FA3 |\n")
     w("|---|---|---|---|---|---|---|---|---|---|---|\n")
