@@ -376,6 +376,7 @@ def test_fused_selection_is_the_rule_on_gpu():
 
 FP8_CASES = [  # params, overrides, fp8 query
     ("default", "", True),
+    ("default", "est2_fp8_dot=1", True),
     ("budget", "", False),
     ("default", OLD_KERNELS, True),
 ]

@@ -376,14 +376,15 @@ def test_triton_interpreted_fused_selection_is_the_rule():
                 assert torch.equal(got.kept[i, t, :c], want.kept[i, t, :c])
 
 
-FP8_CASES = [  # estimate kernel, per-head K/V scales, fp8 query, seed (no near ties)
-    (2, True, True, 3),
-    (1, False, False, 3),
+FP8_CASES = [  # estimate kernel config, per-head K/V scales, fp8 query, seed (no near ties)
+    ("est_kernel=2", True, True, 3),
+    ("est_kernel=2,est2_fp8_dot=1", False, True, 3),
+    ("est_kernel=1", False, False, 3),
 ]
 
 
-@pytest.mark.parametrize("est_kernel,per_head,fp8_query,seed", FP8_CASES)
-def test_triton_interpreted_fp8_cache_matches_reference(est_kernel, per_head, fp8_query, seed):
+@pytest.mark.parametrize("est_config,per_head,fp8_query,seed", FP8_CASES)
+def test_triton_interpreted_fp8_cache_matches_reference(est_config, per_head, fp8_query, seed):
     """An fp8 (e4m3) cache with vLLM's scales (and an fp8 query, as vLLM quantizes it for FA3):
     the whole layer (fused selection) against the float64 reference on the dequantized cache.
 
@@ -395,7 +396,7 @@ def test_triton_interpreted_fp8_cache_matches_reference(est_kernel, per_head, fp
 
     params = PARAMS["tau"]
     heads = HEADS["gqa4"]
-    dyn, tri = _triton_ops(*heads, 64, est_kernel=est_kernel)
+    dyn, tri = _triton_ops(*heads, 64, **{k: int(v) for k, v in (f.split("=") for f in est_config.split(","))})
     kv = heads[1]
     k_scale = torch.linspace(0.3, 0.5, kv) if per_head else torch.tensor(0.4)
     v_scale = torch.linspace(0.2, 0.3, kv) if per_head else torch.tensor(0.25)

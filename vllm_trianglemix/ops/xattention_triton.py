@@ -307,9 +307,13 @@ def _xattn_estimate_packed_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
     ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, REPACKED: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
+
+    ``FP8_DOT`` (fp8 query and fp8 keys): the dots take the e4m3 values as they are; their
+    products are exact in float32 and the accumulation is kept float32
+    (``max_num_imprecise_acc=0``), so the scores equal the fp16 path's.
 
     Rows are (block of the group, query head, query group); each row's softmax
     is its own, so rows of different blocks share the key tiles and nothing
@@ -383,13 +387,17 @@ def _xattn_estimate_packed_kernel(
             q_s = tl.load(Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
                           mask=ok[:, None], other=0.0)
             if Q_FP8:
-                q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
+                if not FP8_DOT:
+                    q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
             kp = h * S + s
             # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
             k_s = _load_keys_t(KP, kp_base, K, bt_row, kv_head, kp, col_ok & (kp < n_keys), stride_kb,
                                stride_ks, stride_kh, stride_kd, page_size, offs_d, q_s, REPACKED,
                                G != G_P, KV_FP8, HEAD_D)
-            acc = tl.dot(q_s, k_s, acc)
+            if FP8_DOT:
+                acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
+            else:
+                acc = tl.dot(q_s, k_s, acc)
         on_diag = h[None, :] == g_abs[:, None]
         sc = tl.where(on_diag, diag[:, None], acc) * qk_scale
         defined = ((h[None, :] < g_abs[:, None]) & present_any[:, None]) | (on_diag & diag_def[:, None])
@@ -600,6 +608,7 @@ class XAttnKernelConfig:
     est2_num_warps: int = 8
     est2_num_stages: int = 2
     est2_repack: int = 1  # 1: keys repacked contiguous first; 0: read through the block table
+    est2_fp8_dot: int = 0  # 1: with an fp8 cache and fp8 query, e4m3 dots (exact, float32 accumulation)
     # Attention.
     block_m: int = 256  # attention rows (query rows x heads) per program
     block_n: int = 64  # attention keys per tile (a divisor of block_size)
@@ -837,7 +846,11 @@ class TritonXAttentionOp:
         if prepared.num_items == 0:
             return mass
         groups = self.groups(prepared, params)
-        compute = torch.float16 if fp8.q_fp8 else query.dtype  # fp16 holds e4m3 values exactly
+        fp8_dot = bool(cfg.est2_fp8_dot) and fp8.q_fp8 and fp8.kv_fp8
+        if fp8_dot:
+            compute = torch.float8_e4m3fn
+        else:
+            compute = torch.float16 if fp8.q_fp8 else query.dtype  # fp16 holds e4m3 values exactly
         kp = self.repack_keys(key_cache, prepared, groups, compute) if cfg.est2_repack else key_cache
         max_tiles = -(-prepared.num_blocks // kb)
         per_super = self.num_kv_heads * row_tiles
@@ -857,7 +870,7 @@ class TritonXAttentionOp:
                 first, *fp8.pointers, *fp8.strides,
                 GROUP=self.group, GROUP_P=self.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
                 BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=self.head_size,
-                REPACKED=bool(cfg.est2_repack), Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8,
+                REPACKED=bool(cfg.est2_repack), Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot,
                 num_warps=cfg.est2_num_warps, num_stages=cfg.est2_num_stages,
             )
         return mass
