@@ -175,6 +175,11 @@ def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", sca
                 select=recorder, scales=scales)
         keep = recorder.keep
     torch.cuda.synchronize()
+    from vllm_trianglemix.ops.xattention_triton import XAttnKernelConfig
+
+    requested = XAttnKernelConfig.from_env(d)
+    requested = requested.with_overrides(overrides) if overrides else requested
+    assert dyn.config == requested, "a kernel did not build and fell back (see the warning)"
     return out, block_plan, dense_from, keep
 
 

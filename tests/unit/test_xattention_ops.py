@@ -429,3 +429,32 @@ def test_torch_op_fp8_cache_matches_reference(fp8_query):
     ref, margin = _reference(batch, params)
     assert margin > MARGIN
     assert relative_error(out, ref) < 1e-5
+
+
+def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch):
+    """Estimate kernel 2 or the fused selection failing to build (e.g. shared memory on some GPU):
+    the previous kernel from then on, with one warning, the same masses and selection."""
+    from triton.runtime.errors import OutOfResources
+
+    from vllm_trianglemix.ops import xattention_triton as xt
+
+    params = PARAMS["tau_and_budget"]
+    dyn, _ = _triton_ops(8, 2, 64)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
+    dense_from, _, plan = _plans(batch, params)
+    prepared = dyn.prepare(plan, dense_from, FakeCommonMetadata(batch))
+
+    def no_shared_memory(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(xt.TritonXAttentionOp, "_estimate_packed", no_shared_memory)
+    monkeypatch.setattr(xt.TritonXAttentionOp, "select_fused", no_shared_memory)
+    mass = dyn.estimate(batch.query, batch.key_cache, prepared, params, batch.scale)
+    blocks = dyn.select(mass, prepared, params, keep_mask=True)
+    assert (dyn.config.est_kernel, dyn.config.select_kernel) == (1, 0)
+    keep = select_key_blocks(mass, prepared.q_block[:, None], params.threshold, params.max_density)
+    assert torch.equal(blocks.keep, keep)
+    monkeypatch.undo()
+    fresh, _ = _triton_ops(8, 2, 64)
+    torch.testing.assert_close(mass, fresh.estimate(batch.query, batch.key_cache, prepared, params, batch.scale),
+                               rtol=1e-5, atol=1e-6)

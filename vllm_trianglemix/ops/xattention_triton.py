@@ -50,6 +50,7 @@ Items come heaviest first (the plan orders them), so long rows start first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -57,6 +58,9 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
+from vllm.logger import init_logger
 
 from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
 from vllm_trianglemix.ops.triangle_triton import (
@@ -77,6 +81,10 @@ from vllm_trianglemix.pattern import (
 from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA, dynamic_gpu_problems
 
 CONFIG_ENV = "VLLM_TRIANGLEMIX_XATTN_CONFIG"
+COMPILE_ERRORS = (CompilationError, OutOfResources, PTXASError)
+"""What a kernel that does not build on this GPU raises (before anything is launched)."""
+
+logger = init_logger("vllm.trianglemix")
 ITEM_WIDTH = len(QUERY_BLOCK_FIELDS)  # req, q_tok, q_pos, n_q, q_block
 SUPER_HEAD = 4  # a group of query blocks: req, key offset in the repacked buffer, key blocks, keys
 
@@ -760,8 +768,19 @@ class TritonXAttentionOp:
         fp8 = kernel_fp8_args(query, key_cache, key_cache, scales, self.num_kv_heads,
                               placeholder=prepared.q_block)
         if self.config.est_kernel == 2:
-            return self._estimate_packed(query, key_cache, prepared, params, scale, fp8)
+            try:
+                return self._estimate_packed(query, key_cache, prepared, params, scale, fp8)
+            except COMPILE_ERRORS as e:
+                self._fall_back("est_kernel", 1, "estimate kernel 2", e)
         return self._estimate_paged(query, key_cache, prepared, params, scale, fp8)
+
+    def _fall_back(self, field_name: str, value: int, what: str, error: Exception) -> None:
+        """A kernel that does not build on this GPU: the previous one from now on, said once."""
+        logger.warning("TriangleMix dynamic layers: %s does not build on this GPU (%s: %s); "
+                       "using %s=%d instead (set it in %s to silence this)", what,
+                       type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
+                       field_name, value, CONFIG_ENV)
+        self.config = dataclasses.replace(self.config, **{field_name: value})
 
     def _estimate_paged(self, query, key_cache, prepared, params, scale, fp8):
         cfg = self.config
@@ -884,7 +903,10 @@ class TritonXAttentionOp:
         ``keep_mask`` also returns the kept-block mask (tests).
         """
         if select is select_key_blocks and self.config.select_kernel == 1:
-            return self.select_fused(mass, prepared, params, keep_mask)
+            try:
+                return self.select_fused(mass, prepared, params, keep_mask)
+            except COMPILE_ERRORS as e:
+                self._fall_back("select_kernel", 0, "the fused selection kernel", e)
         if mass.dim() == 4:
             mass = mass[:, :, 0] if mass.shape[2] == 1 else mass.sum(2)
         keep = select(mass, prepared.q_block[:, None], params.threshold, params.max_density)

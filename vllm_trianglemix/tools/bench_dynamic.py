@@ -291,6 +291,8 @@ def run(args) -> int:
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
     for v, op in ops.items():
         w(f"config: {v} {op.config}\n")
+    if "after" in ops and (ops["after"].config.est_kernel, ops["after"].config.select_kernel) != (2, 1):
+        w("config: after FELL BACK to the previous kernels (a new kernel did not build; see the warning)\n")
     w("\n| length | density (achieved) | kernels | estimate ms | select ms | sparse attn ms | dense rows ms "
       "| layer ms | FA3 dense ms | layer / FA3 | keep-all vs FA3 |\n")
     w("|---|---|---|---|---|---|---|---|---|---|---|\n")
