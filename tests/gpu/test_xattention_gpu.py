@@ -249,7 +249,6 @@ CASES = [  # the kernels' defaults (estimate kernel 2, fused selection), and the
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est2_repack=0"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
-    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, OLD_KERNELS),
 ]
 
 
