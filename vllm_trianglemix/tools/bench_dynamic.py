@@ -183,6 +183,8 @@ def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, 
                     blocks = op.select(mass, step.prep, params)
                     ms = _time_ms(lambda: op.attend(step.q, step.kc, step.vc, step.prep, params,
                                                     step.scale, step.out, blocks), reps)
+                if op.config != base.with_overrides(text):
+                    raise RuntimeError("did not build on this GPU (fell back to the previous kernel)")
                 lines.append(dict(kind=kind, config=text, ms=ms))
                 if kind not in best or ms < best[kind][1]:
                     best[kind] = (text, ms)
