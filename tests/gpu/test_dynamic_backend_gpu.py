@@ -6,8 +6,8 @@ query-block boundaries): long prompts match the float64 reference, which
 derives every selection itself, and are far from the triangle-only reference;
 short prompts stay bit for bit the stock backend's. The same checks with
 FlashInfer as the stock backend (``trianglemix_stock_backend: FLASHINFER``,
-against stock FlashInfer), with a dynamic-only map, and with an fp8 KV cache (within stock fp8's own error
-of the float64 reference).
+against stock FlashInfer) and with a dynamic-only map; an fp8 KV cache is refused at start
+on CUDA (not yet verified there).
 """
 
 import pytest
@@ -106,33 +106,12 @@ def test_dynamic_only_map_matches_the_reference(model_dir, tmp_path):
         shutdown(llm)
 
 
-def test_fp8_cache_within_stock_fp8_error(model_dir):
-    """fp8 e4m3 KV cache with dynamic layers (bf16, per-layer K/V scales as a checkpoint
-    sets them): as far from the float64 reference of the map as stock fp8 is from the
-    dense one, and farther from the triangle-only reference."""
-    from tests.gpu.test_breadth_gpu import KV_SCALE, _engine, _prompt_logprobs, _set_kv_scales, _shutdown
-    from tests.reference_llama import ReferenceLlama
-
+def test_fp8_cache_is_refused_on_cuda(model_dir):
+    """Dynamic layers on an fp8 KV cache stop the engine at start on CUDA, naming the field,
+    until the fp8 XAttention kernels have run on a GPU (``tests/gpu/test_xattention_gpu.py``
+    holds their fp8 cases); the CPU path serves them (``tests/e2e_cpu/test_fp8_kv_cache.py``)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 KV cache needs compute capability >= 8.9")
-    dyn_map, tri_map, _ = _maps()
-    stock = _engine(model_dir, None, kv_cache_dtype="fp8", dtype="bfloat16")
-    dyn = _engine(model_dir, "TRIANGLEMIX", kv_cache_dtype="fp8", dtype="bfloat16",
-                  additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
-    try:
-        for llm in (stock, dyn):
-            assert llm.collective_rpc(_set_kv_scales, args=(KV_SCALE,))[0]
-        ref = ReferenceLlama(model_dir)
-        ids = [backend_gpu._prompt(n, n) for n in (704, 1536)]
-        got_dyn, _ = _prompt_logprobs(dyn, ids)
-        got_stock, _ = _prompt_logprobs(stock, ids)
-        for p, d, st in zip(ids, got_dyn, got_stock):
-            err_dyn = (d - ref.prompt_logprobs(p, dyn_map)).abs().mean().item()
-            err_stock = (st - ref.prompt_logprobs(p, None)).abs().mean().item()
-            err_tri = (d - ref.prompt_logprobs(p, tri_map)).abs().mean().item()
-            print(f"DYNAMIC fp8 prompt {len(p)}: mean |logprob - float64 ref|: dynamic fp8 "
-                  f"{err_dyn:.2e}, stock fp8 {err_stock:.2e} (dense); vs triangle-only {err_tri:.2e}")
-            assert err_dyn < 1.5 * err_stock + 2e-3, (err_dyn, err_stock)
-            assert err_tri > err_dyn, (err_dyn, err_tri)
-    finally:
-        _shutdown(dyn, stock)
+    with pytest.raises(Exception, match="field 'dynamic_layers': an fp8 KV cache"):
+        engine(model_dir, "TRIANGLEMIX", kv_cache_dtype="fp8", dtype="bfloat16",
+               additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})

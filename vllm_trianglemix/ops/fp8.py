@@ -78,3 +78,36 @@ def dequantize_query(query: torch.Tensor, scales: "Fp8Scales | None", num_kv_hea
 def check_scales(query: torch.Tensor, key_cache: torch.Tensor, scales: "Fp8Scales | None", op: str) -> None:
     if (is_fp8(key_cache) or is_fp8(query)) and scales is None:
         raise ValueError(f"TriangleMix {op}: fp8 inputs need their scales")
+
+
+@dataclass(frozen=True)
+class KernelFp8Args:
+    """What a Triton kernel with ``Q_FP8``/``KV_FP8`` flags takes for the scales."""
+
+    q_fp8: bool
+    kv_fp8: bool
+    pointers: tuple  # q, k, v scale tensors (a placeholder pointer where a flag is off)
+    strides: tuple  # 0 (one scale per layer) or 1 (one per KV head), each
+
+
+def kernel_fp8_args(query, key_cache, value_cache, scales: Fp8Scales | None, num_kv_heads: int,
+                    placeholder: torch.Tensor) -> KernelFp8Args:
+    """The fp8 flags and scale arguments of a launch; fp8 inputs without ``scales`` are refused.
+
+    ``placeholder``: any device tensor, passed where a scale is not read.
+    """
+    q_fp8, kv_fp8 = is_fp8(query), is_fp8(key_cache)
+    if is_fp8(value_cache) != kv_fp8:
+        raise ValueError("TriangleMix kernel: the key and value caches must both be fp8 or neither")
+    if (q_fp8 or kv_fp8) and scales is None:
+        raise ValueError("TriangleMix kernel: fp8 inputs need their scales")
+    q_s = scales.q if q_fp8 else None
+    k_s = scales.k if kv_fp8 else None
+    v_s = scales.v if kv_fp8 else None
+    if q_fp8 and q_s is None:
+        raise ValueError("TriangleMix kernel: an fp8 query needs its scale (the layer's _q_scale)")
+    return KernelFp8Args(
+        q_fp8, kv_fp8,
+        tuple(placeholder if x is None else x for x in (q_s, k_s, v_s)),
+        tuple(scale_stride(x, num_kv_heads) for x in (q_s, k_s, v_s)),
+    )

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from vllm_trianglemix import pattern
-from vllm_trianglemix.ops.fp8 import Fp8Scales, is_fp8, scale_stride
+from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
 from vllm_trianglemix.pattern import ITEM_FIELDS, BlockPlan, TriangleParams
 
 LOG2E = 1.4426950408889634
@@ -51,6 +51,55 @@ _tile_fully_visible = _jit_rule(pattern.tile_fully_visible)
 _unmasked_key_span = _jit_rule(pattern.unmasked_key_span)
 
 MASK_NONE, MASK_ALWAYS, MASK_PER_TILE = 0, 1, 2
+
+
+@triton.jit
+def _load_cache_t(K, blk, slot, kv_head, stride_b, stride_s, stride_h, stride_d, offs_d, ok, like,
+                  KV_FP8: tl.constexpr, MASKED: tl.constexpr):
+    """Cache rows at (block, slot) pairs as a ``[HEAD_D, n]`` tile (zero where not ``ok`` if
+    ``MASKED``), converted to ``like``'s dtype when the cache is fp8."""
+    ptrs = K + blk[None, :] * stride_b + slot[None, :] * stride_s + kv_head * stride_h + offs_d[:, None] * stride_d
+    if MASKED:
+        k = tl.load(ptrs, mask=ok[None, :], other=0.0)
+    else:
+        k = tl.load(ptrs)
+    if KV_FP8:
+        k = k.to(like.dtype)  # exact: e4m3 values are bf16/fp16 values; k_scale is in qk_scale
+    return k
+
+
+@triton.jit
+def _load_cache(V, blk, slot, kv_head, stride_b, stride_s, stride_h, stride_d, offs_d, ok, like,
+                KV_FP8: tl.constexpr, MASKED: tl.constexpr):
+    """Cache rows at (block, slot) pairs as an ``[n, HEAD_D]`` tile (zero where not ``ok`` if
+    ``MASKED``), converted to ``like``'s dtype when the cache is fp8."""
+    ptrs = V + blk[:, None] * stride_b + slot[:, None] * stride_s + kv_head * stride_h + offs_d[None, :] * stride_d
+    if MASKED:
+        v = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        v = tl.load(ptrs)
+    if KV_FP8:
+        v = v.to(like.dtype)  # exact; v_scale is applied to the output (k_scale: in qk_scale)
+    return v
+
+
+@triton.jit
+def _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
+                stride_q_scale, stride_k_scale, stride_v_scale,
+                Q_FP8: tl.constexpr, KV_FP8: tl.constexpr):
+    """(score scale, output scale) with the fp8 dequantization scales folded in.
+
+    fp8 inputs are converted exactly to bf16/fp16 for ``tl.dot``; a cached value
+    ``x8`` stands for ``float(x8) * scale``, so ``q_scale * k_scale`` multiplies
+    the scores and ``v_scale`` the normalised output.
+    """
+    out_scale = 1.0
+    if Q_FP8:
+        qk_scale = qk_scale * tl.load(q_scale_ptr + kv_head * stride_q_scale)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * stride_k_scale)
+        out_scale = tl.load(v_scale_ptr + kv_head * stride_v_scale)
+    return qk_scale, out_scale
 
 
 @triton.jit
@@ -75,13 +124,8 @@ def _attend_tiles(
         in_range = k_idx < hi
         blk = tl.load(bt_row + k_idx // block_size, mask=in_range, other=0).to(tl.int64)
         slot = (k_idx % block_size).to(tl.int64)
-        k = tl.load(
-            K + blk[None, :] * stride_kb + slot[None, :] * stride_ks
-            + kv_head * stride_kh + offs_d[:, None] * stride_kd,
-            mask=in_range[None, :], other=0.0,
-        )
-        if KV_FP8:
-            k = k.to(q.dtype)  # exact: e4m3 values are bf16/fp16 values; k_scale is in qk_scale
+        k = _load_cache_t(K, blk, slot, kv_head, stride_kb, stride_ks, stride_kh, stride_kd,
+                          offs_d, in_range, q, KV_FP8, True)
         s = tl.dot(q, k) * qk_scale
         if MASK == 1:
             seen = _visible(q_pos[:, None], k_idx[None, :], dense_from, n_init, n_local)
@@ -96,13 +140,8 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + blk[:, None] * stride_vb + slot[:, None] * stride_vs
-            + kv_head * stride_vh + offs_d[None, :] * stride_vd,
-            mask=in_range[:, None], other=0.0,
-        )
-        if KV_FP8:
-            v = v.to(q.dtype)  # exact; v_scale is applied to the output
+        v = _load_cache(V, blk, slot, kv_head, stride_vb, stride_vs, stride_vh, stride_vd,
+                        offs_d, in_range, q, KV_FP8, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
@@ -151,11 +190,8 @@ def _triangle_attention_kernel(
     # scales folded into the score scale (q, k) and the output (v).
     if Q_FP8:
         q = q.to(O.dtype.element_ty)
-        qk_scale = qk_scale * tl.load(q_scale_ptr + kv_head * stride_q_scale)
-    out_scale = 1.0
-    if KV_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * stride_k_scale)
-        out_scale = tl.load(v_scale_ptr + kv_head * stride_v_scale)
+    qk_scale, out_scale = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
+                                      stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
     q_pos = q_lo + i
     q_hi = q_lo + n_q - 1
 
@@ -356,14 +392,8 @@ class TritonTriangleOp:
             return
         cfg = self.config
         assert query.stride(-1) == 1 and output.stride(-1) == 1
-        q_fp8, kv_fp8 = is_fp8(query), is_fp8(key_cache)
-        assert is_fp8(value_cache) == kv_fp8
-        if (q_fp8 or kv_fp8) and scales is None:
-            raise ValueError("TriangleMix kernel: fp8 inputs need their scales")
-        q_s = scales.q if q_fp8 else None
-        k_s = scales.k if kv_fp8 else None
-        v_s = scales.v if kv_fp8 else None
-        placeholder = prepared.dense_from  # any pointer; never read when the flag is off
+        fp8 = kernel_fp8_args(query, key_cache, value_cache, scales, self.num_kv_heads,
+                              placeholder=prepared.dense_from)
         o_part = lse_part = output  # placeholders when nothing is split
         if prepared.num_partials:
             rows = prepared.num_partials * self.num_heads * self.block_q
@@ -377,14 +407,10 @@ class TritonTriangleOp:
             *key_cache.stride(), *value_cache.stride(),
             bt.stride(0), self.num_kv_heads, self.num_heads, key_cache.shape[1],
             params.n_init, params.n_local, scale * LOG2E,
-            placeholder if q_s is None else q_s,
-            placeholder if k_s is None else k_s,
-            placeholder if v_s is None else v_s,
-            scale_stride(q_s, self.num_kv_heads), scale_stride(k_s, self.num_kv_heads),
-            scale_stride(v_s, self.num_kv_heads),
+            *fp8.pointers, *fp8.strides,
             GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=self.block_q,
             BLOCK_N=cfg.block_n, BLOCK_N_SINK=16, HEAD_D=self.head_size,
-            MASK_MODE=cfg.mask_mode, Q_FP8=q_fp8, KV_FP8=kv_fp8,
+            MASK_MODE=cfg.mask_mode, Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if prepared.num_merges:

@@ -8,16 +8,22 @@ K/V in vLLM's FlashAttention paged cache (page 16):
 * dense: ``vllm.vllm_flash_attn.flash_attn_varlen_func`` causal (FA3) over
   each step's rows, summed over the steps;
 * dynamic layer (XAttention block 128, stride 8, n_last 128): per step the
-  estimate, the selection (torch on the device), the block-sparse attention
-  and the dense last rows (triangle kernel), each timed, and the whole layer
-  timed as the backend runs it.
+  estimate, the selection, the block-sparse attention and the dense last rows
+  (triangle kernel), each timed, and the whole layer timed as the backend runs
+  it; once per kernel set (``--variants``): ``before`` (estimate kernel 1 and
+  the torch selection, ``est_kernel=1,select_kernel=0``) and ``after`` (the
+  defaults: estimate kernel 2 on repacked keys and the fused selection), on
+  the same cache and queries, FA3 in the same run.
 
 Random data gives diffuse attention (a threshold would keep nearly every
 block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
 0.2 (``--densities``); the achieved density is reported. A short sweep of
-kernel configurations on the longest length's last step picks the estimate
-and the attention configuration (``--no-sweep``: defaults). Before timing,
-keeping every block is checked against FA3's output at full scale.
+kernel-2 estimate and attention configurations on the longest length's last
+step picks the ``after`` configuration (``--no-sweep``: defaults). Before
+timing, keeping every block is checked against FA3's output at full scale, and
+the two kernel sets' selections on the longest length's last step are
+compared (share of identical (query block, KV head) decisions; near ties of
+two bf16 estimates may differ).
 
     vllm-trianglemix bench dynamic --out dynamic.json --best-env dynamic.env
 """
@@ -42,20 +48,21 @@ from vllm_trianglemix.tools.bench import command_line, require_cuda
 # answers without loading them.
 
 HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
+DEVICE, DTYPE = "cuda", "bfloat16"
 BLOCK, STRIDE, N_LAST = 128, 8, 128
-EST_SWEEP = [
-    "est_one_pass=1,est_block_n=128,est_num_warps=4,est_num_stages=2",
-    "est_one_pass=1,est_block_n=128,est_num_warps=8,est_num_stages=2",
-    "est_one_pass=1,est_block_n=64,est_num_warps=4,est_num_stages=3",
-    "est_one_pass=1,est_block_n=256,est_num_warps=8,est_num_stages=2",
-    "est_one_pass=0,est_block_n=128,est_num_warps=4,est_num_stages=2",
+VARIANTS = {
+    "before": "est_kernel=1,select_kernel=0",  # kernel 1 at its measured-best defaults, torch selection
+    "after": "est_kernel=2,select_kernel=1",  # repacked-key estimate, fused selection
+}
+EST_SWEEP = [  # kernel 2 (the defaults first)
+    "est2_block_m=128,est2_block_n=128,est2_num_warps=8,est2_num_stages=2",
+    "est2_block_m=128,est2_block_n=64,est2_num_warps=4,est2_num_stages=3",
+    "est2_block_m=256,est2_block_n=64,est2_num_warps=8,est2_num_stages=2",
 ]
 ATTN_SWEEP = [
-    "block_m=128,block_n=64,num_warps=4,num_stages=3",
-    "block_m=128,block_n=32,num_warps=4,num_stages=3",
-    "block_m=128,block_n=64,num_warps=8,num_stages=3",
-    "block_m=64,block_n=64,num_warps=4,num_stages=2",
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
+    "block_m=128,block_n=64,num_warps=4,num_stages=3",
+    "block_m=128,block_n=128,num_warps=8,num_stages=2",
 ]
 
 
@@ -121,25 +128,31 @@ class _Step:
             self.tri.run(self.q, self.kc, self.vc, self.tri_prep, dense_row_params(N_LAST), self.scale,
                          self.out)
 
-    def layer(self, params):
+    def layer(self, params, dyn=None):
         self.dense_rows()
-        self.dyn.run(self.q, self.kc, self.vc, self.prep, params, self.scale, self.out)
+        (dyn or self.dyn).run(self.q, self.kc, self.vc, self.prep, params, self.scale, self.out)
 
-    def timings(self, params, reps) -> dict:
-        dyn, prep = self.dyn, self.prep
+    def timings(self, params, reps, dyn=None) -> dict:
+        dyn, prep = dyn or self.dyn, self.prep
         r = dict(est_ms=0.0, select_ms=0.0, attn_ms=0.0, kept=0, causal=0)
         if prep.num_items:
-            mass = dyn.estimate(self.q, self.kc, prep, params, self.scale)
+            mass = dyn._estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None)
             blocks = dyn.select(mass, prep, params)
-            r["est_ms"] = _time_ms(lambda: dyn.estimate(self.q, self.kc, prep, params, self.scale), reps)
+            r["est_ms"] = _time_ms(
+                lambda: dyn._estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None), reps)
             r["select_ms"] = _time_ms(lambda: dyn.select(mass, prep, params), reps)
             r["attn_ms"] = _time_ms(lambda: dyn.attend(self.q, self.kc, self.vc, prep, params, self.scale,
                                                         self.out, blocks), reps)
             r["kept"] = int((blocks.n_kept + blocks.diag_kept).sum())
             r["causal"] = int((prep.q_block + 1).sum()) * KV_HEADS
         r["dense_rows_ms"] = _time_ms(self.dense_rows, reps) if self.has_dense else 0.0
-        r["layer_ms"] = _time_ms(lambda: self.layer(params), reps)
+        r["layer_ms"] = _time_ms(lambda: self.layer(params, dyn), reps)
         return r
+
+    def keep_mask(self, params, dyn):
+        """The kept-block mask [items, kv_heads, blocks] of this step (bool)."""
+        mass = dyn._estimate_row_tiles(self.q, self.kc, self.prep, params, self.scale, None)
+        return dyn.select(mass, self.prep, params, keep_mask=True).keep
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -150,30 +163,34 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2],
                     help="max_density values (threshold 1.0: a fixed budget)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="kernel sets to time: before (estimate kernel 1, torch selection: the defaults), after (estimate kernel 2, fused selection)")
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
                     help="write the chosen configuration as an env file (VLLM_TRIANGLEMIX_XATTN_CONFIG)")
 
 
-def _sweep(step: _Step, densities, reps) -> tuple[str | None, str | None, list[dict]]:
-    """The fastest estimate and attention configurations on one step (errors reported, not fatal)."""
+def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, list[dict]]:
+    """The fastest kernel-2 estimate and attention configurations on one step (errors reported, not fatal)."""
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
     params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(densities), N_LAST)
-    base = step.dyn.config
     lines, best = [], {}
     for kind, sweep in (("est", EST_SWEEP), ("attn", ATTN_SWEEP)):
         for text in sweep:
             try:
                 op = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=base.with_overrides(text))
-                mass = op.estimate(step.q, step.kc, step.prep, params, step.scale)
                 if kind == "est":
-                    ms = _time_ms(lambda: op.estimate(step.q, step.kc, step.prep, params, step.scale), reps)
+                    ms = _time_ms(lambda: op._estimate_row_tiles(step.q, step.kc, step.prep, params,
+                                                                 step.scale, None), reps)
                 else:
+                    mass = op._estimate_row_tiles(step.q, step.kc, step.prep, params, step.scale, None)
                     blocks = op.select(mass, step.prep, params)
                     ms = _time_ms(lambda: op.attend(step.q, step.kc, step.vc, step.prep, params,
                                                     step.scale, step.out, blocks), reps)
+                if op.config != base.with_overrides(text):
+                    raise RuntimeError("did not build on this GPU (fell back to the previous kernel)")
                 lines.append(dict(kind=kind, config=text, ms=ms))
                 if kind not in best or ms < best[kind][1]:
                     best[kind] = (text, ms)
@@ -184,9 +201,9 @@ def _sweep(step: _Step, densities, reps) -> tuple[str | None, str | None, list[d
 
 
 def _row_line(r: dict) -> str:
-    return (f"| {r['length']} | {r['chunk']} | {r['max_density']} ({r['achieved_density']:.3f}) | "
+    return (f"| {r['length']} | {r['max_density']} ({r['achieved_density']:.3f}) | {r['variant']} | "
             f"{r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
-            f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['fa3_ms'] / r['layer_ms']:.2f}x | "
+            f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['layer_ms'] / r['fa3_ms']:.3f} | "
             f"{'ok' if r['keep_all_ok'] and r['keep_all_rel_err'] < 1e-2 else 'FAIL'} "
             f"{r['keep_all_rel_err']:.1e} |\n")
 
@@ -197,41 +214,48 @@ def run(args) -> int:
     import torch
 
     from vllm_trianglemix.backends.cuda import flash_kv_cache_views, triangle_op
-    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp, XAttnKernelConfig
 
-    dev = "cuda"
+    dev = DEVICE
     torch.manual_seed(0)
     tri = triangle_op(HEADS, KV_HEADS, DIM)
-    dyn = TritonXAttentionOp(HEADS, KV_HEADS, DIM)
+    base = XAttnKernelConfig.from_env(DIM)
+    ops = {v: TritonXAttentionOp(HEADS, KV_HEADS, DIM,
+                                 config=base.with_overrides(VARIANTS[v]) if VARIANTS[v] else base)
+           for v in args.variants}
     scale = DIM ** -0.5
-    rows, sweep_lines, chosen = [], [], None
+    rows, sweep_lines, swept, agreement = [], [], False, None
     for L in sorted(args.lengths, reverse=True):  # longest first: the sweep runs on it
         nblk = -(-L // PAGE)
-        kv = torch.randn(nblk, KV_HEADS, PAGE, 2 * DIM, device=dev, dtype=torch.bfloat16)
+        kv = torch.randn(nblk, KV_HEADS, PAGE, 2 * DIM, device=dev, dtype=getattr(torch, DTYPE))
         kc, vc = flash_kv_cache_views(kv, DIM)
         bt = torch.arange(nblk, dtype=torch.int32, device=dev)[None, :]
-        q = torch.randn(L, HEADS, DIM, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(L, HEADS, DIM, device=dev, dtype=getattr(torch, DTYPE))
         chunk = args.chunk if args.chunk > 0 else L
-        steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, dyn, tri, scale)
+        first = ops[args.variants[0]]
+        steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, first, tri, scale)
                  for p0 in range(0, L, chunk)]
-        if chosen is None:
-            est_cfg, attn_cfg = None, None
-            if not args.no_sweep:
-                est_cfg, attn_cfg, sweep_lines = _sweep(steps[-1], args.densities, args.reps)
+        last = steps[-1]
+        if not swept:
+            swept = True
+            if not args.no_sweep and "after" in ops:
+                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["after"].config)
                 for line in sweep_lines:
                     sys.stdout.write(f"sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms "
                                      f"{line.get('error', '')}\n")
                 sys.stdout.flush()
-            cfg = dyn.config
-            for text in (est_cfg, attn_cfg):
-                if text:
-                    cfg = cfg.with_overrides(text)
-            chosen = cfg
-            dyn = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
-            for s in steps:
-                s.dyn = dyn
+                cfg = ops["after"].config
+                for text in (est_cfg, attn_cfg):
+                    if text:
+                        cfg = cfg.with_overrides(text)
+                ops["after"] = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
+            if len(ops) > 1:  # the kernel sets' selections on the same step
+                params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(args.densities), N_LAST)
+                a, b = (last.keep_mask(params, op) for op in ops.values())
+                agreement = float((a == b).all(-1).float().mean())
+                sys.stdout.write(f"selection agreement {' vs '.join(ops)} (L={L}, last step, density "
+                                 f"{min(args.densities)}): {agreement:.4f} of (query block, KV head) decisions\n")
         # Check at full scale: keeping every block equals FA3 (last step: the longest rows).
-        last = steps[-1]
         keep_all = DynamicParams("xattention", BLOCK, STRIDE, 1.0, None, N_LAST)
         last.out.fill_(float("nan"))
         last.layer(keep_all)
@@ -242,42 +266,47 @@ def run(args) -> int:
         fa3_ms = sum(_time_ms(s.fa3, args.reps) for s in steps)
         for density in args.densities:
             params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, density, N_LAST)
-            parts = [s.timings(params, args.reps) for s in steps]
-            total = {k: sum(p[k] for p in parts) for k in parts[0]}
-            rows.append(dict(
-                length=L, chunk=chunk, steps=len(steps), max_density=density,
-                achieved_density=total["kept"] / max(total["causal"], 1),
-                est_ms=total["est_ms"], select_ms=total["select_ms"], attn_ms=total["attn_ms"],
-                dense_rows_ms=total["dense_rows_ms"], layer_ms=total["layer_ms"], fa3_ms=fa3_ms,
-                plan_ms=sum(s.plan_ms for s in steps), keep_all_ok=ok, keep_all_rel_err=err,
-            ))
-            sys.stdout.write("row " + _row_line(rows[-1]))  # progress (the table comes last)
-            sys.stdout.flush()
+            for variant, op in ops.items():
+                parts = [s.timings(params, args.reps, op) for s in steps]
+                total = {k: sum(p[k] for p in parts) for k in parts[0]}
+                rows.append(dict(
+                    length=L, chunk=chunk, steps=len(steps), max_density=density, variant=variant,
+                    achieved_density=total["kept"] / max(total["causal"], 1),
+                    est_ms=total["est_ms"], select_ms=total["select_ms"], attn_ms=total["attn_ms"],
+                    dense_rows_ms=total["dense_rows_ms"], layer_ms=total["layer_ms"], fa3_ms=fa3_ms,
+                    plan_ms=sum(s.plan_ms for s in steps), keep_all_ok=ok, keep_all_rel_err=err,
+                ))
+                sys.stdout.write("row " + _row_line(rows[-1]))  # progress (the table comes last)
+                sys.stdout.flush()
         del kv, q, steps, last
 
     gpu = torch.cuda.get_device_name()
     import triton
     import vllm
 
-    rows.sort(key=lambda r: (r["length"], r["max_density"]))
+    rows.sort(key=lambda r: (r["length"], r["max_density"], list(VARIANTS).index(r["variant"])))
+    configs = {v: op.config.__dict__ for v, op in ops.items()}
     report = dict(gpu=gpu, vllm=vllm.__version__, triton=triton.__version__, torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), command=command_line(),
                   shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=DIM, page=PAGE, block=BLOCK,
-                             stride=STRIDE, n_last=N_LAST),
-                  config=chosen.__dict__ if chosen else None, sweep=sweep_lines, rows=rows)
+                             stride=STRIDE, n_last=N_LAST, chunk=args.chunk),
+                  configs=configs, selection_agreement=agreement, sweep=sweep_lines, rows=rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    if args.best_env and chosen is not None:
+    if args.best_env and "after" in ops:
         from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV
 
         with open(args.best_env, "w") as f:
-            f.write(f"export {CONFIG_ENV}=" + ",".join(f"{k}={v}" for k, v in chosen.__dict__.items()) + "\n")
+            f.write(f"export {CONFIG_ENV}=" + ",".join(f"{k}={v}" for k, v in configs["after"].items()) + "\n")
     w = sys.stdout.write
-    w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}\n")
-    w(f"config: {chosen}\n")
-    w("\n| length | chunk | density (achieved) | estimate ms | select ms | sparse attn ms | dense rows ms "
-      "| layer ms | FA3 dense ms | FA3 / layer | keep-all vs FA3 |\n")
+    w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
+    for v, op in ops.items():
+        w(f"config: {v} {op.config}\n")
+    if "after" in ops and (ops["after"].config.est_kernel, ops["after"].config.select_kernel) != (2, 1):
+        w("config: after FELL BACK to the previous kernels (a new kernel did not build; see the warning)\n")
+    w("\n| length | density (achieved) | kernels | estimate ms | select ms | sparse attn ms | dense rows ms "
+      "| layer ms | FA3 dense ms | layer / FA3 | keep-all vs FA3 |\n")
     w("|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         w(_row_line(r))
