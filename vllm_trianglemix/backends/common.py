@@ -19,7 +19,6 @@ and how to view the stock KV cache as ``[blocks, block_size, kv_heads, dim]``.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -273,21 +272,10 @@ class TriangleMixImplMixin:
         self._layer_map = selection.engine_layer_map(get_current_vllm_config())
         self._layer_params: dict[str, TriangleParams | DynamicParams | None] = {}
         self._density = None
-        if self._layer_map.dynamic_layers and self._kv_fp8 and (
-                "scales" not in inspect.signature(self.dynamic_op.run).parameters):
-            raise selection.TriangleMixUnsupportedError(
-                f"TriangleMix layer map {self._layer_map.source}: field 'dynamic_layers': this "
-                f"platform's dynamic op ({type(self.dynamic_op).__name__}) does not read an fp8 "
-                "KV cache; serve this map with --kv-cache-dtype auto, or drop dynamic_layers"
-            )
         if self._layer_map.dynamic_layers:
             from vllm_trianglemix import density
 
             self._density = density.meter_for(get_current_vllm_config())
-            if self._density is not None and "stats" not in inspect.signature(self.dynamic_op.run).parameters:
-                logger.warning("TriangleMix: this platform's dynamic op does not count densities; "
-                               "the density report stays empty")
-                self._density = None
 
     def kv_cache_views(self, layer, kv_cache: torch.Tensor):
         """The stock cache as (key, value), each [blocks, block_size, kv_heads, dim]

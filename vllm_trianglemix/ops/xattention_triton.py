@@ -984,10 +984,13 @@ class TritonXAttentionOp:
 
     def run(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
             params: DynamicParams, scale: float, output, select=select_key_blocks,
-            scales: Fp8Scales | None = None) -> None:
+            scales: Fp8Scales | None = None, stats: torch.Tensor | None = None) -> None:
         """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim] views.
 
         An fp8 cache (float8_e4m3fn views) needs ``scales``, and so does an fp8 query.
+        ``stats`` (the density report, float64 [3] on the device): adds the kept and the
+        causal key blocks on the device, no host synchronisation (the estimate's time, its
+        third entry, is measured on the CPU path only).
         """
         if prepared.num_items == 0:
             return
@@ -996,4 +999,7 @@ class TritonXAttentionOp:
         else:
             mass = self._estimate_row_tiles(query, key_cache, prepared, params, scale, scales)
             blocks = self.select(mass, prepared, params, select)
+        if stats is not None:
+            stats[0] += (blocks.n_kept.sum() + blocks.diag_kept.sum()).to(stats.dtype)
+            stats[1] += ((prepared.q_block + 1).sum() * blocks.n_kept.shape[1]).to(stats.dtype)
         self.attend(query, key_cache, value_cache, prepared, params, scale, output, blocks, scales)
