@@ -514,3 +514,26 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch):
     assert (dyn.config.est_kernel, dyn.config.select_kernel) == (1, 0)
     keep = select_key_blocks(mass, prepared.q_block[:, None], params.threshold, params.max_density)
     assert torch.equal(blocks.keep, keep)
+
+
+@pytest.mark.parametrize("config", [dict(est_kernel=1, select_kernel=0), dict(est_kernel=2, select_kernel=1)])
+def test_density_counts_agree_between_triton_and_torch_ops(config):
+    """The density report's counts (kept, causal key blocks per query block and KV head):
+    the Triton op (in the interpreter) adds the same numbers as the CPU op, for the same
+    selection; the CPU op adds its estimate's time too."""
+    params = PARAMS["tau"]
+    dyn, _ = _triton_ops(*HEADS["gqa4"], 64, **config)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], *HEADS["gqa4"], head_dim=64, block_size=16,
+                       seed=17)
+    dense_from, _, block_plan = _plans(batch, params)
+    cam = FakeCommonMetadata(batch)
+    counts = {}
+    for name, op in (("triton", dyn), ("torch", TorchXAttentionOp())):
+        stats = torch.zeros(3, dtype=torch.float64)
+        out = torch.zeros(batch.query.shape, dtype=batch.query.dtype)
+        op.run(batch.query, batch.key_cache, batch.value_cache, op.prepare(block_plan, dense_from, cam),
+               params, batch.scale, out, stats=stats)
+        counts[name] = stats
+    assert counts["triton"][:2].tolist() == counts["torch"][:2].tolist()
+    assert 0 < counts["torch"][0] < counts["torch"][1]  # some blocks dropped, some kept
+    assert counts["torch"][2] > 0 and counts["triton"][2] == 0
