@@ -1,4 +1,4 @@
-"""soak: load an OpenAI-compatible server with mixed, cancelled and malformed requests.
+"""Load an OpenAI-compatible server with mixed, cancelled and malformed requests.
 
 Sends ``--requests`` completions, ``--concurrency`` at a time, to a running
 server (``--url``) or to one it starts (``--model MODEL [-- vllm serve
