@@ -171,9 +171,14 @@ def test_engine_death_stops_the_server(server, soak_run, model_dir):
         server.url, model, jobs, concurrency=4, timeout=90, request_timeout=60,
         max_model_len=2048, vocab_size=1003, progress=False)))
     load.start()
-    deadline = time.monotonic() + 30
-    while soak.read_metrics(server.url).get("vllm:num_requests_running", 0) == 0:
-        assert time.monotonic() < deadline, "the load never started"
+    deadline = time.monotonic() + 90
+
+    def in_engine():  # requests the engine holds (vLLM refreshes these gauges every few steps)
+        metrics = soak.read_metrics(server.url)
+        return metrics.get("vllm:num_requests_running", 0) + metrics.get("vllm:num_requests_waiting", 0)
+
+    while in_engine() == 0:
+        assert time.monotonic() < deadline, "the load never reached the engine"
         time.sleep(0.2)
     os.kill(engine_core(server.proc.pid).pid, signal.SIGKILL)
     killed = time.monotonic()
