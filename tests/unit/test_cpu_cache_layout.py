@@ -30,21 +30,27 @@ if _cpu_has("amx_bf16"):
               ("amx", torch.float16, 128, 128)]
 
 
-@pytest.mark.parametrize("isa,dtype,head_size,block_size", CASES)
-def test_cache_reads_back_what_the_stock_kernel_wrote(isa, dtype, head_size, block_size):
-    gen = torch.Generator().manual_seed(head_size + block_size)
-    nb, nh, n = 5, 3, 3 * block_size + 7
-    kv = torch.zeros(nb, nh, block_size, 2 * head_size, dtype=dtype)
-    k_view, v_view = kv.view(nb, nh, 2 * block_size, head_size).chunk(2, dim=2)
-    key = torch.randn(n, nh, head_size, generator=gen).to(dtype)
-    value = torch.randn(n, nh, head_size, generator=gen).to(dtype)
+def _write_random(kv, isa, n, seed):
+    """n random keys and values written by the stock kernel at random slots of ``kv``."""
+    nb, nh, block_size, two_d = kv.shape
+    gen = torch.Generator().manual_seed(seed)
+    k_view, v_view = kv.view(nb, nh, 2 * block_size, two_d // 2).chunk(2, dim=2)
+    key = torch.randn(n, nh, two_d // 2, generator=gen).to(kv.dtype)
+    value = torch.randn(n, nh, two_d // 2, generator=gen).to(kv.dtype)
     slots = torch.randperm(nb * block_size, generator=gen)[:n].to(torch.int64)
     ops.cpu_attn_reshape_and_cache(key, value, k_view, v_view, slots, isa, k_scale=1.0,
                                    v_scale=1.0, kv_cache_dtype="auto")
+    return key, value, slots // block_size, slots % block_size
+
+
+@pytest.mark.parametrize("isa,dtype,head_size,block_size", CASES)
+def test_cache_reads_back_what_the_stock_kernel_wrote(isa, dtype, head_size, block_size):
+    nb, nh, n = 5, 3, 3 * block_size + 7
+    kv = torch.zeros(nb, nh, block_size, 2 * head_size, dtype=dtype)
+    key, value, blocks, offsets = _write_random(kv, isa, n, seed=head_size + block_size)
     layout = probe_layout(isa, dtype, head_size, block_size)
     keys, values = kv_cache_views(kv, layout)
     assert tuple(keys.shape) == (nb, block_size, nh, head_size)
-    blocks, offsets = slots // block_size, slots % block_size
     assert torch.equal(keys[blocks, offsets], key)
     assert torch.equal(values[blocks, offsets], value)
     # a wrong slot reads something else (the views are not trivially equal)
@@ -61,19 +67,12 @@ def test_layout_kinds():
 def test_padded_blocks_are_read_in_place(isa, dtype, head_size, block_size):
     """A layer's cache whose blocks are spaced apart in a larger buffer (hybrid models pad
     attention pages to the Mamba state's size) is read in place, at its own offset."""
-    gen = torch.Generator().manual_seed(7)
     nb, nh, n, pad = 4, 2, 2 * block_size + 5, 96
     page = nh * block_size * 2 * head_size
     buf = torch.zeros(17 + nb * (page + pad), dtype=dtype)
     kv = torch.as_strided(buf, (nb, nh, block_size, 2 * head_size),
                           (page + pad, block_size * 2 * head_size, 2 * head_size, 1), 17)
-    k_view, v_view = kv.view(nb, nh, 2 * block_size, head_size).chunk(2, dim=2)
-    key = torch.randn(n, nh, head_size, generator=gen).to(dtype)
-    value = torch.randn(n, nh, head_size, generator=gen).to(dtype)
-    slots = torch.randperm(nb * block_size, generator=gen)[:n].to(torch.int64)
-    ops.cpu_attn_reshape_and_cache(key, value, k_view, v_view, slots, isa, k_scale=1.0,
-                                   v_scale=1.0, kv_cache_dtype="auto")
+    key, value, blocks, offsets = _write_random(kv, isa, n, seed=7)
     keys, values = kv_cache_views(kv, probe_layout(isa, dtype, head_size, block_size))
-    blocks, offsets = slots // block_size, slots % block_size
     assert torch.equal(keys[blocks, offsets], key)
     assert torch.equal(values[blocks, offsets], value)
