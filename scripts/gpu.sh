@@ -8,7 +8,9 @@
 #   bash scripts/gpu.sh kernel       bench kernel: one triangle layer vs FA3 (+ best kernel config)
 #   bash scripts/gpu.sh ttft BACKENDS [ARGS]   bench ttft on the Llama-3.1-8B shape, e.g.
 #                                    ttft dense,trianglemix,dynamic@0.1 --fast-start
-#   bash scripts/gpu.sh dynamic      dynamic-layer (XAttention) kernel tests + bench dynamic
+#   bash scripts/gpu.sh dynamic      dynamic-layer (XAttention) kernel tests + bench dynamic (its chosen
+#                                    configuration in /tmp/tmx/dynamic.env, which later ttft steps use;
+#                                    DYNAMIC_ARGS: more bench dynamic options, e.g. --lengths 128000)
 #   bash scripts/gpu.sh ray test     the Ray executor test (tests/gpu/test_ray_gpu.py)
 #   bash scripts/gpu.sh ray ttft [mp|ray]    TriangleMix TTFT at 32K and 64K on the mp and Ray executors
 #   bash scripts/gpu.sh tp2 test|ttft|256k|all   TP=2 exactness (mp and Ray) / TTFT (two GPUs)
@@ -92,6 +94,7 @@ case "$1" in
   ttft)
     install_plugin
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
+    [ -f /tmp/tmx/dynamic.env ] && source /tmp/tmx/dynamic.env
     backends=$2; shift 2
     python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
       --backends "$backends" "$@" --append --out /tmp/tmx/ttft.json > /tmp/tmx/ttft.log 2>&1 || true
@@ -153,10 +156,10 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     ;;
   dynamic)
     install_plugin
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
+    timeout "${DYNAMIC_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider --durations=5 tests/gpu/test_xattention_gpu.py \
       > /tmp/tmx/dynamic_tests.log 2>&1 || true
-    timeout 200 python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json --best-env /tmp/tmx/dynamic.env \
-      > /tmp/tmx/dynamic.log 2>&1 || true
+    timeout "${DYNAMIC_BENCH_S:-400}" python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json \
+      --best-env /tmp/tmx/dynamic.env ${DYNAMIC_ARGS:-} > /tmp/tmx/dynamic.log 2>&1 || true
     cp /tmp/tmx/dynamic_tests.log /tmp/tmx/dynamic.log /tmp/tmx/dynamic.json /tmp/tmx/dynamic.env "$OUT"/ 2>/dev/null || true
     grep -E "^(FAILED|ERROR)|Error" /tmp/tmx/dynamic_tests.log | head -5 || true
     tail -2 /tmp/tmx/dynamic_tests.log

@@ -180,11 +180,6 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
     layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
     if on_cuda:
         problems = [p for params in layer_map.dynamic_param_sets for p in dynamic_gpu_problems(params)]
-        if layer_map.dynamic_layers and vllm_config.cache_config.cache_dtype in FP8_KV_CACHE_DTYPES:
-            problems.append(
-                "field 'dynamic_layers': an fp8 KV cache is not yet supported with dynamic layers "
-                "on CUDA (the fp8 XAttention kernels have not run on a GPU); serve with "
-                "--kv-cache-dtype auto, or with triangle_layers only")
         if problems:
             raise TriangleMixUnsupportedError(
                 "TriangleMix dynamic layers cannot run on this GPU path: " + "; ".join(problems)

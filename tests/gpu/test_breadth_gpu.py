@@ -138,6 +138,35 @@ def test_fp8_long_prompts_within_stock_fp8_error(fp8_engines, reference, layer_m
         assert off_mask > err_tri, (off_mask, err_tri)
 
 
+def test_fp8_dynamic_layers_within_stock_fp8_error(fp8_engines, model_dir, reference):
+    """Dynamic layers (XAttention) on an fp8 cache written by vLLM: long prompts' logprobs against
+    the float64 reference of the dynamic map (it derives every selection itself) stay within stock
+    FA3 fp8's own error against the dense reference, and far from the triangle-only map's."""
+    from vllm_trianglemix.config import resolve_layer_map
+
+    stock = fp8_engines[0]
+    dyn_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo-dynamic"}, "any")
+    tri_map = resolve_layer_map({"trianglemix_config": "tiny-llama-demo"}, "any")
+    dyn = _engine(model_dir, "TRIANGLEMIX", kv_cache_dtype="fp8", dtype="bfloat16",
+                  additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+    try:
+        assert dyn.collective_rpc(_set_kv_scales, args=(KV_SCALE,))[0], "no attention layers found"
+        ids = [_prompt(n, n) for n in (704, 1536)]
+        got_dyn, _ = _prompt_logprobs(dyn, ids)
+        got_stock, _ = _prompt_logprobs(stock, ids)
+    finally:
+        _shutdown(dyn)
+    for p, d, s in zip(ids, got_dyn, got_stock):
+        err_dyn = (d - reference.prompt_logprobs(p, dyn_map)).abs().mean().item()
+        err_stock = (s - reference.prompt_logprobs(p, None)).abs().mean().item()
+        off_map = (d - reference.prompt_logprobs(p, tri_map)).abs().mean().item()
+        print(f"BREADTH: fp8 dynamic prompt {len(p)}: mean |logprob - float64 ref|: TriangleMix + "
+              f"XAttention fp8 {err_dyn:.2e}, stock FA3 fp8 {err_stock:.2e} (dense); vs the "
+              f"triangle-only map {off_map:.2e}")
+        assert err_dyn < 1.5 * err_stock + 2e-3, (err_dyn, err_stock)
+        assert off_map > err_dyn, (off_map, err_dyn)
+
+
 # -- FlashInfer as the stock backend -------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ query-block boundaries): long prompts match the float64 reference, which
 derives every selection itself, and are far from the triangle-only reference;
 short prompts stay bit for bit the stock backend's. The same checks with
 FlashInfer as the stock backend (``trianglemix_stock_backend: FLASHINFER``,
-against stock FlashInfer) and with a dynamic-only map; an fp8 KV cache is refused at start
-on CUDA (not yet verified there).
+against stock FlashInfer) and with a dynamic-only map (an fp8 KV cache: test_breadth_gpu.py);
+the kernels compile while the engine starts, not on the first long prompt.
 """
 
 import pytest
@@ -106,12 +106,26 @@ def test_dynamic_only_map_matches_the_reference(model_dir, tmp_path):
         shutdown(llm)
 
 
-def test_fp8_cache_is_refused_on_cuda(model_dir):
-    """Dynamic layers on an fp8 KV cache stop the engine at start on CUDA, naming the field,
-    until the fp8 XAttention kernels have run on a GPU (``tests/gpu/test_xattention_gpu.py``
-    holds their fp8 cases); the CPU path serves them (``tests/e2e_cpu/test_fp8_kv_cache.py``)."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 KV cache needs compute capability >= 8.9")
-    with pytest.raises(Exception, match="field 'dynamic_layers': an fp8 KV cache"):
-        engine(model_dir, "TRIANGLEMIX", kv_cache_dtype="fp8", dtype="bfloat16",
-               additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+def test_kernels_compile_before_serving(model_dir, capfd):
+    """The plugin's Triton kernels compile while the engine starts (warmup.py), for the map's
+    parameters, dtypes and the longest prompt: the first long prompts afterwards, of lengths
+    the warm-up never saw, make vLLM's JIT monitor say nothing about them."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engine(model_dir, "TRIANGLEMIX", enforce_eager=False,
+                 additional_config={"trianglemix_config": "tiny-llama-demo-dynamic"})
+    try:
+        started = capfd.readouterr()
+        prompts = [backend_gpu._prompt(n, n) for n in (1000, 2900, 4000)]
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                     SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+        served = capfd.readouterr()
+    finally:
+        shutdown(llm)
+    log = started.out + started.err
+    assert "TriangleMix: kernels compiled for" in log, "the warm-up did not run"
+    during = [line for line in (served.out + served.err).splitlines()
+              if "JIT compilation during inference" in line]
+    print("BREADTH: JIT lines while serving:", len(during))
+    assert not during, during

@@ -124,7 +124,7 @@ def _query(batch):
 
 
 def _ops(heads, kv_heads, d, overrides=""):
-    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("est_kernel=1,select_kernel=0")."""
+    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("attn_packed=0,est_flat=1")."""
     from vllm_trianglemix.backends.cuda import dynamic_op, triangle_op
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
@@ -146,8 +146,8 @@ class _Recorder:
 def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", scales=None):
     """The layer as the backend runs it; returns (output, plan, dense starts, kept blocks).
 
-    ``select`` None: the op's own selection (the fused kernel unless ``select_kernel=0``),
-    its kept-block mask returned; else that function through ``run`` (recorded).
+    ``select`` None: the op's own selection (the fused kernel), its kept-block mask returned;
+    else that function through ``run`` (recorded).
     """
     dyn, tri = _ops(heads, kv_heads, d, overrides)
     dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
@@ -164,7 +164,7 @@ def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", sca
             dense_row_params(params.n_last), batch.scale, out, scales=scales)
     prepared = dyn.prepare(block_plan, dense_from, cam)
     if select is None:  # run()'s steps, with the kept-block mask asked for
-        mass = dyn._estimate_row_tiles(batch.query, batch.key_cache, prepared, params, batch.scale, scales)
+        mass = dyn.estimate_row_tiles(batch.query, batch.key_cache, prepared, params, batch.scale, scales)
         blocks = dyn.select(mass, prepared, params, keep_mask=True)
         dyn.attend(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out,
                    blocks, scales)
@@ -240,14 +240,15 @@ def _compare_selection(batch, params, block_plan, keep):
     return compared, total
 
 
-OLD_KERNELS = "est_kernel=1,select_kernel=0"  # the estimate and selection before kernel 2
-CASES = [  # the kernels' defaults (estimate kernel 2, fused selection), and the old ones
+PAGED = "attn_packed=0"  # the attention through the block table (the packed buffers: the default)
+CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, ""),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, OLD_KERNELS),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, PAGED),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "est_flat=1,block_n=128,block_m=128"),
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),
     ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),
-    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est2_repack=0"),
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est_flat=1"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
 ]
 
@@ -314,13 +315,12 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-ESTIMATE_KERNELS = ["est_kernel=1,est_one_pass=1", "est_kernel=1,est_one_pass=0",
-                    "est_kernel=2,est2_repack=1", "est_kernel=2,est2_repack=0"]
+ESTIMATE_KERNELS = ["est_flat=0", "est_flat=1", "est_block_m=256,est_num_stages=3"]
 
 
 @pytest.mark.parametrize("overrides", ESTIMATE_KERNELS)
 def test_estimate_is_exact_against_float32_op(overrides):
-    """The bf16 estimate's block masses (every kernel and variant) equal the float32 CPU op's."""
+    """The bf16 estimate's block masses (both loop structures) equal the float32 CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["default"]
@@ -368,7 +368,7 @@ def test_fused_selection_is_the_rule_on_gpu():
     for which, mass in enumerate((estimated, ties)):
         for threshold, max_density in cases[which]:
             p = DynamicParams("xattention", 128, 8, threshold, max_density, 128)
-            got = dyn.select_fused(mass, prepared, p, keep_mask=True)
+            got = dyn.select(mass, prepared, p, keep_mask=True)
             ref = select_key_blocks(mass, prepared.q_block[:, None], threshold, max_density)
             assert torch.equal(got.keep, ref), (threshold, max_density)
             want = kept_blocks_from_mask(ref, prepared.q_block)
@@ -380,9 +380,9 @@ def test_fused_selection_is_the_rule_on_gpu():
 
 FP8_CASES = [  # params, overrides, fp8 query
     ("default", "", True),
-    ("default", "est2_fp8_dot=1", True),
+    ("default", "est_fp8_dot=1", True),
     ("budget", "", False),
-    ("default", OLD_KERNELS, True),
+    ("default", PAGED, True),
 ]
 
 

@@ -265,7 +265,7 @@ def test_torch_op_refuses_an_fp8_cache_without_scales():
 # -- The Triton kernels, interpreted on the CPU ----------------------------------
 
 def _triton_ops(num_heads, num_kv_heads, head_dim, **config):
-    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (est_kernel, ...)."""
+    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (est_flat, ...)."""
     if torch.cuda.is_available():
         pytest.skip("compiled on the GPU by tests/gpu instead")
     triton = pytest.importorskip("triton")
@@ -277,7 +277,6 @@ def _triton_ops(num_heads, num_kv_heads, head_dim, **config):
     tri = tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=tt.KernelConfig(
         block_m=32, block_n=16, num_warps=1, num_stages=1, split_kv=0))
     small = dict(est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1,
-                 est2_block_m=32, est2_block_n=16, est2_num_warps=1, est2_num_stages=1,
                  block_m=32, block_n=16, num_warps=1, num_stages=1)
     dyn = xt.TritonXAttentionOp(num_heads, num_kv_heads, head_dim,
                                 config=xt.XAttnKernelConfig(**{**small, **config}))
@@ -307,16 +306,14 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
 
 
 ESTIMATE_KERNELS = {
-    "kernel1_one_pass": dict(est_kernel=1, est_one_pass=1),
-    "kernel1_two_passes": dict(est_kernel=1, est_one_pass=0),
-    "kernel2_repacked": dict(est_kernel=2, est2_repack=1),
-    "kernel2_paged": dict(est_kernel=2, est2_repack=0),
+    "tile_loop_nested": dict(est_flat=0),
+    "tile_loop_flat": dict(est_flat=1),
 }
 
 
 @pytest.mark.parametrize("kernel", list(ESTIMATE_KERNELS))
 def test_triton_interpreted_masses_match_torch_op(kernel):
-    """The estimate's block masses (every kernel and variant) equal the CPU op's."""
+    """The estimate's block masses (both loop structures) equal the CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["tau_and_budget"]
@@ -376,11 +373,12 @@ PACKED_CASES = [  # (batch, params, heads, query blocks per estimate program)
 
 @pytest.mark.parametrize("batch_name,params,heads,blocks_per_program", PACKED_CASES)
 def test_triton_interpreted_grouped_blocks_match_torch_op(batch_name, params, heads, blocks_per_program):
-    """Kernel 2 with several query blocks per program (and padded key-group columns) equals the CPU op."""
+    """The estimate with several query blocks per program (and padded key-group columns) equals the CPU op."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+    from vllm_trianglemix.ops.xattention_triton.estimate import estimate_shape
 
-    dyn, _ = _triton_ops(*HEADS[heads], 64, est_kernel=2, est2_block_m=128)
-    assert dyn._packed_shape(params)[4] == blocks_per_program
+    dyn, _ = _triton_ops(*HEADS[heads], 64, est_block_m=128)
+    assert estimate_shape(dyn.config, dyn.group_p, params.block_size, params.stride)[4] == blocks_per_program
     batch = make_batch(BATCHES[batch_name], *HEADS[heads], 64, 16, seed=4)
     dense_from, _, plan = _plans(batch, params)
     mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
@@ -395,7 +393,7 @@ def test_triton_interpreted_grouped_blocks_match_torch_op(batch_name, params, he
 
 
 def test_group_query_blocks():
-    """Kernel 2's groups: consecutive blocks of one request, at most N per group, heaviest first."""
+    """The estimate's groups: consecutive blocks of one request, at most N per group, heaviest first."""
     from vllm_trianglemix.ops.xattention_triton import group_query_blocks
 
     # items (req, q_tok, q_pos, n_q, q_block): request 0 blocks 0-4, request 1 blocks 2 and 4 (a gap)
@@ -426,7 +424,7 @@ def test_triton_interpreted_fused_selection_is_the_rule():
                                  num_blocks=nb)
     for threshold, max_density in [(0.537, None), (0.9013, None), (1.0, 0.2), (0.3141, 0.3), (0.0, None)]:
         params = DynamicParams("xattention", 16, 4, threshold, max_density, 8)
-        got = dyn.select_fused(mass, prepared, params, keep_mask=True)
+        got = dyn.select(mass, prepared, params, keep_mask=True)
         ref = select_key_blocks(mass.sum(2), q_block[:, None], threshold, max_density)
         assert torch.equal(got.keep, ref), (threshold, max_density)
         want = kept_blocks_from_mask(ref, q_block)
@@ -437,9 +435,9 @@ def test_triton_interpreted_fused_selection_is_the_rule():
                 assert torch.equal(got.kept[i, t, :c], want.kept[i, t, :c])
 
 
-FP8_CASES = [  # estimate kernel config, per-head K/V scales, fp8 query, seed (no near ties)
-    ("est_kernel=2", True, True, 3),  # (est2_fp8_dot=1 passed here too; tests/gpu runs it)
-    ("est_kernel=1", False, False, 3),
+FP8_CASES = [  # kernel config, per-head K/V scales, fp8 query, seed (no near ties)
+    ("attn_packed=1", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
+    ("attn_packed=0", False, False, 3),
 ]
 
 
@@ -491,32 +489,35 @@ def test_torch_op_fp8_cache_matches_reference(fp8_query):
     assert relative_error(out, ref) < 1e-5
 
 
-def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch):
-    """Estimate kernel 2 or the fused selection failing to build (e.g. shared memory on some GPU):
-    the previous kernel from then on, with one warning, the same masses and selection."""
+def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, caplog):
+    """A configured estimate or attention variant that does not build on this GPU (e.g. shared
+    memory): the default configuration of that stage from then on, one warning, the same output."""
     from triton.runtime.errors import OutOfResources
 
-    from vllm_trianglemix.ops import xattention_triton as xt
+    from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
+    from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 
-    params = PARAMS["tau_and_budget"]
-    dyn, _ = _triton_ops(8, 2, 64)
-    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
-    dense_from, _, plan = _plans(batch, params)
-    prepared = dyn.prepare(plan, dense_from, FakeCommonMetadata(batch))
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64, est_flat=1, attn_packed=0)
+    batch = make_batch(BATCHES["whole_odd"], 8, 2, 64, 16, seed=1)
+    for module, name, field in ((estimate_stage, "estimate", "est_flat"), (attend_stage, "attend", "attn_packed")):
+        real = getattr(module, name)
 
-    def no_shared_memory(*args, **kwargs):
-        raise OutOfResources(300000, 232448, "shared memory")
+        def refusing(op, *args, _real=real, _field=field, **kwargs):
+            if getattr(op.config, _field) != getattr(type(op.config)(), _field):
+                raise OutOfResources(300000, 232448, "shared memory")
+            return _real(op, *args, **kwargs)
 
-    monkeypatch.setattr(xt.TritonXAttentionOp, "_estimate_packed", no_shared_memory)
-    monkeypatch.setattr(xt.TritonXAttentionOp, "select_fused", no_shared_memory)
-    mass = dyn.estimate(batch.query, batch.key_cache, prepared, params, batch.scale)
-    blocks = dyn.select(mass, prepared, params, keep_mask=True)
-    assert (dyn.config.est_kernel, dyn.config.select_kernel) == (1, 0)
-    keep = select_key_blocks(mass, prepared.q_block[:, None], params.threshold, params.max_density)
-    assert torch.equal(blocks.keep, keep)
+        monkeypatch.setattr(module, name, refusing)
+    out = _run_layer(dyn, tri, tri.block_q, batch, params)
+    assert (dyn.config.est_flat, dyn.config.attn_packed) == (0, 1)
+    assert sum("does not build on this GPU" in r.getMessage() for r in caplog.records) == 2
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("config", [dict(est_kernel=1, select_kernel=0), dict(est_kernel=2, select_kernel=1)])
+@pytest.mark.parametrize("config", [dict(attn_packed=0), dict(attn_packed=1)])
 def test_density_counts_agree_between_triton_and_torch_ops(config):
     """The density report's counts (kept, causal key blocks per query block and KV head):
     the Triton op (in the interpreter) adds the same numbers as the CPU op, for the same

@@ -100,6 +100,20 @@ class TriangleMixBuilderMixin:
         logger.debug("TriangleMix: prompt lengths from model runner %s", wrapped)
         self._warned_unsplittable = False
 
+    def warm_up_kernels(self, vllm_config, device) -> None:
+        """Compile the GPU kernels this engine's map can launch, before it serves (warmup.py)."""
+        from vllm_trianglemix import warmup
+        from vllm_trianglemix.settings import env_setting
+
+        if (env_setting("TRIANGLEMIX_WARMUP") or "1").strip() == "0":
+            return
+        warmup.warm_up(
+            self.triangle_op, self.dynamic_op, self.param_sets, self.dynamic_sets,
+            vllm_config.model_config.dtype,
+            vllm_config.cache_config.cache_dtype in selection.FP8_KV_CACHE_DTYPES,
+            self._builder_args[0].block_size, vllm_config.model_config.max_model_len, device,
+        )
+
     def _subset_builder(self):
         # A second stock builder: stock builders keep persistent buffers (FA3
         # scheduler metadata) that one batch's metadata must not share.

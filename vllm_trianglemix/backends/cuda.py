@@ -89,6 +89,7 @@ class TriangleMixFlashAttentionMetadataBuilder(
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.triangle_op = triangle_op(self.num_heads_q, self.num_heads_kv, self.headdim)
         self.dynamic_op = dynamic_op(self.num_heads_q, self.num_heads_kv, self.headdim)
+        self.warm_up_kernels(vllm_config, device)
 
 
 class TriangleMixFlashAttentionImpl(TriangleMixImplMixin, FlashAttentionImpl):

@@ -71,6 +71,7 @@ class TriangleMixFlashInferMetadataBuilder(TriangleMixBuilderMixin, FlashInferMe
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.triangle_op = triangle_op(self.num_qo_heads, self.num_kv_heads, self.head_dim)
         self.dynamic_op = dynamic_op(self.num_qo_heads, self.num_kv_heads, self.head_dim)
+        self.warm_up_kernels(vllm_config, device)
         # Built now, inside vLLM's config context: FlashInfer's builder reads
         # the current vLLM config, which is not set while batches run.
         self._subset_builder().owner = self

@@ -8,22 +8,22 @@ K/V in vLLM's FlashAttention paged cache (page 16):
 * dense: ``vllm.vllm_flash_attn.flash_attn_varlen_func`` causal (FA3) over
   each step's rows, summed over the steps;
 * dynamic layer (XAttention block 128, stride 8, n_last 128): per step the
-  estimate, the selection, the block-sparse attention and the dense last rows
-  (triangle kernel), each timed, and the whole layer timed as the backend runs
-  it; once per kernel set (``--variants``): ``before`` (estimate kernel 1 and
-  the torch selection, ``est_kernel=1,select_kernel=0``) and ``after`` (the
-  defaults: estimate kernel 2 on repacked keys and the fused selection), on
-  the same cache and queries, FA3 in the same run.
+  repack of the step's keys and values, the estimate, the selection, the
+  block-sparse attention and the dense last rows (triangle kernel), each timed,
+  and the whole layer timed as the backend runs it; once per kernel set
+  (``--variants``): ``paged`` (the attention reads K/V through the block table,
+  ``attn_packed=0``) and ``packed`` (the attention reads the repacked K/V, the
+  default), on the same cache and queries, FA3 in the same run.
 
 Random data gives diffuse attention (a threshold would keep nearly every
 block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
 0.2 (``--densities``); the achieved density is reported. A short sweep of
 kernel-2 estimate and attention configurations on the longest length's last
-step picks the ``after`` configuration (``--no-sweep``: defaults). Before
+step picks the ``packed`` configuration (``--no-sweep``: defaults). Before
 timing, keeping every block is checked against FA3's output at full scale, and
 the two kernel sets' selections on the longest length's last step are
 compared (share of identical (query block, KV head) decisions; near ties of
-two bf16 estimates may differ).
+two bf16 estimates may differ). Every kernel is compiled before it is timed.
 
     vllm-trianglemix bench dynamic --out dynamic.json --best-env dynamic.env
 """
@@ -51,18 +51,31 @@ HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
 DEVICE, DTYPE = "cuda", "bfloat16"
 BLOCK, STRIDE, N_LAST = 128, 8, 128
 VARIANTS = {
-    "before": "est_kernel=1,select_kernel=0",  # kernel 1 at its measured-best defaults, torch selection
-    "after": "est_kernel=2,select_kernel=1",  # repacked-key estimate, fused selection
+    "paged": "attn_packed=0",  # attention through the block table (the previous default)
+    "packed": "attn_packed=1",  # attention over the repacked K/V
 }
-EST_SWEEP = [  # kernel 2 (the defaults first)
-    "est2_block_m=128,est2_block_n=128,est2_num_warps=8,est2_num_stages=2",
-    "est2_block_m=128,est2_block_n=64,est2_num_warps=4,est2_num_stages=3",
-    "est2_block_m=256,est2_block_n=64,est2_num_warps=8,est2_num_stages=2",
+EST_SWEEP = [  # the defaults first
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=0",
+    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=0",
+    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2,est_flat=0",
+    "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=0",
+    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4,est_flat=0",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
+    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=1",
+    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
+    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4,est_flat=1",
 ]
-ATTN_SWEEP = [
+ATTN_SWEEP = [  # packed attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
+    "block_m=256,block_n=64,num_warps=8,num_stages=3",
     "block_m=128,block_n=64,num_warps=4,num_stages=3",
+    "block_m=128,block_n=64,num_warps=8,num_stages=3",
     "block_m=128,block_n=128,num_warps=8,num_stages=2",
+    "block_m=128,block_n=128,num_warps=8,num_stages=3",
+    "block_m=256,block_n=128,num_warps=8,num_stages=2",
+    "block_m=64,block_n=128,num_warps=4,num_stages=3",
 ]
 
 
@@ -134,15 +147,18 @@ class _Step:
 
     def timings(self, params, reps, dyn=None) -> dict:
         dyn, prep = dyn or self.dyn, self.prep
-        r = dict(est_ms=0.0, select_ms=0.0, attn_ms=0.0, kept=0, causal=0)
+        r = dict(repack_ms=0.0, est_ms=0.0, select_ms=0.0, attn_ms=0.0, kept=0, causal=0)
         if prep.num_items:
-            mass = dyn._estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None)
+            fp8 = dyn._fp8(self.q, self.kc, self.vc, prep, None)
+            packed = dyn.pack(self.q, self.kc, self.vc, prep, params, fp8)
+            mass = dyn.estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None, packed)
             blocks = dyn.select(mass, prep, params)
+            r["repack_ms"] = _time_ms(lambda: dyn.pack(self.q, self.kc, self.vc, prep, params, fp8), reps)
             r["est_ms"] = _time_ms(
-                lambda: dyn._estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None), reps)
+                lambda: dyn.estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None, packed), reps)
             r["select_ms"] = _time_ms(lambda: dyn.select(mass, prep, params), reps)
             r["attn_ms"] = _time_ms(lambda: dyn.attend(self.q, self.kc, self.vc, prep, params, self.scale,
-                                                        self.out, blocks), reps)
+                                                        self.out, blocks, None, packed), reps)
             r["kept"] = int((blocks.n_kept + blocks.diag_kept).sum())
             r["causal"] = int((prep.q_block + 1).sum()) * KV_HEADS
         r["dense_rows_ms"] = _time_ms(self.dense_rows, reps) if self.has_dense else 0.0
@@ -151,7 +167,7 @@ class _Step:
 
     def keep_mask(self, params, dyn):
         """The kept-block mask [items, kv_heads, blocks] of this step (bool)."""
-        mass = dyn._estimate_row_tiles(self.q, self.kc, self.prep, params, self.scale, None)
+        mass = dyn.estimate_row_tiles(self.q, self.kc, self.prep, params, self.scale, None)
         return dyn.select(mass, self.prep, params, keep_mask=True).keep
 
 
@@ -164,15 +180,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="max_density values (threshold 1.0: a fixed budget)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                    help="kernel sets to time: before (estimate kernel 1, torch selection: the defaults), after (estimate kernel 2, fused selection)")
+                    help="kernel sets to time: paged (attention through the block table), packed (attention over the repacked K/V: the default)")
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
-                    help="write the chosen configuration as an env file (VLLM_TRIANGLEMIX_XATTN_CONFIG)")
+                    help="write the chosen configuration as an env file (TRIANGLEMIX_XATTN_CONFIG)")
 
 
 def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, list[dict]]:
-    """The fastest kernel-2 estimate and attention configurations on one step (errors reported, not fatal)."""
+    """The fastest estimate and packed-attention configurations on one step (errors reported, not fatal)."""
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
     params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(densities), N_LAST)
@@ -180,17 +196,20 @@ def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, 
     for kind, sweep in (("est", EST_SWEEP), ("attn", ATTN_SWEEP)):
         for text in sweep:
             try:
-                op = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=base.with_overrides(text))
+                cfg = base.with_overrides(text)
+                op = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
+                fp8 = op._fp8(step.q, step.kc, step.vc, step.prep, None)
+                packed = op.pack(step.q, step.kc, step.vc, step.prep, params, fp8)
+                mass = op.estimate_row_tiles(step.q, step.kc, step.prep, params, step.scale, None, packed)
                 if kind == "est":
-                    ms = _time_ms(lambda: op._estimate_row_tiles(step.q, step.kc, step.prep, params,
-                                                                 step.scale, None), reps)
+                    ms = _time_ms(lambda: op.estimate_row_tiles(step.q, step.kc, step.prep, params,
+                                                                step.scale, None, packed), reps)
                 else:
-                    mass = op._estimate_row_tiles(step.q, step.kc, step.prep, params, step.scale, None)
                     blocks = op.select(mass, step.prep, params)
                     ms = _time_ms(lambda: op.attend(step.q, step.kc, step.vc, step.prep, params,
-                                                    step.scale, step.out, blocks), reps)
-                if op.config != base.with_overrides(text):
-                    raise RuntimeError("did not build on this GPU (fell back to the previous kernel)")
+                                                    step.scale, step.out, blocks, None, packed), reps)
+                if op.config != cfg:
+                    raise RuntimeError("did not build on this GPU (fell back to the defaults)")
                 lines.append(dict(kind=kind, config=text, ms=ms))
                 if kind not in best or ms < best[kind][1]:
                     best[kind] = (text, ms)
@@ -202,7 +221,7 @@ def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, 
 
 def _row_line(r: dict) -> str:
     return (f"| {r['length']} | {r['max_density']} ({r['achieved_density']:.3f}) | {r['variant']} | "
-            f"{r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
+            f"{r['repack_ms']:.2f} | {r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
             f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['layer_ms'] / r['fa3_ms']:.3f} | "
             f"{'ok' if r['keep_all_ok'] and r['keep_all_rel_err'] < 1e-2 else 'FAIL'} "
             f"{r['keep_all_rel_err']:.1e} |\n")
@@ -238,17 +257,18 @@ def run(args) -> int:
         last = steps[-1]
         if not swept:
             swept = True
-            if not args.no_sweep and "after" in ops:
-                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["after"].config)
+            if not args.no_sweep and "packed" in ops:
+                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["packed"].config)
                 for line in sweep_lines:
                     sys.stdout.write(f"sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms "
                                      f"{line.get('error', '')}\n")
                 sys.stdout.flush()
-                cfg = ops["after"].config
-                for text in (est_cfg, attn_cfg):
-                    if text:
-                        cfg = cfg.with_overrides(text)
-                ops["after"] = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
+                for v in ops:  # the swept estimate for both; the swept attention for the packed one
+                    cfg = ops[v].config
+                    for text in (est_cfg, attn_cfg if v == "packed" else None):
+                        if text:
+                            cfg = cfg.with_overrides(text)
+                    ops[v] = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
             if len(ops) > 1:  # the kernel sets' selections on the same step
                 params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(args.densities), N_LAST)
                 a, b = (last.keep_mask(params, op) for op in ops.values())
@@ -272,7 +292,7 @@ def run(args) -> int:
                 rows.append(dict(
                     length=L, chunk=chunk, steps=len(steps), max_density=density, variant=variant,
                     achieved_density=total["kept"] / max(total["causal"], 1),
-                    est_ms=total["est_ms"], select_ms=total["select_ms"], attn_ms=total["attn_ms"],
+                    repack_ms=total["repack_ms"], est_ms=total["est_ms"], select_ms=total["select_ms"], attn_ms=total["attn_ms"],
                     dense_rows_ms=total["dense_rows_ms"], layer_ms=total["layer_ms"], fa3_ms=fa3_ms,
                     plan_ms=sum(s.plan_ms for s in steps), keep_all_ok=ok, keep_all_rel_err=err,
                 ))
@@ -294,20 +314,18 @@ def run(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    if args.best_env and "after" in ops:
+    if args.best_env and "packed" in ops:
         from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV
 
         with open(args.best_env, "w") as f:
-            f.write(f"export {CONFIG_ENV}=" + ",".join(f"{k}={v}" for k, v in configs["after"].items()) + "\n")
+            f.write(f"export {CONFIG_ENV}={ops['packed'].config.as_text()}\n")
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
     for v, op in ops.items():
         w(f"config: {v} {op.config}\n")
-    if "after" in ops and (ops["after"].config.est_kernel, ops["after"].config.select_kernel) != (2, 1):
-        w("config: after FELL BACK to the previous kernels (a new kernel did not build; see the warning)\n")
-    w("\n| length | density (achieved) | kernels | estimate ms | select ms | sparse attn ms | dense rows ms "
+    w("\n| length | density (achieved) | kernels | repack ms | estimate ms | select ms | sparse attn ms | dense rows ms "
       "| layer ms | FA3 dense ms | layer / FA3 | keep-all vs FA3 |\n")
-    w("|---|---|---|---|---|---|---|---|---|---|---|\n")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         w(_row_line(r))
     return 0

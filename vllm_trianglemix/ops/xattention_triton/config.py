@@ -1,0 +1,67 @@
+"""Tile sizes and variants of the dynamic-layer kernels, and how a user overrides them.
+
+``TRIANGLEMIX_XATTN_CONFIG="block_n=64,est_num_warps=4"`` overrides fields for every
+engine started with it in the environment (``bench dynamic --best-env`` writes such a
+line). The defaults are the fastest configuration ``bench dynamic`` measured on an H200
+(BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+
+from vllm_trianglemix.ops.triangle_triton import with_overrides
+from vllm_trianglemix.settings import env_setting
+
+CONFIG_ENV = "TRIANGLEMIX_XATTN_CONFIG"
+RETIRED_FIELDS = ("est_kernel", "select_kernel")
+"""Fields of earlier releases that chose between kernels now removed (one kernel each): ignored."""
+
+logger = init_logger("vllm.trianglemix")
+
+
+@dataclass(frozen=True)
+class XAttnKernelConfig:
+    # 1. Estimate: keys repacked contiguous; a program takes one KV head and several consecutive
+    # query blocks of one request (rows: query blocks x query heads x query groups).
+    est_block_m: int = 128  # rows per program
+    est_block_n: int = 128  # key groups per tile (rounded to whole key blocks)
+    est_num_warps: int = 8
+    est_num_stages: int = 2
+    est_flat: int = 0  # 1: one loop over (key tile, stride offset), pipelined across tiles
+    est_fp8_dot: int = 0  # 1: fp8 query and fp8 cache scored in e4m3 (exact products, float32 sums)
+    est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
+    # 3. Attention over the kept blocks.
+    attn_packed: int = 1  # 1: K/V read from the repacked buffers (affine loads); 0: through the block table
+    block_m: int = 256  # rows (query rows x heads of a KV head) per program
+    block_n: int = 64  # keys per tile (a divisor of the block size)
+    num_warps: int = 8
+    num_stages: int = 2
+
+    @classmethod
+    def default_for(cls, head_size: int) -> "XAttnKernelConfig":
+        if head_size >= 256:
+            return cls(est_block_n=64, est_num_stages=1, block_m=64, block_n=32, num_stages=1)
+        return cls()
+
+    @classmethod
+    def from_env(cls, head_size: int) -> "XAttnKernelConfig":
+        """The defaults with the overrides of ``TRIANGLEMIX_XATTN_CONFIG``, if set."""
+        config = cls.default_for(head_size)
+        text = (env_setting(CONFIG_ENV) or "").strip()
+        return config.with_overrides(text, CONFIG_ENV) if text else config
+
+    def with_overrides(self, text: str, source: str = "config") -> "XAttnKernelConfig":
+        kept, retired = [], []
+        for part in text.split(","):
+            (retired if part.partition("=")[0].strip() in RETIRED_FIELDS else kept).append(part)
+        if retired:
+            logger.warning("%s: %s no longer choose anything (one kernel per stage now); ignored",
+                           source, ", ".join(p.strip() for p in retired))
+        return with_overrides(self, ",".join(kept), source) if kept else self
+
+    def as_text(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))

@@ -1,0 +1,246 @@
+"""Estimate: the antidiagonal block masses of XAttention, float32 ``[items, kv_heads, row tiles, blocks]``.
+
+The scores ``a(g, h)`` of :mod:`vllm_trianglemix.pattern`: for query group ``g``
+and key group ``h`` (``S`` consecutive positions each) the sum over ``s`` of
+``q[g*S + S-1-s] . k[h*S + s]``, a softmax over ``h`` per query group and
+query head, and per key block the sum of the probabilities of its groups over
+the block's query groups and the group's query heads.
+
+A tile's scores are ``S`` dots ``Q_s K_s^T`` (``Q_s`` row ``g`` = the query at
+``g*S + S-1-s``, ``K_s`` column ``h`` = the key at ``h*S + s``): one GEMM with
+inner dimension ``S*d``, bf16/fp16 (or e4m3) inputs, float32 accumulation.
+Absent rows load as zero (they add no term); the diagonal group ``h == g``
+takes the causal half of its terms (:func:`_diagonal_group`); undefined
+scores are ``-inf``. The softmax is exact in one pass over the keys: per row
+and key tile the running max and the block sums relative to it go to a
+float32 scratch buffer, rescaled to the final max and sum at the end.
+
+A program takes one KV head and up to ``QB`` consecutive query blocks of one
+request (rows: block x query head x query group), so a key tile, read from
+the repacked keys (repack.py) at affine addresses, serves all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_trianglemix.ops.triangle_triton import LOG2E, _fp8_scales, _next_pow2
+
+
+@triton.jit
+def _query_rows(Q, q_tok, q_pos0, end, r, row_ok, q_head, stride_qt, stride_qh, offs_d):
+    """The queries at positions ``r`` (one per row), zero where absent."""
+    ok = row_ok & (r >= q_pos0) & (r < end)
+    tok = (q_tok + r - q_pos0).to(tl.int64)
+    return tl.load(Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
+                   mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
+                    S: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
+    """Each row's score against its own key group: the causal terms ``s < HALF`` only (float32)."""
+    offs_d = tl.arange(0, HEAD_D)
+    diag = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(HALF):
+        q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
+                          stride_qh, offs_d)
+        k_s = tl.load(kp_base + (grow0 + s).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+                      mask=row_ok[:, None], other=0.0)
+        diag += tl.sum(q_s.to(tl.float32) * k_s.to(tl.float32), 1)
+    return diag
+
+
+@triton.jit
+def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok, m_i, l_i,
+                   bsum_rows, tmax_rows, t, KB: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Scores of key tile ``t`` -> the running max and sum, block sums relative to the new max in scratch."""
+    on_diag = h[None, :] == g_abs[:, None]
+    sc = tl.where(on_diag, diag[:, None], acc) * qk_scale
+    defined = ((h[None, :] < g_abs[:, None]) & present_any[:, None]) | (on_diag & diag_def[:, None])
+    sc = tl.where(defined & col_ok[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(sc - m_safe[:, None])
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
+    block_sums = tl.sum(tl.reshape(p, (BLOCK_M, KB, G_P)), 2)
+    tl.store(bsum_rows[:, None] + (t * KB + tl.arange(0, KB))[None, :], block_sums)
+    tl.store(tmax_rows + t, m_new)
+    return m_new, l_i
+
+
+@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "stride_ph"])
+def _estimate_kernel(
+    Q, KP, MASS, BSUM, TMAX, items, supers,
+    stride_qt, stride_qh, stride_ph, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
+    G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
+    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, FLAT: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
+):
+    """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
+
+    ``FP8_DOT`` (fp8 query and fp8 keys): the dots take the e4m3 values as they are; their
+    products are exact in float32 and the accumulation is kept float32
+    (``max_num_imprecise_acc=0``), so the scores equal the fp16 path's.
+    ``FLAT``: one loop over (key tile, stride offset), so that loads are pipelined across
+    tile boundaries; the tile's epilogue runs on its last offset.
+    """
+    pid = tl.program_id(0)
+    rt = pid % ROW_TILES
+    rest = pid // ROW_TILES
+    kv_head = rest % num_kv_heads
+    sp = supers + (super0 + rest // num_kv_heads).to(tl.int64) * (4 + QB)
+    kp_off = tl.load(sp + 1)
+    nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
+    n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
+    kp_base = KP + kv_head.to(tl.int64) * stride_ph + kp_off.to(tl.int64) * HEAD_D
+    qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
+                              stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
+
+    ROWS_PER_BLOCK: tl.constexpr = GROUP_P * G_P
+    rows = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+    qb = rows // ROWS_PER_BLOCK
+    hh = (rows // G_P) % GROUP_P
+    gl = rows % G_P
+    item = tl.load(sp + 4 + qb)  # -1: no block in this slot
+    has = item >= 0
+    it = items + tl.where(has, item, 0).to(tl.int64) * 5
+    q_tok = tl.load(it + 1)
+    q_pos0 = tl.load(it + 2)
+    end = q_pos0 + tl.load(it + 3)
+    b = tl.load(it + 4)
+    row_ok = has & (hh < GROUP) & (gl < G)
+    q_head = (kv_head * GROUP + hh).to(tl.int64)
+    g_abs = b * G + gl
+    grow0 = g_abs * S
+    present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
+    diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
+    diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
+                           S, HALF, BLOCK_M, HEAD_D)
+
+    offs_d = tl.arange(0, HEAD_D)
+    N: tl.constexpr = KB * G_P
+    cols = tl.arange(0, N)
+    n_tiles = tl.cdiv(nb, KB)
+    local = tl.arange(0, BLOCK_M).to(tl.int64)
+    bsum_rows = BSUM + (pid.to(tl.int64) * BLOCK_M + local) * (max_tiles * KB)
+    tmax_rows = TMAX + (pid.to(tl.int64) * BLOCK_M + local) * max_tiles
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
+    if FLAT:
+        for ts in range(n_tiles * S):
+            t = ts // S
+            s = ts % S
+            j_col = t * KB + cols // G_P
+            h = j_col * G + cols % G_P  # absolute key group
+            col_ok = (cols % G_P < G) & (j_col < nb)
+            q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
+                              stride_qh, offs_d)
+            if Q_FP8:
+                if not FP8_DOT:
+                    q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
+            kp = h * S + s
+            # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
+            if G != G_P:
+                k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
+                              mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
+            else:
+                k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
+            if FP8_DOT:
+                acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
+            else:
+                acc = tl.dot(q_s, k_s, acc)
+            if s == S - 1:
+                m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
+                                          m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
+                acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
+    else:
+        for t in range(n_tiles):
+            j_col = t * KB + cols // G_P
+            h = j_col * G + cols % G_P  # absolute key group
+            col_ok = (cols % G_P < G) & (j_col < nb)
+            acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
+            for s in range(S):
+                q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
+                                  stride_qh, offs_d)
+                if Q_FP8:
+                    if not FP8_DOT:
+                        q_s = q_s.to(tl.float16)
+                kp = h * S + s
+                if G != G_P:
+                    k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
+                                  mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
+                else:
+                    k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
+                if FP8_DOT:
+                    acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
+                else:
+                    acc = tl.dot(q_s, k_s, acc)
+            m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
+                                      m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
+    tl.debug_barrier()  # this program's scratch, written by other threads
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    kb = tl.arange(0, KB)
+    for t in range(n_tiles):
+        t_max = tl.load(tmax_rows + t)
+        factor = tl.where(t_max > float("-inf"), tl.exp2(t_max - m_safe), 0.0) * inv_l
+        weighted = tl.load(bsum_rows[:, None] + (t * KB + kb)[None, :]) * factor[:, None]
+        j = t * KB + kb
+        for q in tl.static_range(QB):
+            item_q = tl.load(sp + 4 + q)
+            if item_q >= 0:
+                b_q = tl.load(items + item_q.to(tl.int64) * 5 + 4)
+                mass = tl.sum(tl.where((qb == q)[:, None], weighted, 0.0), 0)
+                out = MASS + ((item_q.to(tl.int64) * num_kv_heads + kv_head) * ROW_TILES + rt) * max_blocks
+                tl.store(out + j, mass, mask=j <= b_q)
+
+
+def estimate_shape(config, group_p: int, block_size: int, stride: int):
+    """(G, G_P, key blocks per tile, rows per program, query blocks per program, row tiles)."""
+    G = block_size // stride
+    G_P = _next_pow2(G)
+    kb = max(1, _next_pow2(config.est_block_n) // G_P, 16 // G_P)
+    rows_per_block = group_p * G_P
+    block_m = max(16, _next_pow2(config.est_block_m))
+    if rows_per_block >= block_m:
+        return G, G_P, kb, block_m, 1, rows_per_block // block_m
+    return G, G_P, kb, block_m, block_m // rows_per_block, 1
+
+
+def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torch.Tensor:
+    """Block masses per row tile ``[items, kv_heads, row_tiles, num_blocks]`` (float32; zero past each block)."""
+    cfg = op.config
+    S = params.stride
+    G, G_P, kb, block_m, qb, row_tiles = estimate_shape(cfg, op.group_p, params.block_size, S)
+    mass = torch.zeros((prepared.num_items, op.num_kv_heads, row_tiles, prepared.num_blocks),
+                       dtype=torch.float32, device=query.device)
+    if prepared.num_items == 0:
+        return mass
+    fp8_dot = kp.dtype == torch.float8_e4m3fn
+    max_tiles = -(-prepared.num_blocks // kb)
+    per_super = op.num_kv_heads * row_tiles
+    scratch_per_super = per_super * block_m * max_tiles * (kb + 1) * 4
+    supers_per_launch = max(1, min(groups.num_supers, cfg.est_scratch_mb * 2**20 // scratch_per_super))
+    programs = supers_per_launch * per_super
+    bsum = torch.empty((programs * block_m, max_tiles * kb), dtype=torch.float32, device=query.device)
+    tmax = torch.empty((programs * block_m, max_tiles), dtype=torch.float32, device=query.device)
+    assert query.stride(-1) == 1
+    for first in range(0, groups.num_supers, supers_per_launch):
+        n = min(supers_per_launch, groups.num_supers - first)
+        _estimate_kernel[(n * per_super,)](
+            query, kp, mass, bsum, tmax, prepared.items, groups.supers,
+            query.stride(0), query.stride(1), kp.stride(0),
+            op.num_kv_heads, prepared.num_blocks, max_tiles, scale / S * LOG2E, first,
+            *fp8.pointers, *fp8.strides,
+            GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
+            BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, FLAT=bool(cfg.est_flat),
+            Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot,
+            num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
+        )
+    return mass

@@ -1,0 +1,223 @@
+"""The dynamic-layer op: plans a step and runs repack, estimate, select and attend on the device,
+without a host synchronisation. Items come heaviest first (the plan orders them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
+from vllm.logger import init_logger
+
+from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
+from vllm_trianglemix.ops.triangle_triton import _next_pow2
+from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
+from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
+from vllm_trianglemix.ops.xattention_triton import select as select_stage
+from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig
+from vllm_trianglemix.ops.xattention_triton.plan import (
+    Groups,
+    KeptBlocks,
+    TritonDynamicPlan,
+    build_groups,
+    kept_blocks_from_mask,
+)
+from vllm_trianglemix.ops.xattention_triton.repack import repack
+from vllm_trianglemix.pattern import QUERY_BLOCK_FIELDS, DynamicParams, QueryBlockPlan, select_key_blocks
+from vllm_trianglemix.selection import SUPPORTED_HEAD_SIZES_CUDA, dynamic_gpu_problems
+
+COMPILE_ERRORS = (CompilationError, OutOfResources, PTXASError)
+"""What a kernel that does not build on this GPU raises (before anything is launched)."""
+
+logger = init_logger("vllm.trianglemix")
+
+
+@dataclasses.dataclass
+class Packed:
+    """A step's repacked keys (and values), ``[kv_heads, keys, head_size]``, and their layout."""
+
+    keys: torch.Tensor
+    values: torch.Tensor | None
+    groups: Groups
+
+
+class TritonXAttentionOp:
+    """Plans and launches the dynamic-layer kernels for one model shape."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int,
+                 config: XAttnKernelConfig | None = None):
+        if head_size not in SUPPORTED_HEAD_SIZES_CUDA:
+            raise ValueError(f"head size {head_size} is not supported (supported: {SUPPORTED_HEAD_SIZES_CUDA})")
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.group = num_heads // num_kv_heads
+        self.group_p = _next_pow2(self.group)
+        self.config = config if config is not None else XAttnKernelConfig.from_env(head_size)
+        self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
+        self._select_params: dict = {}
+        self.warmed: set = set()
+
+    # 0.
+    def prepare(self, plan: QueryBlockPlan, dense_from: np.ndarray, cam) -> TritonDynamicPlan:
+        """The plan's items on the device (the builder calls this once per batch)."""
+        device = cam.block_table_tensor.device
+        items = np.stack([getattr(plan, f) for f in QUERY_BLOCK_FIELDS], axis=1).astype(np.int64)
+        return TritonDynamicPlan(
+            items=torch.from_numpy(items.astype(np.int32)).to(device, non_blocking=True),
+            q_block=torch.from_numpy(plan.q_block.astype(np.int64)).to(device, non_blocking=True),
+            block_table=cam.block_table_tensor,
+            num_items=plan.num_items,
+            num_blocks=int(plan.q_block.max()) + 1 if plan.num_items else 0,
+            host_items=items,
+        )
+
+    def groups(self, prepared: TritonDynamicPlan, params: DynamicParams) -> Groups:
+        """The estimate's groups and the repacked layout for this plan (once per plan and shape)."""
+        _, _, kb, _, qb, _ = estimate_stage.estimate_shape(self.config, self.group_p, params.block_size,
+                                                          params.stride)
+        key = (qb, kb, params.block_size)
+        if key not in prepared.groups:
+            prepared.groups[key] = build_groups(prepared.host_items, qb, params.block_size, kb,
+                                                prepared.items.device)
+        return prepared.groups[key]
+
+    def pack(self, query, key_cache, value_cache, prepared: TritonDynamicPlan, params: DynamicParams,
+             fp8, with_values: bool | None = None) -> Packed:
+        """The step's keys (and values, for the packed attention) repacked contiguous."""
+        if with_values is None:
+            with_values = bool(self.config.attn_packed)
+        groups = self.groups(prepared, params)
+        if self.config.est_fp8_dot and fp8.q_fp8 and fp8.kv_fp8:
+            dtype = torch.float8_e4m3fn
+        else:
+            dtype = torch.float16 if fp8.q_fp8 else query.dtype  # fp16 holds e4m3 values exactly
+        kp, vp = repack(key_cache, value_cache, prepared.block_table, groups, self.num_kv_heads,
+                        self.head_size, dtype, with_values)
+        return Packed(kp, vp, groups)
+
+    def _fp8(self, query, key_cache, value_cache, prepared, scales):
+        return kernel_fp8_args(query, key_cache, value_cache, scales, self.num_kv_heads,
+                               placeholder=prepared.q_block)
+
+    # 1.
+    def estimate(self, query, key_cache, prepared: TritonDynamicPlan, params: DynamicParams,
+                 scale: float, scales: Fp8Scales | None = None) -> torch.Tensor:
+        """Block masses ``[items, kv_heads, num_blocks]`` (float32; zero past each item's block)."""
+        mass = self.estimate_row_tiles(query, key_cache, prepared, params, scale, scales)
+        return mass[:, :, 0] if mass.shape[2] == 1 else mass.sum(2)
+
+    def estimate_row_tiles(self, query, key_cache, prepared, params, scale, scales=None,
+                           packed: Packed | None = None) -> torch.Tensor:
+        """Block masses per row tile ``[items, kv_heads, row_tiles, num_blocks]``."""
+        problems = dynamic_gpu_problems(params)  # refused at start (selection.py); a direct caller too
+        if problems:
+            raise ValueError("; ".join(problems))
+        fp8 = self._fp8(query, key_cache, key_cache, prepared, scales)
+
+        def run():
+            p = packed  # (repacked for this tile shape: a fallback to other tiles repacks)
+            if p is None or p.groups is not self.groups(prepared, params):
+                p = self.pack(query, key_cache, key_cache, prepared, params, fp8, with_values=False)
+            return estimate_stage.estimate(self, query, p.keys, prepared, p.groups, params, scale, fp8)
+
+        return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
+                                                        "est_num_stages", "est_flat", "est_fp8_dot"))
+
+    def _built(self, fn, what: str, fields: tuple[str, ...]):
+        """``fn()``; if a kernel of a non-default configuration does not build on this GPU, the
+        default configuration of those fields from then on (one warning), else the error."""
+        try:
+            return fn()
+        except COMPILE_ERRORS as e:
+            default = XAttnKernelConfig.default_for(self.head_size)
+            changed = {f: getattr(default, f) for f in fields if getattr(self.config, f) != getattr(default, f)}
+            if not changed:
+                raise
+            logger.warning("TriangleMix dynamic layers: %s does not build on this GPU with %s (%s: %s); "
+                           "using the defaults instead (%s sets them)", what,
+                           ",".join(f"{f}={getattr(self.config, f)}" for f in changed), type(e).__name__,
+                           str(e).splitlines()[0][:200] if str(e) else "", CONFIG_ENV)
+            self.config = dataclasses.replace(self.config, **changed)
+            return fn()
+
+    # 2.
+    def select(self, mass, prepared: TritonDynamicPlan, params: DynamicParams,
+               select=select_key_blocks, keep_mask: bool = False) -> KeptBlocks:
+        """The kept blocks; ``mass`` as :meth:`estimate` returns it, or per row tile (4-d).
+
+        The rule itself runs fused (select.py); another ``select`` function (tests record or
+        alter the selection with one) runs in torch and is compacted here; ``keep_mask`` also
+        returns the kept-block mask.
+        """
+        if select is select_key_blocks:
+            return select_stage.select(mass, prepared.q_block, self._params_tensor(params, mass.device),
+                                       params, self.blocks_width, keep_mask)
+        if mass.dim() == 4:
+            mass = mass[:, :, 0] if mass.shape[2] == 1 else mass.sum(2)
+        keep = select(mass, prepared.q_block[:, None], params.threshold, params.max_density)
+        blocks = kept_blocks_from_mask(keep, prepared.q_block)
+        if keep_mask:
+            blocks.keep = keep
+        return blocks
+
+    def _params_tensor(self, params: DynamicParams, device) -> torch.Tensor:
+        key = (params.threshold, params.max_density, str(device))
+        if key not in self._select_params:
+            md = params.max_density if params.max_density is not None else 1.0
+            self._select_params[key] = torch.tensor([params.threshold, md], dtype=torch.float64, device=device)
+        return self._select_params[key]
+
+    def all_blocks(self, prepared: TritonDynamicPlan) -> KeptBlocks:
+        """Every causal block (no estimate needed when nothing can be dropped)."""
+        n, kv, dev = prepared.num_items, self.num_kv_heads, prepared.q_block.device
+        kept = torch.arange(max(prepared.num_blocks, 1), dtype=torch.int32, device=dev)
+        n_kept = prepared.q_block.to(torch.int32)[:, None].expand(n, kv).contiguous()
+        return KeptBlocks(kept.expand(n * kv, -1).view(n, kv, -1), n_kept,
+                          torch.ones((n, kv), dtype=torch.int32, device=dev))
+
+    # 3.
+    def attend(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
+               params: DynamicParams, scale: float, output, blocks: KeptBlocks,
+               scales: Fp8Scales | None = None, packed: Packed | None = None) -> None:
+        fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
+
+        def run():
+            buffers = None
+            if self.config.attn_packed:
+                p = packed
+                if p is None or p.values is None or p.groups is not self.groups(prepared, params):
+                    p = self.pack(query, key_cache, value_cache, prepared, params, fp8, with_values=True)
+                buffers = (p.keys, p.values, p.groups)
+            attend_stage.attend(self, query, key_cache, value_cache, prepared, params, scale, output,
+                                blocks, fp8, buffers)
+
+        self._built(run, "the attention kernel", ("attn_packed", "block_m", "block_n", "num_warps",
+                                                  "num_stages"))
+
+    def run(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
+            params: DynamicParams, scale: float, output, select=select_key_blocks,
+            scales: Fp8Scales | None = None, stats: torch.Tensor | None = None) -> None:
+        """query/output: [tokens, heads, dim]; caches: [blocks, block_size, kv_heads, dim] views.
+
+        An fp8 cache (float8_e4m3fn views) needs ``scales``, and so does an fp8 query.
+        ``stats`` (the density report, float64 [3] on the device): adds the kept and the
+        causal key blocks on the device, no host synchronisation (the estimate's time, its
+        third entry, is measured on the CPU path only).
+        """
+        if prepared.num_items == 0:
+            return
+        everything = params.keeps_everything and select is select_key_blocks
+        packed = None
+        if not everything or self.config.attn_packed:
+            fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
+            packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
+        if everything:
+            blocks = self.all_blocks(prepared)
+        else:
+            mass = self.estimate_row_tiles(query, key_cache, prepared, params, scale, scales, packed)
+            blocks = self.select(mass, prepared, params, select)
+        if stats is not None:
+            stats[0] += (blocks.n_kept.sum() + blocks.diag_kept.sum()).to(stats.dtype)
+            stats[1] += ((prepared.q_block + 1).sum() * blocks.n_kept.shape[1]).to(stats.dtype)
+        self.attend(query, key_cache, value_cache, prepared, params, scale, output, blocks, scales, packed)
