@@ -305,6 +305,28 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
     _check_selection(batch, params, recorder, batched=True)
 
 
+ATTENTION_VARIANTS = {
+    "paged": dict(attn_packed=0),
+    "packed_tma": dict(attn_tma=1),
+    "packed_tma_ws_32_keys": dict(attn_tma=1, attn_ws=1, est_ws=1, block_n=32),
+}
+
+
+@pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
+def test_triton_interpreted_attention_variants_match_reference(variant):
+    """The attention's other kernels and options (block table, tensor descriptors, warp
+    specialisation) against the float64 reference, chunks cut inside blocks."""
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64, **ATTENTION_VARIANTS[variant])
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
+    out = _run_layer(dyn, tri, tri.block_q, batch, params)
+    assert not torch.isnan(out).any()
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5
+    assert dataclasses.asdict(dyn.config) == {**dataclasses.asdict(dyn.config), **ATTENTION_VARIANTS[variant]}
+
+
 ESTIMATE_KERNELS = {
     "tile_loop_nested": dict(est_flat=0),
     "tile_loop_flat": dict(est_flat=1),

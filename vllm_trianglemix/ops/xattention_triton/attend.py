@@ -114,15 +114,17 @@ def _attend_paged_kernel(
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["stride_ki", "stride_ph"])
+@triton.jit(do_not_specialize=["stride_ki", "rows_per_head"])
 def _attend_packed_kernel(
     Q, KP, VP, O, items, req_offset, kept, n_kept, diag_kept,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_ph, stride_ki, num_kv_heads, block_size, qk_scale,
-    q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, rows_per_head, stride_ki, num_kv_heads, block_size,
+    qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
+    """``TMA``: KP/VP are tensor descriptors over ``[kv_heads * keys, HEAD_D]`` (bulk copies);
+    ``WS``: the kept-block loop warp-specialised (loads and math in separate warps)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
     i_lo = rt * BLOCK_Q
@@ -141,19 +143,26 @@ def _attend_packed_kernel(
             q = q.to(O.dtype.element_ty)
         qk_scale, out_scale = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
                                           stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
-        base = kv_head.to(tl.int64) * stride_ph + tl.load(req_offset + req).to(tl.int64) * HEAD_D
-        k_base = KP + base
-        v_base = VP + base
+        row0 = kv_head * rows_per_head + tl.load(req_offset + req)  # the request's first row
+        k_base = KP
+        v_base = VP
+        if not TMA:
+            k_base = KP + row0.to(tl.int64) * HEAD_D
+            v_base = VP + row0.to(tl.int64) * HEAD_D
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
         sel = (item * num_kv_heads + kv_head).to(tl.int64)
         kept_row = kept + sel * stride_ki
         # Kept blocks before the diagonal: every key is visible to every row.
-        for u in range(tl.load(n_kept + sel) * TILES_PER_BLOCK):
+        for u in tl.range(0, tl.load(n_kept + sel) * TILES_PER_BLOCK, warp_specialize=WS):
             j = tl.load(kept_row + u // TILES_PER_BLOCK)
-            k_idx = (j * block_size + (u % TILES_PER_BLOCK) * BLOCK_N + offs_n).to(tl.int64)
-            k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None])
+            k0 = j * block_size + (u % TILES_PER_BLOCK) * BLOCK_N
+            if TMA:
+                k = k_base.load([row0 + k0, 0]).T
+            else:
+                k_idx = (k0 + offs_n).to(tl.int64)
+                k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None])
             if KV_FP8:
                 k = k.to(q.dtype)
             s = tl.dot(q, k) * qk_scale
@@ -161,7 +170,10 @@ def _attend_packed_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :])
+            if TMA:
+                v = v_base.load([row0 + k0, 0])
+            else:
+                v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :])
             if KV_FP8:
                 v = v.to(q.dtype)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -175,8 +187,11 @@ def _attend_packed_kernel(
                 k_pos = lo + t * BLOCK_N + offs_n
                 in_range = k_pos < hi
                 k_idx = k_pos.to(tl.int64)
-                k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None], mask=in_range[None, :],
-                            other=0.0)
+                if TMA:  # rows past hi: the buffer's zeros or other keys, masked below
+                    k = k_base.load([row0 + lo + t * BLOCK_N, 0]).T
+                else:
+                    k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None], mask=in_range[None, :],
+                                other=0.0)
                 if KV_FP8:
                     k = k.to(q.dtype)
                 s = tl.dot(q, k) * qk_scale
@@ -186,8 +201,11 @@ def _attend_packed_kernel(
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :], mask=in_range[:, None],
-                            other=0.0)
+                if TMA:
+                    v = v_base.load([row0 + lo + t * BLOCK_N, 0])
+                else:
+                    v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :], mask=in_range[:, None],
+                                other=0.0)
                 if KV_FP8:
                     v = v.to(q.dtype)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -223,10 +241,17 @@ def attend(op, query, key_cache, value_cache, prepared, params, scale: float, ou
                   Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if packed is not None:
         kp, vp, groups = packed
+        k_arg, v_arg, rows_per_head = kp, vp, kp.shape[1]
+        if cfg.attn_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            k_arg, v_arg = (TensorDescriptor.from_tensor(x.view(-1, op.head_size), [block_n, op.head_size])
+                            for x in (kp, vp))
         _attend_packed_kernel[grid](
-            query, kp, vp, output, prepared.items, groups.req_offset, kept, blocks.n_kept, blocks.diag_kept,
-            query.stride(0), query.stride(1), output.stride(0), output.stride(1), kp.stride(0), kept.stride(0),
-            op.num_kv_heads, B, scale * LOG2E, *fp8.pointers, *fp8.strides, **common,
+            query, k_arg, v_arg, output, prepared.items, groups.req_offset, kept, blocks.n_kept,
+            blocks.diag_kept, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+            rows_per_head, kept.stride(0), op.num_kv_heads, B, scale * LOG2E, *fp8.pointers, *fp8.strides,
+            TMA=bool(cfg.attn_tma), WS=bool(cfg.attn_ws), **common,
         )
         return
     bt = prepared.block_table

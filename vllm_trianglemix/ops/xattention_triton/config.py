@@ -32,10 +32,13 @@ class XAttnKernelConfig:
     est_num_warps: int = 8
     est_num_stages: int = 2
     est_flat: int = 0  # 1: one loop over (key tile, stride offset), pipelined across tiles
+    est_ws: int = 0  # 1: the stride-offset loop warp-specialised (not with est_flat)
     est_fp8_dot: int = 0  # 1: fp8 query and fp8 cache scored in e4m3 (exact products, float32 sums)
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
     attn_packed: int = 1  # 1: K/V read from the repacked buffers (affine loads); 0: through the block table
+    attn_tma: int = 0  # packed: 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later)
+    attn_ws: int = 0  # packed: 1: the kept-block loop warp-specialised
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
     num_warps: int = 8

@@ -78,7 +78,7 @@ def _estimate_kernel(
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
-    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, FLAT: tl.constexpr,
+    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
@@ -165,7 +165,7 @@ def _estimate_kernel(
             h = j_col * G + cols % G_P  # absolute key group
             col_ok = (cols % G_P < G) & (j_col < nb)
             acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-            for s in range(S):
+            for s in tl.range(0, S, warp_specialize=WS):
                 q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
                                   stride_qh, offs_d)
                 if Q_FP8:
@@ -239,7 +239,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             op.num_kv_heads, prepared.num_blocks, max_tiles, scale / S * LOG2E, first,
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
-            BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, FLAT=bool(cfg.est_flat),
+            BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, FLAT=bool(cfg.est_flat), WS=bool(cfg.est_ws),
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )

@@ -122,7 +122,7 @@ class TritonXAttentionOp:
             return estimate_stage.estimate(self, query, p.keys, prepared, p.groups, params, scale, fp8)
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
-                                                        "est_num_stages", "est_flat", "est_fp8_dot"))
+                                                        "est_num_stages", "est_flat", "est_ws", "est_fp8_dot"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if a kernel of a non-default configuration does not build on this GPU, the
@@ -192,8 +192,8 @@ class TritonXAttentionOp:
             attend_stage.attend(self, query, key_cache, value_cache, prepared, params, scale, output,
                                 blocks, fp8, buffers)
 
-        self._built(run, "the attention kernel", ("attn_packed", "block_m", "block_n", "num_warps",
-                                                  "num_stages"))
+        self._built(run, "the attention kernel", ("attn_packed", "attn_tma", "attn_ws", "block_m", "block_n",
+                                                  "num_warps", "num_stages"))
 
     def run(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
             params: DynamicParams, scale: float, output, select=select_key_blocks,
