@@ -147,7 +147,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block table's width varies by engine
 def _triangle_attention_kernel(
     Q, K, V, O, O_part, LSE_part,
     items, dense_from_ptr, block_table,
@@ -364,6 +364,7 @@ class TritonTriangleOp:
         self.config = config or KernelConfig.from_env(head_size)
         self.block_q = max(self.config.block_m // self.group_p, 1)
         self.split_kv = self.config.split_kv
+        self._no_partials: dict = {}
 
     def prepare(self, plan: BlockPlan, dense_from: np.ndarray, cam) -> TritonPlan:
         device = cam.block_table_tensor.device
@@ -394,7 +395,9 @@ class TritonTriangleOp:
         assert query.stride(-1) == 1 and output.stride(-1) == 1
         fp8 = kernel_fp8_args(query, key_cache, value_cache, scales, self.num_kv_heads,
                               placeholder=prepared.dense_from)
-        o_part = lse_part = output  # placeholders when nothing is split
+        # placeholders when nothing is split (float32 as the real ones: one compiled kernel either way)
+        o_part = lse_part = self._no_partials.setdefault(
+            query.device, torch.empty(1, dtype=torch.float32, device=query.device))
         if prepared.num_partials:
             rows = prepared.num_partials * self.num_heads * self.block_q
             o_part = torch.empty((rows, self.head_size), dtype=torch.float32, device=query.device)

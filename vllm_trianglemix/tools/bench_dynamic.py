@@ -54,34 +54,19 @@ VARIANTS = {
     "paged": "attn_packed=0",  # attention through the block table (the previous default)
     "packed": "attn_packed=1",  # attention over the repacked K/V
 }
-EST_SWEEP = [  # the defaults first
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=0",
-    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=0",
-    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
-    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2,est_flat=0",
-    "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=0",
-    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4,est_flat=0",
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
-    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=1",
+EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
     "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
-    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4,est_flat=1",
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=0,est_ws=1",
+    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=4,est_flat=1",
+    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=1",
+    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=1",
+    "est_block_m=256,est_block_n=64,est_num_warps=8,est_num_stages=4,est_flat=1",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
 ]
 ATTN_SWEEP = [  # packed attention (the defaults first)
-    "block_m=256,block_n=64,num_warps=8,num_stages=2",
     "block_m=256,block_n=64,num_warps=8,num_stages=3",
-    "block_m=128,block_n=64,num_warps=4,num_stages=3",
-    "block_m=128,block_n=64,num_warps=8,num_stages=3",
-    "block_m=128,block_n=128,num_warps=8,num_stages=2",
-    "block_m=128,block_n=128,num_warps=8,num_stages=3",
-    "block_m=256,block_n=128,num_warps=8,num_stages=2",
-    "block_m=64,block_n=128,num_warps=4,num_stages=3",
-    "block_m=256,block_n=64,num_warps=8,num_stages=3,attn_tma=1",
-    "block_m=128,block_n=64,num_warps=4,num_stages=3,attn_tma=1",
+    "block_m=256,block_n=64,num_warps=8,num_stages=4",
+    "block_m=256,block_n=64,num_warps=8,num_stages=2",
     "block_m=128,block_n=128,num_warps=8,num_stages=3,attn_tma=1",
-    "block_m=128,block_n=128,num_warps=8,num_stages=2,attn_tma=1,attn_ws=1",
-    "block_m=128,block_n=64,num_warps=4,num_stages=3,attn_ws=1",
 ]
 
 

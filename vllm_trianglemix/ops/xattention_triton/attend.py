@@ -43,7 +43,7 @@ def _program_item(items, num_kv_heads, ROW_TILES: tl.constexpr):
             tl.load(it + 4))
 
 
-@triton.jit(do_not_specialize=["stride_ki"])
+@triton.jit(do_not_specialize=["stride_ki", "stride_bt"])
 def _attend_paged_kernel(
     Q, K, V, O, items, block_table, kept, n_kept, diag_kept,
     stride_qt, stride_qh, stride_ot, stride_oh,

@@ -71,10 +71,10 @@ def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
     return m_new, l_i
 
 
-@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "stride_ph"])
+@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "rows_per_head"])
 def _estimate_kernel(
     Q, KP, MASS, BSUM, TMAX, items, supers,
-    stride_qt, stride_qh, stride_ph, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
+    stride_qt, stride_qh, rows_per_head, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
@@ -97,7 +97,8 @@ def _estimate_kernel(
     kp_off = tl.load(sp + 1)
     nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
     n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
-    kp_base = KP + kv_head.to(tl.int64) * stride_ph + kp_off.to(tl.int64) * HEAD_D
+    # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
+    kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
     qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
                               stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
 
@@ -235,7 +236,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
         n = min(supers_per_launch, groups.num_supers - first)
         _estimate_kernel[(n * per_super,)](
             query, kp, mass, bsum, tmax, prepared.items, groups.supers,
-            query.stride(0), query.stride(1), kp.stride(0),
+            query.stride(0), query.stride(1), kp.shape[1],
             op.num_kv_heads, prepared.num_blocks, max_tiles, scale / S * LOG2E, first,
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,

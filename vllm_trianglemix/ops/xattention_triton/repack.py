@@ -15,11 +15,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "rows_per_head"])
 def _repack_kernel(
     K, V, KP, VP, reqs, block_table,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_bt, stride_ph, page_size,
+    stride_bt, rows_per_head, page_size,
     RB: tl.constexpr, HEAD_D: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """Rows ``[c*RB, (c+1)*RB)`` of request row ``r`` (req, offset, keys, padded keys), one KV head."""
@@ -36,7 +36,7 @@ def _repack_kernel(
         blk = tl.load(block_table + req.to(tl.int64) * stride_bt + pos // page_size, mask=ok, other=0).to(tl.int64)
         slot = (pos % page_size).to(tl.int64)
         offs_d = tl.arange(0, HEAD_D)
-        dst = kv_head.to(tl.int64) * stride_ph + (off + pos).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :]
+        dst = (kv_head.to(tl.int64) * rows_per_head + off + pos)[:, None] * HEAD_D + offs_d[None, :]
         k = tl.load(K + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
                     + offs_d[None, :] * stride_kd, mask=ok[:, None], other=0.0)
         tl.store(KP + dst, k.to(KP.dtype.element_ty), mask=(pos < n_pad)[:, None])
@@ -56,7 +56,7 @@ def repack(key_cache, value_cache, block_table, groups, num_kv_heads: int, head_
     if groups.reqs.shape[0]:
         _repack_kernel[(-(-groups.max_pad // rb), groups.reqs.shape[0], num_kv_heads)](
             key_cache, value_cache, kp, kp if vp is None else vp, groups.reqs, block_table,
-            *key_cache.stride(), *value_cache.stride(), block_table.stride(0), kp.stride(0),
+            *key_cache.stride(), *value_cache.stride(), block_table.stride(0), kp.shape[1],
             key_cache.shape[1], RB=rb, HEAD_D=head_size, WITH_V=with_values, num_warps=4,
         )
     return kp, vp
