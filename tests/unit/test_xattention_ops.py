@@ -520,7 +520,7 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, c
     from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 
     params = PARAMS["tau"]
-    dyn, tri = _triton_ops(8, 2, 64, est_flat=1, attn_packed=0)
+    dyn, tri = _triton_ops(8, 2, 64, est_flat=0, attn_packed=0)
     batch = make_batch(BATCHES["whole_odd"], 8, 2, 64, 16, seed=1)
     for module, name, field in ((estimate_stage, "estimate", "est_flat"), (attend_stage, "attend", "attn_packed")):
         real = getattr(module, name)
@@ -532,7 +532,7 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, c
 
         monkeypatch.setattr(module, name, refusing)
     out = _run_layer(dyn, tri, tri.block_q, batch, params)
-    assert (dyn.config.est_flat, dyn.config.attn_packed) == (0, 1)
+    assert (dyn.config.est_flat, dyn.config.attn_packed) == (1, 1)
     assert sum("does not build on this GPU" in r.getMessage() for r in caplog.records) == 2
     ref, margin = _reference(batch, params)
     assert margin > MARGIN
