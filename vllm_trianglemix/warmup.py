@@ -51,8 +51,10 @@ def warm_up(triangle_op, dynamic_op, triangle_sets, dynamic_sets, dtype: torch.d
         from vllm_trianglemix.ops.xattention_triton.select import blocks_width
 
         dynamic_op.blocks_width = max(dynamic_op.blocks_width, blocks_width(widest))
-    # a prompt long enough for split dense rows (the merge kernel) and several query blocks
+    # a prompt long enough for split dense rows (the merge kernel) and several query blocks,
+    # and no longer than the engine serves (the selection's block axis is sized for that)
     length = max(2 * triangle_op.split_kv, 1024) + 200 if triangle_op.split_kv else 1400
+    length = min(length, max_model_len)
     g = torch.Generator(device=device).manual_seed(0)
     heads, kv_heads, d = triangle_op.num_heads, triangle_op.num_kv_heads, triangle_op.head_size
     pages = -(-length // page_size)

@@ -560,3 +560,28 @@ def test_density_counts_agree_between_triton_and_torch_ops(config):
     assert counts["triton"][:2].tolist() == counts["torch"][:2].tolist()
     assert 0 < counts["torch"][0] < counts["torch"][1]  # some blocks dropped, some kept
     assert counts["torch"][2] > 0 and counts["triton"][2] == 0
+
+
+def test_triton_interpreted_kernel_that_never_builds_shrinks_until_it_does(monkeypatch, caplog):
+    """The default estimate too large for a GPU's shared memory (smaller GPUs than the one the
+    defaults were measured on): fewer stages, then fewer rows, until it builds; one warning."""
+    from triton.runtime.errors import OutOfResources
+
+    from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
+
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64, est_block_m=64, est_num_stages=3)
+    real = estimate_stage.estimate
+
+    def needs_small(op, *args, **kwargs):
+        if op.config.est_num_stages > 1 or op.config.est_block_m > 32:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(estimate_stage, "estimate", needs_small)
+    batch = make_batch(BATCHES["whole_odd"], 8, 2, 64, 16, seed=1)
+    out = _run_layer(dyn, tri, tri.block_q, batch, params)
+    assert (dyn.config.est_num_stages, dyn.config.est_block_m) == (1, 32)
+    assert sum("does not build on this GPU" in r.getMessage() for r in caplog.records) == 1
+    ref, _ = _reference(batch, params)
+    assert relative_error(out, ref) < 1e-5

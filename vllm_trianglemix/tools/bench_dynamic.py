@@ -55,11 +55,10 @@ VARIANTS = {
     "packed": "attn_packed=1",  # attention over the repacked K/V
 }
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
-    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
-    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=4,est_flat=1",
-    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=1",
     "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=1",
-    "est_block_m=256,est_block_n=64,est_num_warps=8,est_num_stages=4,est_flat=1",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
+    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=1",
+    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4,est_flat=1",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
 ]
 ATTN_SWEEP = [  # packed attention (the defaults first)

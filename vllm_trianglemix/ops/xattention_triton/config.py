@@ -27,9 +27,9 @@ logger = init_logger("vllm.trianglemix")
 class XAttnKernelConfig:
     # 1. Estimate: keys repacked contiguous; a program takes one KV head and several consecutive
     # query blocks of one request (rows: query blocks x query heads x query groups).
-    est_block_m: int = 256  # rows per program
+    est_block_m: int = 128  # rows per program
     est_block_n: int = 128  # key groups per tile (rounded to whole key blocks)
-    est_num_warps: int = 8
+    est_num_warps: int = 4
     est_num_stages: int = 3
     est_flat: int = 1  # 1: one loop over (key tile, stride offset), pipelined across tiles
     est_ws: int = 0  # 1: the stride-offset loop warp-specialised (not with est_flat)

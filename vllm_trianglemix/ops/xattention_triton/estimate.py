@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from vllm_trianglemix.ops.triangle_triton import LOG2E, _fp8_scales, _next_pow2
+from vllm_trianglemix.ops.xattention_triton.plan import round_up
 
 
 @triton.jit
@@ -219,15 +220,18 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     cfg = op.config
     S = params.stride
     G, G_P, kb, block_m, qb, row_tiles = estimate_shape(cfg, op.group_p, params.block_size, S)
-    mass = torch.zeros((prepared.num_items, op.num_kv_heads, row_tiles, prepared.num_blocks),
+    # (widths rounded up: plan.round_up; columns past an item's block stay zero)
+    mass = torch.zeros((prepared.num_items, op.num_kv_heads, row_tiles, round_up(prepared.num_blocks)),
                        dtype=torch.float32, device=query.device)
     if prepared.num_items == 0:
         return mass
     fp8_dot = kp.dtype == torch.float8_e4m3fn
-    max_tiles = -(-prepared.num_blocks // kb)
+    max_tiles = round_up(-(-prepared.num_blocks // kb))
     per_super = op.num_kv_heads * row_tiles
     scratch_per_super = per_super * block_m * max_tiles * (kb + 1) * 4
     supers_per_launch = max(1, min(groups.num_supers, cfg.est_scratch_mb * 2**20 // scratch_per_super))
+    if supers_per_launch < groups.num_supers:  # slices start at multiples of 16 groups
+        supers_per_launch = max(16, supers_per_launch // 16 * 16)
     programs = supers_per_launch * per_super
     bsum = torch.empty((programs * block_m, max_tiles * kb), dtype=torch.float32, device=query.device)
     tmax = torch.empty((programs * block_m, max_tiles), dtype=torch.float32, device=query.device)
@@ -237,7 +241,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
         _estimate_kernel[(n * per_super,)](
             query, kp, mass, bsum, tmax, prepared.items, groups.supers,
             query.stride(0), query.stride(1), kp.shape[1],
-            op.num_kv_heads, prepared.num_blocks, max_tiles, scale / S * LOG2E, first,
+            op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first,
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, FLAT=bool(cfg.est_flat), WS=bool(cfg.est_ws),

@@ -23,6 +23,7 @@ from vllm_trianglemix.ops.xattention_triton.plan import (
     TritonDynamicPlan,
     build_groups,
     kept_blocks_from_mask,
+    round_up,
 )
 from vllm_trianglemix.ops.xattention_triton.repack import repack
 from vllm_trianglemix.pattern import QUERY_BLOCK_FIELDS, DynamicParams, QueryBlockPlan, select_key_blocks
@@ -125,21 +126,41 @@ class TritonXAttentionOp:
                                                         "est_num_stages", "est_flat", "est_ws", "est_fp8_dot"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
-        """``fn()``; if a kernel of a non-default configuration does not build on this GPU, the
-        default configuration of those fields from then on (one warning), else the error."""
-        try:
-            return fn()
-        except COMPILE_ERRORS as e:
-            default = XAttnKernelConfig.default_for(self.head_size)
-            changed = {f: getattr(default, f) for f in fields if getattr(self.config, f) != getattr(default, f)}
-            if not changed:
-                raise
-            logger.warning("TriangleMix dynamic layers: %s does not build on this GPU with %s (%s: %s); "
-                           "using the defaults instead (%s sets them)", what,
-                           ",".join(f"{f}={getattr(self.config, f)}" for f in changed), type(e).__name__,
-                           str(e).splitlines()[0][:200] if str(e) else "", CONFIG_ENV)
-            self.config = dataclasses.replace(self.config, **changed)
-            return fn()
+        """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
+        defaults of ``fields``, then fewer pipeline stages and smaller tiles, until one builds:
+        that configuration from then on, with one warning (warmup.py meets this at start)."""
+        tried = []
+        while True:
+            try:
+                result = fn()
+            except COMPILE_ERRORS as e:
+                tried.append(",".join(f"{f}={getattr(self.config, f)}" for f in fields))
+                smaller = self._smaller(fields, first=len(tried) == 1)
+                if smaller is None:
+                    raise
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                self.config = smaller
+                continue
+            if tried:
+                logger.warning("TriangleMix dynamic layers: %s does not build on this GPU with %s (%s); "
+                               "using %s (%s sets it)", what, " nor ".join(tried), error,
+                               ",".join(f"{f}={getattr(self.config, f)}" for f in fields), CONFIG_ENV)
+            return result
+
+    def _smaller(self, fields: tuple[str, ...], first: bool) -> XAttnKernelConfig | None:
+        """The next configuration to try after a build failure (None: nothing smaller): the
+        defaults after the first failure of a configured variant, then smaller ones."""
+        cfg, default = self.config, XAttnKernelConfig.default_for(self.head_size)
+        changed = {f: getattr(default, f) for f in fields if getattr(cfg, f) != getattr(default, f)}
+        if first and changed:
+            return dataclasses.replace(cfg, **changed)
+        est = fields[0].startswith("est_")
+        stages, rows = ("est_num_stages", "est_block_m") if est else ("num_stages", "block_m")
+        if getattr(cfg, stages) > 1:
+            return dataclasses.replace(cfg, **{stages: getattr(cfg, stages) - 1})
+        if getattr(cfg, rows) > 32:
+            return dataclasses.replace(cfg, **{rows: getattr(cfg, rows) // 2})
+        return None
 
     # 2.
     def select(self, mass, prepared: TritonDynamicPlan, params: DynamicParams,
@@ -171,7 +192,7 @@ class TritonXAttentionOp:
     def all_blocks(self, prepared: TritonDynamicPlan) -> KeptBlocks:
         """Every causal block (no estimate needed when nothing can be dropped)."""
         n, kv, dev = prepared.num_items, self.num_kv_heads, prepared.q_block.device
-        kept = torch.arange(max(prepared.num_blocks, 1), dtype=torch.int32, device=dev)
+        kept = torch.arange(round_up(max(prepared.num_blocks, 1)), dtype=torch.int32, device=dev)
         n_kept = prepared.q_block.to(torch.int32)[:, None].expand(n, kv).contiguous()
         return KeptBlocks(kept.expand(n * kv, -1).view(n, kv, -1), n_kept,
                           torch.ones((n, kv), dtype=torch.int32, device=dev))

@@ -11,6 +11,12 @@ import torch
 SUPER_HEAD = 4  # a group's leading fields: req, key offset in the repacked buffer, key blocks, keys
 
 
+def round_up(n: int, multiple: int = 16) -> int:
+    """Widths and counts the kernels take as integer arguments are kept multiples of 16, so that
+    Triton specialises them one way for every step (warmup.py compiles that one variant)."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass
 class TritonDynamicPlan:
     items: torch.Tensor  # int32 [num_items, 5], QUERY_BLOCK_FIELDS order

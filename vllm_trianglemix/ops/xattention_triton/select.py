@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from vllm_trianglemix.ops.triangle_triton import _next_pow2
-from vllm_trianglemix.ops.xattention_triton.plan import KeptBlocks
+from vllm_trianglemix.ops.xattention_triton.plan import KeptBlocks, round_up
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def select(mass, q_block, params_tensor, params, width: int, keep_mask: bool = F
     mass = mass.contiguous()
     n, kv, row_tiles, nb = mass.shape
     dev = mass.device
-    kept = torch.empty((n, kv, max(nb, 1)), dtype=torch.int32, device=dev)
+    kept = torch.empty((n, kv, round_up(max(nb, 1))), dtype=torch.int32, device=dev)
     n_kept = torch.empty((n, kv), dtype=torch.int32, device=dev)
     diag_kept = torch.empty((n, kv), dtype=torch.int32, device=dev)
     keep = torch.empty((n, kv, nb), dtype=torch.int8, device=dev) if keep_mask else n_kept
