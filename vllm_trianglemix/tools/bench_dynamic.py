@@ -168,7 +168,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
-                    help="write the chosen configuration as an env file (VLLM_TRIANGLEMIX_XATTN_CONFIG)")
+                    help="write the chosen configuration as an env file (TRIANGLEMIX_XATTN_CONFIG)")
 
 
 def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, list[dict]]:
@@ -295,10 +295,10 @@ def run(args) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     if args.best_env and "after" in ops:
-        from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV
+        from vllm_trianglemix.settings import XATTN_CONFIG
 
         with open(args.best_env, "w") as f:
-            f.write(f"export {CONFIG_ENV}=" + ",".join(f"{k}={v}" for k, v in configs["after"].items()) + "\n")
+            f.write(f"export {XATTN_CONFIG}=" + ",".join(f"{k}={v}" for k, v in configs["after"].items()) + "\n")
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
     for v, op in ops.items():
