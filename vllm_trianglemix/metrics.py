@@ -29,7 +29,9 @@ import tempfile
 import threading
 from typing import Any, Callable, Iterable
 
-DIR_ENV = "VLLM_TRIANGLEMIX_METRICS_DIR"
+from vllm_trianglemix import settings
+
+DIR_ENV = settings.METRICS_DIR
 """Set by the front end: the folder engine processes publish to."""
 
 _registered: set[str] = set()
@@ -45,7 +47,7 @@ def make_dir() -> str:
 
 def engine_dir() -> str | None:
     """Engine processes: the folder to publish to (None: no front end asked for one)."""
-    return os.environ.get(DIR_ENV)
+    return settings.env_setting(DIR_ENV)
 
 
 def publish(directory: str, name: str, data: dict) -> None:

@@ -1,10 +1,9 @@
 """What TriangleMix reads from a model's Hugging Face config, without vLLM.
 
-The layers a map may name (every layer; on a supported hybrid, its
-full-attention layers) are decided here, from the text config alone, so that
-the engine's front-end check (``selection.py``), ``calibrate`` and
-``check-map`` (which reads ``config.json`` without starting vLLM) apply the
-same rule. Nothing heavy is imported.
+A supported hybrid's full-attention layers are read here, from the text
+config alone, for the rule of what may be served (``rules.py``: the engine's
+check at start, ``check-map``, ``serve``, ``bench``) and for ``calibrate``.
+Nothing heavy is imported.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ In every process (front end, engine core, workers, Ray workers) ``register``:
   and a new ``TRIANGLEMIX`` member as well;
 * wraps the platform's ``check_and_update_config`` so that, when an engine
   selects TriangleMix, the layer map and the model are validated in the front
-  end before any engine process starts (and the INFO line is logged);
+  end before any engine process starts (and the INFO line is logged), and the
+  plugin's settings (settings.py) are named to vLLM for its Ray actors;
+* names those settings in the platform's ``additional_env_vars``, which the Ray
+  executor copies to its workers;
 * on the CPU platform, which otherwise ignores a selected backend, returns
   the TriangleMix CPU backend when (and only when) it is the one selected;
 * in the engine-core process, installs the prefix-cache rule (no-op unless
@@ -25,7 +28,7 @@ import functools
 
 from vllm.logger import init_logger
 
-from vllm_trianglemix import compat, engine_death, prefix_cache, selection, stock_backend
+from vllm_trianglemix import compat, engine_death, prefix_cache, selection, settings, stock_backend
 from vllm_trianglemix.config import TriangleMixConfigError
 
 logger = init_logger("vllm.trianglemix")
@@ -72,6 +75,7 @@ def register_plugin() -> None:
         )
     compat.register_backend_name(selection.BACKEND_NAME, path)
 
+    settings.name_for_ray_workers(type(current_platform))
     _wrap_config_check(type(current_platform))
     if current_platform.is_cpu():
         _wrap_cpu_backend_choice(type(current_platform), path)
@@ -112,6 +116,7 @@ def _wrap_config_check(platform_cls) -> None:
                     "`vllm-trianglemix calibrate --model %s` and serve with the map it writes",
                     layer_map.source, vllm_config.model_config.model,
                 )
+        settings.carry_to_ray()
         _select_by_static_member(vllm_config)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 
-from vllm_trianglemix import stock_backend
+from vllm_trianglemix import rules, stock_backend
 from vllm_trianglemix.config import (
     RESOLVED_KEY,
     LayerMap,
     resolve_layer_map,
     to_additional_config,
 )
-from vllm_trianglemix.model_info import (  # noqa: F401 (hf_attention_layer_ids: used by calibrate)
-    HYBRID_MODEL_TYPES,
-    has_sliding_layers,
-    hf_attention_layer_ids,
-)
+from vllm_trianglemix.model_info import hf_attention_layer_ids  # noqa: F401 (tests import it here)
 
 logger = init_logger("vllm.trianglemix")
 
@@ -61,49 +57,13 @@ def is_selected(vllm_config) -> bool:
     return backend_is_ours(getattr(attention_config, "backend", None))
 
 
-def num_hidden_layers(model_config) -> int:
-    return int(model_config.hf_text_config.num_hidden_layers)
-
-
-def attention_layer_ids(model_config) -> list[int]:
-    """The layers that run softmax attention: the only ones a map may name.
-
-    Every layer of a standard model; the full-attention layers of a hybrid.
-    """
-    if not getattr(model_config, "is_hybrid", False):
-        return list(range(num_hidden_layers(model_config)))
-    return hf_attention_layer_ids(model_config.hf_text_config)
-
-
 def _refusals(vllm_config, on_cuda: bool) -> list[str]:
-    """Reasons this engine cannot run TriangleMix (empty: it can)."""
+    """Reasons this engine cannot run TriangleMix (empty: it can): the model
+    (``rules.model_refusals``, the tools' rule too), then the engine's settings."""
     mc = vllm_config.model_config
-    reasons = []
     if mc is None:
         return ["no model config"]
-    if getattr(mc, "is_encoder_decoder", False):
-        reasons.append("encoder-decoder models are not supported")
-    if getattr(mc, "use_mla", False):
-        reasons.append("MLA attention (DeepSeek-style) is not supported")
-    if getattr(mc, "is_attention_free", False):
-        reasons.append("attention-free models are not supported")
-    elif getattr(mc, "is_hybrid", False):
-        model_type = getattr(mc.hf_text_config, "model_type", "?")
-        if model_type not in HYBRID_MODEL_TYPES:
-            reasons.append(
-                f"hybrid model type '{model_type}' is not supported "
-                f"(supported hybrids: {', '.join(HYBRID_MODEL_TYPES)})"
-            )
-        elif not attention_layer_ids(mc):
-            reasons.append("this hybrid model has no full-attention layer")
-    if mc.runner_type != "generate":
-        reasons.append(f"runner '{mc.runner_type}' is not supported (generation only)")
-    if mc.get_sliding_window() is not None or has_sliding_layers(mc.hf_text_config):
-        reasons.append("sliding-window models are not supported")
-    if getattr(mc, "rswa_window", None) is not None:
-        reasons.append("reference sliding-window attention models are not supported")
-    if getattr(mc.hf_text_config, "model_type", "") in ("gpt_oss",):
-        reasons.append("attention-sink models are not supported")
+    reasons = rules.model_refusals(rules.ModelFacts.from_model_config(mc))
     head_size = mc.get_head_size()
     dtype = str(mc.dtype).replace("torch.", "")
     if on_cuda:
@@ -177,7 +137,7 @@ def check_engine_config(vllm_config, on_cuda: bool) -> LayerMap:
     layer_map = resolve_layer_map(
         vllm_config.additional_config, mc.model, getattr(mc, "served_model_name", None)
     )
-    layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
+    rules.check_layer_map(layer_map, rules.ModelFacts.from_model_config(mc))
     if on_cuda:
         problems = [p for params in layer_map.dynamic_param_sets for p in dynamic_gpu_problems(params)]
         if problems:
@@ -209,5 +169,5 @@ def engine_layer_map(vllm_config) -> LayerMap:
     """The map the front end validated (engine core and workers)."""
     mc = vllm_config.model_config
     layer_map = resolve_layer_map(vllm_config.additional_config, mc.model)
-    layer_map.check_model(num_hidden_layers(mc), attention_layer_ids(mc))
+    rules.check_layer_map(layer_map, rules.ModelFacts.from_model_config(mc))
     return layer_map

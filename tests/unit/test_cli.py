@@ -156,9 +156,34 @@ def test_check_map_on_a_hybrid_names_its_full_attention_layers(tmp_path, capsys)
     assert main(["check-map", write(tmp_path, "bad.yaml", GOOD_MAP), "--model", model]) == 2
     line = one_error_line(capsys, "check-map")
     assert "field 'triangle_layers': layers [2] are not full-attention layers" in line
+    # Dynamic layers follow the same rule as triangle layers (the engine's rule, rules.py).
     assert main(["check-map", write(tmp_path, "dyn.yaml", GOOD_MAP.replace("'2-3'", "[7]")
-                                    + "dynamic_layers: [3]\n"), "--model", model]) == 2
-    assert "field 'dynamic_layers'" in one_error_line(capsys, "check-map")
+                                    + "dynamic_layers: [3]\n"), "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "triangle layers 7:" in out and "dynamic layers 3: xattention" in out
+    assert main(["check-map", write(tmp_path, "dyn2.yaml", GOOD_MAP.replace("'2-3'", "[7]")
+                                    + "dynamic_layers: [2, 3]\n"), "--model", model]) == 2
+    assert "field 'dynamic_layers': layers [2] are not full-attention layers" in one_error_line(
+        capsys, "check-map")
+
+
+def test_bundled_hybrid_dynamic_map_passes_serve_and_bench_checks(tmp_path, capsys):
+    """The published Qwen3.5-4B shape with its bundled dynamic map: `check-map`, `serve`'s
+    and `bench ttft`'s checks accept it, as the engine does (tests/e2e_cpu/test_bundled_maps.py)."""
+    from vllm_trianglemix.tools import bench_ttft
+    from vllm_trianglemix.tools.serve import check_before_start
+
+    model = str(ROOT / "benchmarks" / "models" / "qwen3.5-4b")
+    assert main(["check-map", "qwen3.5-4b-9b-dynamic", "--model", model]) == 0
+    assert "dynamic layers 3,7,11,15: xattention" in capsys.readouterr().out
+    check_before_start([model, "--language-model-only", "--attention-backend", "TRIANGLEMIX",
+                        "--additional-config", json.dumps({"trianglemix_config": "qwen3.5-4b-9b-dynamic"})])
+    parser = argparse.ArgumentParser()
+    bench_ttft.add_arguments(parser)
+    args = parser.parse_args(["--model", model, "--language-model-only", "--backends",
+                              "dense,trianglemix,dynamic", "--dynamic-map", "qwen3.5-4b-9b-dynamic",
+                              "--out", str(tmp_path / "ttft.json")])
+    bench_ttft._check_inputs(args)
 
 
 @pytest.mark.parametrize("map_text,expected", [
@@ -182,6 +207,10 @@ def test_check_map_bad_map_is_one_line_naming_the_field(tmp_path, capsys, map_te
     ({**TINY_LLAMA, "sliding_window": 4096}, "sliding-window models are not supported"),
     ({**TINY_LLAMA, "model_type": "deepseek_v3", "kv_lora_rank": 512}, "MLA attention"),
     ({"architectures": ["Foo"], "model_type": "foo"}, "no num_hidden_layers"),
+    ({"architectures": ["JambaForCausalLM"], "model_type": "jamba", "num_hidden_layers": 4,
+      "attn_layer_period": 2, "attn_layer_offset": 1}, "hybrid model type 'jamba' is not supported"),
+    ({"architectures": ["MambaForCausalLM"], "model_type": "mamba", "num_hidden_layers": 4},
+     "attention-free models are not supported"),
 ])
 def test_check_map_refuses_models_it_cannot_serve(tmp_path, capsys, config, expected):
     model = model_folder(tmp_path, config)

@@ -103,9 +103,9 @@ class TriangleMixBuilderMixin:
     def warm_up_kernels(self, vllm_config, device) -> None:
         """Compile the GPU kernels this engine's map can launch, before it serves (warmup.py)."""
         from vllm_trianglemix import warmup
-        from vllm_trianglemix.settings import env_setting
+        from vllm_trianglemix.settings import WARMUP, env_setting
 
-        if (env_setting("TRIANGLEMIX_WARMUP") or "1").strip() == "0":
+        if (env_setting(WARMUP) or "1").strip() == "0":
             return
         warmup.warm_up(
             self.triangle_op, self.dynamic_op, self.param_sets, self.dynamic_sets,

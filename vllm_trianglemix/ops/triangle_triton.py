@@ -22,7 +22,6 @@ has split rows. Items come heaviest first, so long items start first.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 from dataclasses import dataclass
 
@@ -31,12 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_trianglemix import pattern
+from vllm_trianglemix import pattern, settings
 from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
 from vllm_trianglemix.pattern import ITEM_FIELDS, BlockPlan, TriangleParams
 
 LOG2E = 1.4426950408889634
-CONFIG_ENV = "VLLM_TRIANGLEMIX_KERNEL_CONFIG"
+CONFIG_ENV = settings.KERNEL_CONFIG
 
 
 def _jit_rule(fn):
@@ -319,9 +318,9 @@ class KernelConfig:
 
     @classmethod
     def from_env(cls, head_size: int) -> "KernelConfig":
-        """Defaults, with ``VLLM_TRIANGLEMIX_KERNEL_CONFIG="block_n=64,num_warps=8"`` overrides."""
+        """Defaults, with ``TRIANGLEMIX_KERNEL_CONFIG="block_n=64,num_warps=8"`` overrides."""
         config = cls.default_for(head_size)
-        text = os.environ.get(CONFIG_ENV, "").strip()
+        text = settings.env_setting(CONFIG_ENV, "").strip()
         return with_overrides(config, text, CONFIG_ENV) if text else config
 
 

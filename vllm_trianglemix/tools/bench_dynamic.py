@@ -305,10 +305,10 @@ def run(args) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     if args.best_env and "packed" in ops:
-        from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV
+        from vllm_trianglemix.settings import XATTN_CONFIG
 
         with open(args.best_env, "w") as f:
-            f.write(f"export {CONFIG_ENV}={ops['packed'].config.as_text()}\n")
+            f.write(f"export {XATTN_CONFIG}={ops['packed'].config.as_text()}\n")
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
     for v, op in ops.items():

@@ -93,7 +93,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rep-ms", type=int, default=300, help="milliseconds of timed runs per measurement")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
-                    help="write the fastest configuration as an env file (VLLM_TRIANGLEMIX_KERNEL_CONFIG)")
+                    help="write the fastest configuration as an env file (TRIANGLEMIX_KERNEL_CONFIG)")
 
 
 def run(args) -> int:

@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 
+from vllm_trianglemix import settings
 from vllm_trianglemix.tools.bench import command_line
 
 BACKENDS = {"dense": None, "trianglemix": "TRIANGLEMIX", "dynamic": "TRIANGLEMIX",
@@ -382,7 +383,7 @@ def run(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         fast_start=args.fast_start,
         gdn_prefill_backend=args.gdn_prefill_backend,
-        kernel_config=os.environ.get("VLLM_TRIANGLEMIX_KERNEL_CONFIG", "default"),
+        kernel_config=settings.env_setting(settings.KERNEL_CONFIG) or "default",
         model=args.model,
     )
     try:

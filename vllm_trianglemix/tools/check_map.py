@@ -5,10 +5,13 @@
 MAP is a layer map file or a bundled map's name (``configs/``, e.g.
 ``llama-3.1-8b-instruct-dynamic``); without MAP, the bundled map the engine
 would pick for the model's name. MODEL is the model's folder or its
-``config.json`` (nothing else is read: no weights, no vLLM). The map goes
-through the same validation as at engine start (every field, layer ids
-against the model's layers, a hybrid's full-attention layers), and the
-config.json through the refusals that can be judged from it. Prints the
+``config.json`` (nothing else is read: no weights, no vLLM). The map and the
+model go through the engine's own rule (``vllm_trianglemix.rules``: every
+field, layer ids against the model's layers, a hybrid's full-attention layers
+for triangle and dynamic layers alike, the models TriangleMix refuses), with
+the model's facts read from config.json. What depends on the engine's
+settings (``rules.CHECKED_AT_START``: dtype, head size and the dynamic layers'
+limits on GPU, --kv-cache-dtype, ...) is checked when vLLM starts. Prints the
 triangle and dynamic layers with their parameters, the dense layers and
 ``min_prompt_len``, or one error line naming the field, with exit status 2.
 ``vllm-trianglemix serve`` runs the same check before it starts vLLM.
@@ -27,18 +30,9 @@ from vllm_trianglemix.config import (
     format_layer_ranges,
     resolve_layer_map,
 )
-from vllm_trianglemix.model_info import (
-    HYBRID_MODEL_TYPES,
-    ModelConfigError,
-    has_sliding_layers,
-    hf_attention_layer_ids,
-    load_text_config,
-)
+from vllm_trianglemix.model_info import ModelConfigError, load_text_config
+from vllm_trianglemix.rules import CHECKED_AT_START, ModelFacts, check_layer_map, model_refusals
 from vllm_trianglemix.tools.errors import ToolError, looks_like_path
-
-CHECKED_AT_START = (
-    "dtype and head size on GPU, --kv-cache-dtype, speculative decoding, context parallelism"
-)
 
 
 @dataclass
@@ -51,29 +45,6 @@ class MapCheck:
     num_layers: int
     attention_layers: list[int]
     hybrid: bool
-
-
-def config_refusals(cfg) -> list[str]:
-    """What TriangleMix refuses to serve, as far as config.json tells (vLLM's
-    config step at start is the final word)."""
-    reasons = []
-    model_type = getattr(cfg, "model_type", "")
-    if getattr(cfg, "is_encoder_decoder", False):
-        reasons.append("encoder-decoder models are not supported")
-    if getattr(cfg, "kv_lora_rank", None):
-        reasons.append("MLA attention (DeepSeek-style) is not supported")
-    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
-    if sliding or has_sliding_layers(cfg):
-        reasons.append("sliding-window models are not supported")
-    if model_type == "gpt_oss":
-        reasons.append("attention-sink models are not supported")
-    layer_types = [str(t) for t in getattr(cfg, "layer_types", None) or []]
-    if model_type not in HYBRID_MODEL_TYPES and any(
-        t != "full_attention" and "sliding" not in t for t in layer_types
-    ):
-        reasons.append(f"hybrid model type '{model_type}' is not supported "
-                       f"(supported hybrids: {', '.join(HYBRID_MODEL_TYPES)})")
-    return reasons
 
 
 def check_map(map_ref: str | None, model: str, served_name: str | None = None) -> MapCheck:
@@ -92,25 +63,16 @@ def check_map(map_ref: str | None, model: str, served_name: str | None = None) -
         raise ToolError(f"--model: {e}{hint}") from None
     folder = model if os.path.isdir(os.path.expanduser(model)) else os.path.dirname(
         os.path.abspath(os.path.expanduser(model)))
-    reasons = config_refusals(cfg)
+    facts = ModelFacts.from_hf_config(cfg)
+    reasons = model_refusals(facts)
     if reasons:
         raise ToolError(f"TriangleMix attention cannot serve {model}: {'; '.join(reasons)}")
     additional = {ADDITIONAL_CONFIG_KEY: map_ref} if map_ref is not None else {}
     layer_map = resolve_layer_map(additional, folder, served_name)
-    num_layers = int(cfg.num_hidden_layers)
-    attention_layers = hf_attention_layer_ids(cfg)
-    hybrid = getattr(cfg, "model_type", None) in HYBRID_MODEL_TYPES
-    if hybrid and not attention_layers:
-        raise ToolError(f"TriangleMix attention cannot serve {model}: this hybrid model has no "
-                        "full-attention layer")
-    layer_map.check_model(num_layers, attention_layers)
-    if hybrid and layer_map.dynamic_layers:
-        raise ToolError(
-            f"TriangleMix layer map {layer_map.source}: field 'dynamic_layers': dynamic layers "
-            "are not supported on hybrid models; use triangle_layers only"
-        )
+    check_layer_map(layer_map, facts)
     arch = ", ".join(getattr(cfg, "architectures", []) or []) or getattr(cfg, "model_type", "?")
-    return MapCheck(layer_map, model, arch, num_layers, attention_layers, hybrid)
+    return MapCheck(layer_map, model, arch, facts.num_layers, list(facts.attention_layers),
+                    facts.hybrid)
 
 
 def report(check: MapCheck) -> str:

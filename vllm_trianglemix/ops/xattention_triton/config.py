@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from vllm.logger import init_logger
 
 from vllm_trianglemix.ops.triangle_triton import with_overrides
-from vllm_trianglemix.settings import env_setting
+from vllm_trianglemix.settings import XATTN_CONFIG, env_setting
 
-CONFIG_ENV = "TRIANGLEMIX_XATTN_CONFIG"
+CONFIG_ENV = XATTN_CONFIG
 RETIRED_FIELDS = ("est_kernel", "select_kernel")
 """Fields of earlier releases that chose between kernels now removed (one kernel each): ignored."""
 
