@@ -124,7 +124,7 @@ def _query(batch):
 
 
 def _ops(heads, kv_heads, d, overrides=""):
-    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("attn_packed=0,est_flat=1")."""
+    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("attn_tma=1,block_n=128")."""
     from vllm_trianglemix.backends.cuda import dynamic_op, triangle_op
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
@@ -240,18 +240,17 @@ def _compare_selection(batch, params, block_plan, keep):
     return compared, total
 
 
-PAGED = "attn_packed=0"  # the attention through the block table (the packed buffers: the default)
+TMA = "attn_tma=1"  # the attention's K/V tiles by tensor descriptors
 CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, ""),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, PAGED),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "est_flat=1,block_n=128,block_m=128"),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,block_n=128,block_m=128,num_stages=3"),
-    ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16, "attn_ws=1,est_ws=1"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, TMA),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,block_n=128,block_m=128"),
+    ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16, "est_block_m=256,est_num_stages=2"),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "attn_tma=1"),
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),
     ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),
-    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est_flat=1"),
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est_num_stages=2,block_m=128"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
 ]
 
@@ -318,12 +317,12 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-ESTIMATE_KERNELS = ["est_flat=0", "est_flat=1", "est_block_m=256,est_num_stages=3"]
+ESTIMATE_KERNELS = ["", "est_block_m=256,est_num_stages=2", "est_block_n=64,est_num_stages=4"]
 
 
 @pytest.mark.parametrize("overrides", ESTIMATE_KERNELS)
 def test_estimate_is_exact_against_float32_op(overrides):
-    """The bf16 estimate's block masses (both loop structures) equal the float32 CPU op's."""
+    """The bf16 estimate's block masses (defaults and other tiles) equal the float32 CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["default"]
@@ -385,7 +384,7 @@ FP8_CASES = [  # params, overrides, fp8 query
     ("default", "", True),
     ("default", "est_fp8_dot=1", True),
     ("budget", "", False),
-    ("default", PAGED, True),
+    ("default", TMA, True),
 ]
 
 

@@ -265,7 +265,7 @@ def test_torch_op_refuses_an_fp8_cache_without_scales():
 # -- The Triton kernels, interpreted on the CPU ----------------------------------
 
 def _triton_ops(num_heads, num_kv_heads, head_dim, **config):
-    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (est_flat, ...)."""
+    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (attn_tma, ...)."""
     if torch.cuda.is_available():
         pytest.skip("compiled on the GPU by tests/gpu instead")
     triton = pytest.importorskip("triton")
@@ -306,16 +306,15 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
 
 
 ATTENTION_VARIANTS = {
-    "paged": dict(attn_packed=0),
-    "packed_tma": dict(attn_tma=1),
-    "packed_tma_ws_32_keys": dict(attn_tma=1, attn_ws=1, est_ws=1, block_n=32),
+    "tma": dict(attn_tma=1),
+    "tma_32_keys": dict(attn_tma=1, block_n=32),
 }
 
 
 @pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
 def test_triton_interpreted_attention_variants_match_reference(variant):
-    """The attention's other kernels and options (block table, tensor descriptors, warp
-    specialisation) against the float64 reference, chunks cut inside blocks."""
+    """The attention's K/V tiles by tensor descriptors against the float64 reference, chunks cut
+    inside blocks (the tiles past a diagonal block's last key: other rows of the buffer, masked)."""
     params = PARAMS["tau"]
     dyn, tri = _triton_ops(8, 2, 64, **ATTENTION_VARIANTS[variant])
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
@@ -328,14 +327,14 @@ def test_triton_interpreted_attention_variants_match_reference(variant):
 
 
 ESTIMATE_KERNELS = {
-    "tile_loop_nested": dict(est_flat=0),
-    "tile_loop_flat": dict(est_flat=1),
+    "one_block_per_program": dict(est_block_m=32),
+    "several_stages": dict(est_num_stages=3),
 }
 
 
 @pytest.mark.parametrize("kernel", list(ESTIMATE_KERNELS))
 def test_triton_interpreted_masses_match_torch_op(kernel):
-    """The estimate's block masses (both loop structures) equal the CPU op's."""
+    """The estimate's block masses equal the CPU op's."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["tau_and_budget"]
@@ -458,8 +457,8 @@ def test_triton_interpreted_fused_selection_is_the_rule():
 
 
 FP8_CASES = [  # kernel config, per-head K/V scales, fp8 query, seed (no near ties)
-    ("attn_packed=1", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
-    ("attn_packed=0", False, False, 3),
+    ("attn_tma=0", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
+    ("attn_tma=1", False, False, 3),
 ]
 
 
@@ -520,9 +519,9 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, c
     from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 
     params = PARAMS["tau"]
-    dyn, tri = _triton_ops(8, 2, 64, est_flat=0, attn_packed=0)
+    dyn, tri = _triton_ops(8, 2, 64, est_num_stages=2, attn_tma=1)
     batch = make_batch(BATCHES["whole_odd"], 8, 2, 64, 16, seed=1)
-    for module, name, field in ((estimate_stage, "estimate", "est_flat"), (attend_stage, "attend", "attn_packed")):
+    for module, name, field in ((estimate_stage, "estimate", "est_num_stages"), (attend_stage, "attend", "attn_tma")):
         real = getattr(module, name)
 
         def refusing(op, *args, _real=real, _field=field, **kwargs):
@@ -532,14 +531,14 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, c
 
         monkeypatch.setattr(module, name, refusing)
     out = _run_layer(dyn, tri, tri.block_q, batch, params)
-    assert (dyn.config.est_flat, dyn.config.attn_packed) == (1, 1)
+    assert (dyn.config.est_num_stages, dyn.config.attn_tma) == (3, 0)
     assert sum("does not build on this GPU" in r.getMessage() for r in caplog.records) == 2
     ref, margin = _reference(batch, params)
     assert margin > MARGIN
     assert relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("config", [dict(attn_packed=0), dict(attn_packed=1)])
+@pytest.mark.parametrize("config", [dict(attn_tma=0), dict(attn_tma=1)])
 def test_density_counts_agree_between_triton_and_torch_ops(config):
     """The density report's counts (kept, causal key blocks per query block and KV head):
     the Triton op (in the interpreter) adds the same numbers as the CPU op, for the same

@@ -11,15 +11,15 @@ K/V in vLLM's FlashAttention paged cache (page 16):
   repack of the step's keys and values, the estimate, the selection, the
   block-sparse attention and the dense last rows (triangle kernel), each timed,
   and the whole layer timed as the backend runs it; once per kernel set
-  (``--variants``): ``paged`` (the attention reads K/V through the block table,
-  ``attn_packed=0``) and ``packed`` (the attention reads the repacked K/V, the
-  default), on the same cache and queries, FA3 in the same run.
+  (``--variants``): ``default`` (the kernels' defaults, or the sweep's choice)
+  and ``tma`` (the same with the attention's K/V tiles by tensor descriptors,
+  ``attn_tma=1``), on the same cache and queries, FA3 in the same run.
 
 Random data gives diffuse attention (a threshold would keep nearly every
 block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
 0.2 (``--densities``); the achieved density is reported. A short sweep of
 kernel-2 estimate and attention configurations on the longest length's last
-step picks the ``packed`` configuration (``--no-sweep``: defaults). Before
+step picks the ``default`` configuration (``--no-sweep``: defaults). Before
 timing, keeping every block is checked against FA3's output at full scale, and
 the two kernel sets' selections on the longest length's last step are
 compared (share of identical (query block, KV head) decisions; near ties of
@@ -51,21 +51,20 @@ HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
 DEVICE, DTYPE = "cuda", "bfloat16"
 BLOCK, STRIDE, N_LAST = 128, 8, 128
 VARIANTS = {
-    "paged": "attn_packed=0",  # attention through the block table (the previous default)
-    "packed": "attn_packed=1",  # attention over the repacked K/V
+    "default": "",  # the defaults (with the sweep's choice)
+    "tma": "attn_tma=1",  # the attention's K/V tiles by tensor descriptors
 }
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
-    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3,est_flat=1",
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_flat=1",
-    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=1",
-    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4,est_flat=1",
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=2,est_flat=0",
+    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3",
+    "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2",
+    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4",
 ]
-ATTN_SWEEP = [  # packed attention (the defaults first)
+ATTN_SWEEP = [  # the attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=3",
     "block_m=256,block_n=64,num_warps=8,num_stages=4",
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
-    "block_m=128,block_n=128,num_warps=8,num_stages=3,attn_tma=1",
+    "block_m=128,block_n=128,num_warps=8,num_stages=3",
 ]
 
 
@@ -170,7 +169,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="max_density values (threshold 1.0: a fixed budget)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                    help="kernel sets to time: paged (attention through the block table), packed (attention over the repacked K/V: the default)")
+                    help="kernel sets to time: default (the defaults, or the sweep's choice), tma (the same, the attention's K/V by tensor descriptors)")
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
@@ -178,7 +177,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, list[dict]]:
-    """The fastest estimate and packed-attention configurations on one step (errors reported, not fatal)."""
+    """The fastest estimate and attention configurations on one step (errors reported, not fatal)."""
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
     params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(densities), N_LAST)
@@ -247,18 +246,19 @@ def run(args) -> int:
         last = steps[-1]
         if not swept:
             swept = True
-            if not args.no_sweep and "packed" in ops:
-                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["packed"].config)
+            if not args.no_sweep and "default" in ops:
+                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["default"].config)
                 for line in sweep_lines:
                     sys.stdout.write(f"sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms "
                                      f"{line.get('error', '')}\n")
                 sys.stdout.flush()
-                for v in ops:  # the swept estimate for both; the swept attention for the packed one
+                for v in ops:  # the sweep's choice for every variant (each keeps its own option)
                     cfg = ops[v].config
-                    for text in (est_cfg, attn_cfg if v == "packed" else None):
+                    for text in (est_cfg, attn_cfg):
                         if text:
                             cfg = cfg.with_overrides(text)
-                    ops[v] = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
+                    ops[v] = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg.with_overrides(VARIANTS[v])
+                                                if VARIANTS[v] else cfg)
             if len(ops) > 1:  # the kernel sets' selections on the same step
                 params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(args.densities), N_LAST)
                 a, b = (last.keep_mask(params, op) for op in ops.values())
@@ -304,11 +304,11 @@ def run(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    if args.best_env and "packed" in ops:
+    if args.best_env and "default" in ops:
         from vllm_trianglemix.settings import XATTN_CONFIG
 
         with open(args.best_env, "w") as f:
-            f.write(f"export {XATTN_CONFIG}={ops['packed'].config.as_text()}\n")
+            f.write(f"export {XATTN_CONFIG}={ops['default'].config.as_text()}\n")
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
     for v, op in ops.items():

@@ -3,12 +3,11 @@
 A program per (item, KV head, row tile) packs the rows of the query heads that
 share the KV head (GQA) and iterates over the kept blocks before the diagonal
 only (every key visible to every row: no mask), then the diagonal block with
-the causal mask; online softmax in float32, exp2. Two kernels:
-
-* ``_attend_packed_kernel`` (``attn_packed=1``, default): K/V from the
-  repacked contiguous buffers (repack.py), tiles at affine addresses;
-* ``_attend_paged_kernel``: K/V through the block table from the paged cache
-  (no repack; the diagonal through the triangle kernel's ``_attend_tiles``).
+the causal mask; online softmax in float32, exp2. K/V come from the repacked
+contiguous buffers (repack.py): tiles at affine addresses, no block-table
+lookup per key (on the H200 this beat reading the paged cache through the
+block table by a quarter: BENCHMARKS.md), by plain loads or, with
+``attn_tma``, by tensor descriptors.
 
 fp8 (e4m3) caches and an fp8 query are read as the triangle kernel reads them:
 converted exactly to bf16/fp16 for ``tl.dot``, ``q_scale * k_scale`` folded
@@ -20,14 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vllm_trianglemix.ops.triangle_triton import (
-    LOG2E,
-    _attend_tiles,
-    _fp8_scales,
-    _load_cache,
-    _load_cache_t,
-    _next_pow2,
-)
+from vllm_trianglemix.ops.triangle_triton import LOG2E, _fp8_scales, _next_pow2
 
 
 @triton.jit
@@ -43,77 +35,6 @@ def _program_item(items, num_kv_heads, ROW_TILES: tl.constexpr):
             tl.load(it + 4))
 
 
-@triton.jit(do_not_specialize=["stride_ki", "stride_bt"])
-def _attend_paged_kernel(
-    Q, K, V, O, items, block_table, kept, n_kept, diag_kept,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_bt, stride_ki, stride_kk, num_kv_heads, page_size, block_size, qk_scale,
-    q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_TILES: tl.constexpr,
-    BLOCK_N: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr,
-):
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
-    rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
-    i_lo = rt * BLOCK_Q
-    if i_lo < n_q:
-        offs_m = tl.arange(0, BLOCK_M)
-        g = offs_m // BLOCK_Q
-        i = i_lo + offs_m % BLOCK_Q
-        row_ok = (g < GROUP) & (i < n_q)
-        q_head = (kv_head * GROUP + g).to(tl.int64)
-        tok = (q_tok + i).to(tl.int64)
-        offs_d = tl.arange(0, HEAD_D)
-        q = tl.load(Q + tok[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        if Q_FP8:
-            q = q.to(O.dtype.element_ty)
-        qk_scale, out_scale = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
-                                          stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
-        q_pos = q_pos0 + i
-        q_lo = q_pos0 + i_lo
-        q_hi = q_pos0 + tl.minimum(n_q, i_lo + BLOCK_Q) - 1
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-        bt_row = block_table + req.to(tl.int64) * stride_bt
-        sel = (item * num_kv_heads + kv_head).to(tl.int64)
-        kept_row = kept + sel * stride_ki
-        # Kept blocks before the diagonal: every key is visible to every row.
-        n_tiles = tl.load(n_kept + sel) * TILES_PER_BLOCK
-        offs_n = tl.arange(0, BLOCK_N)
-        for u in range(n_tiles):
-            j = tl.load(kept_row + (u // TILES_PER_BLOCK) * stride_kk)
-            k_idx = j * block_size + (u % TILES_PER_BLOCK) * BLOCK_N + offs_n
-            blk = tl.load(bt_row + k_idx // page_size).to(tl.int64)
-            slot = (k_idx % page_size).to(tl.int64)
-            k = _load_cache_t(K, blk, slot, kv_head, stride_kb, stride_ks, stride_kh, stride_kd,
-                              offs_d, offs_n, q, KV_FP8, False)
-            s = tl.dot(q, k) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_cache(V, blk, slot, kv_head, stride_vb, stride_vs, stride_vh, stride_vd,
-                            offs_d, offs_n, q, KV_FP8, False)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        # The diagonal block: causal (every row dense for the triangle kernel's mask).
-        if tl.load(diag_kept + sel) != 0:
-            lo = b * block_size
-            acc, m_i, l_i = _attend_tiles(
-                acc, m_i, l_i, q, lo, 0, tl.cdiv(q_hi + 1 - lo, BLOCK_N), q_hi + 1,
-                q_pos, q_lo, q_hi, 0, 0, 1, K, V, bt_row, page_size, kv_head,
-                stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-                qk_scale, BLOCK_N, HEAD_D, 1, KV_FP8,
-            )
-        out = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
-        tl.store(O + tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
-
-
 @triton.jit(do_not_specialize=["stride_ki", "rows_per_head"])
 def _attend_packed_kernel(
     Q, KP, VP, O, items, req_offset, kept, n_kept, diag_kept,
@@ -121,10 +42,9 @@ def _attend_packed_kernel(
     qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr,
 ):
-    """``TMA``: KP/VP are tensor descriptors over ``[kv_heads * keys, HEAD_D]`` (bulk copies);
-    ``WS``: the kept-block loop warp-specialised (loads and math in separate warps)."""
+    """``TMA``: KP/VP are tensor descriptors over ``[kv_heads * keys, HEAD_D]`` (bulk copies)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
     i_lo = rt * BLOCK_Q
@@ -155,7 +75,7 @@ def _attend_packed_kernel(
         sel = (item * num_kv_heads + kv_head).to(tl.int64)
         kept_row = kept + sel * stride_ki
         # Kept blocks before the diagonal: every key is visible to every row.
-        for u in tl.range(0, tl.load(n_kept + sel) * TILES_PER_BLOCK, warp_specialize=WS):
+        for u in range(tl.load(n_kept + sel) * TILES_PER_BLOCK):
             j = tl.load(kept_row + u // TILES_PER_BLOCK)
             k0 = j * block_size + (u % TILES_PER_BLOCK) * BLOCK_N
             if TMA:
@@ -223,44 +143,27 @@ def attend_shape(config, group_p: int, block_size: int):
     return block_n, block_q, -(-block_size // block_q)
 
 
-def attend(op, query, key_cache, value_cache, prepared, params, scale: float, output, blocks, fp8,
-           packed=None) -> None:
-    """Block-sparse attention of every item's rows over its kept blocks into ``output``.
-
-    ``packed``: ``(KP, VP, groups)`` to read the repacked buffers, else the paged cache.
-    """
+def attend(op, query, prepared, params, scale: float, output, blocks, fp8, packed) -> None:
+    """Block-sparse attention of every item's rows over its kept blocks into ``output``;
+    ``packed``: the step's repacked keys and values (op.Packed)."""
     cfg = op.config
     B = params.block_size
     block_n, block_q, row_tiles = attend_shape(cfg, op.group_p, B)
     assert query.stride(-1) == 1 and output.stride(-1) == 1
     kept = blocks.kept.reshape(-1, blocks.kept.shape[-1])  # row item * kv_heads + kv_head
     assert blocks.n_kept.is_contiguous() and blocks.diag_kept.is_contiguous() and kept.stride(1) == 1
-    grid = (prepared.num_items * op.num_kv_heads * row_tiles,)
-    common = dict(GROUP=op.group, GROUP_P=op.group_p, BLOCK_Q=block_q, ROW_TILES=row_tiles,
-                  BLOCK_N=block_n, TILES_PER_BLOCK=B // block_n, HEAD_D=op.head_size,
-                  Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if packed is not None:
-        kp, vp, groups = packed
-        k_arg, v_arg, rows_per_head = kp, vp, kp.shape[1]
-        if cfg.attn_tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
+    kp, vp = packed.keys, packed.values
+    k_arg, v_arg = kp, vp
+    if cfg.attn_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
 
-            k_arg, v_arg = (TensorDescriptor.from_tensor(x.view(-1, op.head_size), [block_n, op.head_size])
-                            for x in (kp, vp))
-        _attend_packed_kernel[grid](
-            query, k_arg, v_arg, output, prepared.items, groups.req_offset, kept, blocks.n_kept,
-            blocks.diag_kept, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-            rows_per_head, kept.stride(0), op.num_kv_heads, B, scale * LOG2E, *fp8.pointers, *fp8.strides,
-            TMA=bool(cfg.attn_tma), WS=bool(cfg.attn_ws), **common,
-        )
-        return
-    bt = prepared.block_table
-    _attend_paged_kernel[grid](
-        query, key_cache, value_cache, output, prepared.items, bt,
-        kept, blocks.n_kept, blocks.diag_kept,
-        query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-        *key_cache.stride(), *value_cache.stride(),
-        bt.stride(0), kept.stride(0), kept.stride(1),
-        op.num_kv_heads, key_cache.shape[1], B, scale * LOG2E,
-        *fp8.pointers, *fp8.strides, **common,
+        k_arg, v_arg = (TensorDescriptor.from_tensor(x.view(-1, op.head_size), [block_n, op.head_size])
+                        for x in (kp, vp))
+    _attend_packed_kernel[(prepared.num_items * op.num_kv_heads * row_tiles,)](
+        query, k_arg, v_arg, output, prepared.items, packed.groups.req_offset, kept, blocks.n_kept,
+        blocks.diag_kept, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+        kp.shape[1], kept.stride(0), op.num_kv_heads, B, scale * LOG2E, *fp8.pointers, *fp8.strides,
+        GROUP=op.group, GROUP_P=op.group_p, BLOCK_Q=block_q, ROW_TILES=row_tiles, BLOCK_N=block_n,
+        TILES_PER_BLOCK=B // block_n, HEAD_D=op.head_size, Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8,
+        TMA=bool(cfg.attn_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -18,7 +18,7 @@ from vllm_trianglemix.settings import XATTN_CONFIG, env_setting
 
 CONFIG_ENV = XATTN_CONFIG
 RETIRED_FIELDS = ("est_kernel", "select_kernel")
-"""Fields of earlier releases that chose between kernels now removed (one kernel each): ignored."""
+"""Fields of the previous release that chose between kernels now removed (one kernel each): ignored."""
 
 logger = init_logger("vllm.trianglemix")
 
@@ -26,19 +26,16 @@ logger = init_logger("vllm.trianglemix")
 @dataclass(frozen=True)
 class XAttnKernelConfig:
     # 1. Estimate: keys repacked contiguous; a program takes one KV head and several consecutive
-    # query blocks of one request (rows: query blocks x query heads x query groups).
+    # query blocks of one request (rows: query blocks x query heads x query groups), and loops
+    # over (key tile, stride offset).
     est_block_m: int = 128  # rows per program
     est_block_n: int = 128  # key groups per tile (rounded to whole key blocks)
     est_num_warps: int = 4
     est_num_stages: int = 3
-    est_flat: int = 1  # 1: one loop over (key tile, stride offset), pipelined across tiles
-    est_ws: int = 0  # 1: the stride-offset loop warp-specialised (not with est_flat)
     est_fp8_dot: int = 0  # 1: fp8 query and fp8 cache scored in e4m3 (exact products, float32 sums)
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
-    attn_packed: int = 1  # 1: K/V read from the repacked buffers (affine loads); 0: through the block table
-    attn_tma: int = 0  # packed: 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later)
-    attn_ws: int = 0  # packed: 1: the kept-block loop warp-specialised
+    attn_tma: int = 0  # 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later; not faster on the H200)
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
     num_warps: int = 8
@@ -47,8 +44,7 @@ class XAttnKernelConfig:
     @classmethod
     def default_for(cls, head_size: int) -> "XAttnKernelConfig":
         if head_size >= 256:  # (shared memory: the smaller tiles tests/gpu runs for head size 256)
-            return cls(est_block_m=128, est_block_n=64, est_num_stages=1, est_flat=0, block_m=64,
-                       block_n=32, num_stages=1)
+            return cls(est_block_n=64, est_num_stages=1, block_m=64, block_n=32, num_stages=1)
         return cls()
 
     @classmethod

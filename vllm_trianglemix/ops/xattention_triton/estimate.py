@@ -79,7 +79,7 @@ def _estimate_kernel(
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
-    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr,
+    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
@@ -87,8 +87,8 @@ def _estimate_kernel(
     ``FP8_DOT`` (fp8 query and fp8 keys): the dots take the e4m3 values as they are; their
     products are exact in float32 and the accumulation is kept float32
     (``max_num_imprecise_acc=0``), so the scores equal the fp16 path's.
-    ``FLAT``: one loop over (key tile, stride offset), so that loads are pipelined across
-    tile boundaries; the tile's epilogue runs on its last offset.
+    One loop over (key tile, stride offset), so that loads are pipelined across tile
+    boundaries; a tile's epilogue runs on its last offset.
     """
     pid = tl.program_id(0)
     rt = pid % ROW_TILES
@@ -134,57 +134,32 @@ def _estimate_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-    if FLAT:
-        for ts in range(n_tiles * S):
-            t = ts // S
-            s = ts % S
-            j_col = t * KB + cols // G_P
-            h = j_col * G + cols % G_P  # absolute key group
-            col_ok = (cols % G_P < G) & (j_col < nb)
-            q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
-                              stride_qh, offs_d)
-            if Q_FP8:
-                if not FP8_DOT:
-                    q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
-            kp = h * S + s
-            # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
-            if G != G_P:
-                k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
-                              mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
-            else:
-                k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
-            if FP8_DOT:
-                acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
-            else:
-                acc = tl.dot(q_s, k_s, acc)
-            if s == S - 1:
-                m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
-                                          m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
-                acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-    else:
-        for t in range(n_tiles):
-            j_col = t * KB + cols // G_P
-            h = j_col * G + cols % G_P  # absolute key group
-            col_ok = (cols % G_P < G) & (j_col < nb)
-            acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-            for s in tl.range(0, S, warp_specialize=WS):
-                q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
-                                  stride_qh, offs_d)
-                if Q_FP8:
-                    if not FP8_DOT:
-                        q_s = q_s.to(tl.float16)
-                kp = h * S + s
-                if G != G_P:
-                    k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
-                                  mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
-                else:
-                    k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
-                if FP8_DOT:
-                    acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
-                else:
-                    acc = tl.dot(q_s, k_s, acc)
+    for ts in range(n_tiles * S):  # (key tile, stride offset): loads pipelined across tiles
+        t = ts // S
+        s = ts % S
+        j_col = t * KB + cols // G_P
+        h = j_col * G + cols % G_P  # absolute key group
+        col_ok = (cols % G_P < G) & (j_col < nb)
+        q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
+                          stride_qh, offs_d)
+        if Q_FP8:
+            if not FP8_DOT:
+                q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
+        kp = h * S + s
+        # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
+        if G != G_P:
+            k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
+                          mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
+        else:
+            k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
+        if FP8_DOT:
+            acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
+        else:
+            acc = tl.dot(q_s, k_s, acc)
+        if s == S - 1:  # the tile's last offset: its scores are complete
             m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
                                       m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
+            acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
     tl.debug_barrier()  # this program's scratch, written by other threads
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
@@ -244,7 +219,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first,
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
-            BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, FLAT=bool(cfg.est_flat), WS=bool(cfg.est_ws),
+            BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )

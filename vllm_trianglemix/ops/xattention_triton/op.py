@@ -84,10 +84,8 @@ class TritonXAttentionOp:
         return prepared.groups[key]
 
     def pack(self, query, key_cache, value_cache, prepared: TritonDynamicPlan, params: DynamicParams,
-             fp8, with_values: bool | None = None) -> Packed:
-        """The step's keys (and values, for the packed attention) repacked contiguous."""
-        if with_values is None:
-            with_values = bool(self.config.attn_packed)
+             fp8, with_values: bool = True) -> Packed:
+        """The step's keys (and values, for the attention) repacked contiguous."""
         groups = self.groups(prepared, params)
         if self.config.est_fp8_dot and fp8.q_fp8 and fp8.kv_fp8:
             dtype = torch.float8_e4m3fn
@@ -123,7 +121,7 @@ class TritonXAttentionOp:
             return estimate_stage.estimate(self, query, p.keys, prepared, p.groups, params, scale, fp8)
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
-                                                        "est_num_stages", "est_flat", "est_ws", "est_fp8_dot"))
+                                                        "est_num_stages", "est_fp8_dot"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
@@ -202,19 +200,14 @@ class TritonXAttentionOp:
                params: DynamicParams, scale: float, output, blocks: KeptBlocks,
                scales: Fp8Scales | None = None, packed: Packed | None = None) -> None:
         fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
+        if packed is None or packed.values is None or packed.groups is not self.groups(prepared, params):
+            packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
 
         def run():
-            buffers = None
-            if self.config.attn_packed:
-                p = packed
-                if p is None or p.values is None or p.groups is not self.groups(prepared, params):
-                    p = self.pack(query, key_cache, value_cache, prepared, params, fp8, with_values=True)
-                buffers = (p.keys, p.values, p.groups)
-            attend_stage.attend(self, query, key_cache, value_cache, prepared, params, scale, output,
-                                blocks, fp8, buffers)
+            attend_stage.attend(self, query, prepared, params, scale, output, blocks, fp8, packed)
 
-        self._built(run, "the attention kernel", ("attn_packed", "attn_tma", "attn_ws", "block_m", "block_n",
-                                                  "num_warps", "num_stages"))
+        self._built(run, "the attention kernel", ("attn_tma", "block_m", "block_n", "num_warps",
+                                                  "num_stages"))
 
     def run(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
             params: DynamicParams, scale: float, output, select=select_key_blocks,
@@ -229,10 +222,8 @@ class TritonXAttentionOp:
         if prepared.num_items == 0:
             return
         everything = params.keeps_everything and select is select_key_blocks
-        packed = None
-        if not everything or self.config.attn_packed:
-            fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
-            packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
+        fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
+        packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
         if everything:
             blocks = self.all_blocks(prepared)
         else:
