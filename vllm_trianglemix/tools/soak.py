@@ -22,7 +22,9 @@ Before and after the load, ``--probe-prompts`` fixed prompts are sent alone
 (greedy, with prompt logprobs): the answers must be the same after the load.
 Afterwards ``/health`` must answer, the server's ``/metrics`` must show
 nothing running or waiting, no KV cache in use and none of the plugin's
-per-request state (``trianglemix_tracked_requests``), and its log (the one of
+per-request state (``trianglemix_tracked_requests``; the summary also reports
+``trianglemix_tracked_requests_max``, the most it held in one step since the
+server started), and its log (the one of
 a server it started, or ``--server-log``) no ERROR line. A JSON summary goes
 to stdout (and ``--output``); the exit code is 0 only if nothing was lost or
 wrong. The run is bounded by ``--timeout`` seconds.
@@ -61,6 +63,7 @@ REPORTED_METRICS = (
     "vllm:num_requests_waiting",
     "vllm:num_preemptions",
     "trianglemix_tracked_requests",
+    "trianglemix_tracked_requests_max",
 )
 
 
