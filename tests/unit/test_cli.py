@@ -300,6 +300,53 @@ def test_check_accuracy_bad_inputs(tmp_path, capsys, fake_openai_server):
         assert expected in one_error_line(capsys, "check-accuracy"), args
 
 
+def test_soak_bad_inputs_before_any_server_starts(tmp_path, capsys, fake_openai_server):
+    """Each problem soak can know up front: one line, exit 2, no server started."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    bare = model_folder(tmp_path, TINY_LLAMA, "bare-model")  # config.json only
+    other = model_folder(tmp_path, TINY_LLAMA, "some-other-model")
+    (Path(other) / "tokenizer.json").write_text("{}")
+    cases = [
+        (["--url", dead], f"--url {dead}: no server answers there"),
+        (["--url", dead], "start one (`vllm-trianglemix serve MODEL ...`)"),
+        (["--url", "localhost:8000"], "--url: not an http(s) URL"),
+        (["--url", fake_openai_server + "/api"], "/v1/models answered HTTP 404"),
+        (["--model", "/no/such/dir"], "--model: no such model folder: /no/such/dir"),
+        (["--model", bare], f"model folder {bare} has no tokenizer"),
+        (["--model", bare], "-- --tokenizer TOKENIZER_FOLDER_OR_NAME"),
+        (["--model", other, "--lengths", "9-3"], "--lengths: expected"),
+        (["--model", other, "--output", str(tmp_path / "no" / "s.json")], "--output: folder"),
+        (["--url", dead, "--", "--dtype", "float32"], "need --model"),
+    ]
+    for args, expected in cases:
+        assert main(["soak", *args]) == 2, args
+        assert expected in one_error_line(capsys, "soak"), args
+    # A TriangleMix server whose map does not fit: serve's own line, before the tokenizer's.
+    for model in (bare, other):
+        tm = [model, "--attention-backend", "TRIANGLEMIX"]
+        assert main(["soak", "--model", *tm[:1], "--", *tm[1:]]) == 2
+        soak_line = one_error_line(capsys, "soak")
+        assert main(["serve", *tm]) == 2
+        serve_line = one_error_line(capsys, "serve")
+        assert "no bundled layer map matches" in soak_line
+        assert soak_line.split(": error: ", 1)[1] == serve_line.split(": error: ", 1)[1]
+    bad = write(tmp_path, "typo.yaml", GOOD_MAP.replace("n_local", "n_locl"))
+    assert main(["soak", "--model", other, "--", "--attention-backend", "CUSTOM",
+                 "--additional-config", json.dumps({"trianglemix_config": bad})]) == 2
+    assert "did you mean 'n_local'?" in one_error_line(capsys, "soak")
+
+
+def test_soak_server_that_exits_at_start_is_one_line(tmp_path, capsys):
+    """A server soak starts that stops before it is ready (vLLM refuses an argument):
+    one line with vLLM's reason and the log's path (vLLM starts, no engine does)."""
+    model = model_folder(tmp_path, TINY_LLAMA, "some-model")
+    (Path(model) / "tokenizer.json").write_text("{}")
+    assert main(["soak", "--model", model, "--", "--no-such-flag"]) == 2
+    line = one_error_line(capsys, "soak")
+    assert "the server it started exited with status 2" in line
+    assert "unrecognized arguments: --no-such-flag" in line and "its log: " in line
+
+
 def test_bench_bad_inputs(tmp_path, capsys):
     model = model_folder(tmp_path, TINY_LLAMA)
     ttft = ["bench", "ttft", "--out", str(tmp_path / "t.json")]
