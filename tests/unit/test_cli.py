@@ -362,8 +362,28 @@ def test_bench_bad_inputs(tmp_path, capsys):
     other = model_folder(tmp_path, TINY_LLAMA, "some-other-model")
     assert main([*ttft, "--model", other, "--backends", "dense,dynamic"]) == 2
     assert "no bundled map of that name" in one_error_line(capsys, "bench")
-    assert main(["bench", "report", "--kernel", "/no/k.json", "--ttft", "/no/t.json"]) == 2
+    assert main(["bench", "report", "--kernel", "/no/k.json", "--ttft", "/no/t.json",
+                 "--out", str(tmp_path / "r.md")]) == 2
     assert "--kernel: no such file" in one_error_line(capsys, "bench")
+
+
+def test_bench_report_overwrites_only_its_own_reports(tmp_path, capsys):
+    inputs = ["bench", "report", "--kernel", str(ROOT / "benchmarks" / "results-kernel.json"),
+              "--ttft", str(ROOT / "benchmarks" / "results-ttft.json")]
+    with pytest.raises(SystemExit) as e:  # no default target: --out is required
+        main(inputs)
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    report = tmp_path / "report.md"
+    assert main([*inputs, "--out", str(report)]) == 0
+    first = report.read_text()
+    assert "# Benchmarks" in first and "## 1. Kernel" in first
+    assert main([*inputs, "--out", str(report)]) == 0 and report.read_text() == first  # its own
+    hand = tmp_path / "BENCHMARKS.md"
+    hand.write_text((ROOT / "BENCHMARKS.md").read_text())
+    assert main([*inputs, "--out", str(hand)]) == 2
+    assert "exists and was not written by `bench report`" in one_error_line(capsys, "bench")
+    assert hand.read_text() == (ROOT / "BENCHMARKS.md").read_text()  # untouched
+    assert main([*inputs, "--out", str(hand), "--force"]) == 0 and hand.read_text() == first
 
 
 def test_bench_gpu_kernels_need_a_gpu(capsys):
