@@ -251,6 +251,27 @@ def test_calibrate_bad_inputs(tmp_path, capsys):
     assert "field 'n_local': must be >= 1" in one_error_line(capsys, "calibrate")
 
 
+def test_calibrate_names_a_bad_model_before_a_missing_out(capsys):
+    assert main(["calibrate", "--model", "/no/such/dir"]) == 2
+    assert "--model: no such model folder: /no/such/dir" in one_error_line(capsys, "calibrate")
+    assert main(["calibrate", "--out", "map.yaml"]) == 2
+    assert "--model: required" in one_error_line(capsys, "calibrate")
+    assert main(["calibrate", "--model", str(ROOT / "benchmarks" / "models" / "llama-3.1-8b-instruct")]) == 2
+    assert "--out: required" in one_error_line(capsys, "calibrate")
+
+
+def test_options_argparse_refuses_are_one_line(capsys):
+    """argparse's own errors (unknown option, bad type, missing argument): one line, exit 2."""
+    cases = [(["check-map"], "check-map"), (["soak", "--requests", "many"], "soak"),
+             (["bench", "ttft", "--no-such-option"], "bench ttft"), (["demo", "--port"], "demo")]
+    for argv, name in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        line = one_error_line(capsys, name)
+        assert line.endswith(f"(`vllm-trianglemix {name} -h` lists the options)"), line
+
+
 def test_calibrate_model_transformers_cannot_load(tmp_path, capsys):
     model = model_folder(tmp_path, {"architectures": ["Foo"], "model_type": "no-such-type",
                                     "num_hidden_layers": 2})
@@ -351,20 +372,20 @@ def test_bench_bad_inputs(tmp_path, capsys):
     model = model_folder(tmp_path, TINY_LLAMA)
     ttft = ["bench", "ttft", "--out", str(tmp_path / "t.json")]
     assert main([*ttft, "--model", "/no/such/dir"]) == 2
-    assert "--model: no such model folder" in one_error_line(capsys, "bench")
+    assert "--model: no such model folder" in one_error_line(capsys, "bench ttft")
     assert main([*ttft, "--model", model, "--backends", "dense,fast"]) == 2
-    assert "--backends: unknown backend 'fast'" in one_error_line(capsys, "bench")
+    assert "--backends: unknown backend 'fast'" in one_error_line(capsys, "bench ttft")
     assert main([*ttft, "--model", model, "--backends", "dynamic@2"]) == 2
-    assert "density in (0, 1]" in one_error_line(capsys, "bench")
+    assert "density in (0, 1]" in one_error_line(capsys, "bench ttft")
     bad = write(tmp_path, "m.yaml", GOOD_MAP.replace("'2-3'", "'2-9'"))
     assert main([*ttft, "--model", model, "--trianglemix-config", bad]) == 2
-    assert "field 'triangle_layers': layer 4 is outside the model" in one_error_line(capsys, "bench")
+    assert "field 'triangle_layers': layer 4 is outside the model" in one_error_line(capsys, "bench ttft")
     other = model_folder(tmp_path, TINY_LLAMA, "some-other-model")
     assert main([*ttft, "--model", other, "--backends", "dense,dynamic"]) == 2
-    assert "no bundled map of that name" in one_error_line(capsys, "bench")
+    assert "no bundled map of that name" in one_error_line(capsys, "bench ttft")
     assert main(["bench", "report", "--kernel", "/no/k.json", "--ttft", "/no/t.json",
                  "--out", str(tmp_path / "r.md")]) == 2
-    assert "--kernel: no such file" in one_error_line(capsys, "bench")
+    assert "--kernel: no such file" in one_error_line(capsys, "bench report")
 
 
 def test_bench_report_overwrites_only_its_own_reports(tmp_path, capsys):
@@ -372,7 +393,7 @@ def test_bench_report_overwrites_only_its_own_reports(tmp_path, capsys):
               "--ttft", str(ROOT / "benchmarks" / "results-ttft.json")]
     with pytest.raises(SystemExit) as e:  # no default target: --out is required
         main(inputs)
-    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    assert e.value.code == 2 and "--out" in one_error_line(capsys, "bench report")
     report = tmp_path / "report.md"
     assert main([*inputs, "--out", str(report)]) == 0
     first = report.read_text()
@@ -381,7 +402,7 @@ def test_bench_report_overwrites_only_its_own_reports(tmp_path, capsys):
     hand = tmp_path / "BENCHMARKS.md"
     hand.write_text((ROOT / "BENCHMARKS.md").read_text())
     assert main([*inputs, "--out", str(hand)]) == 2
-    assert "exists and was not written by `bench report`" in one_error_line(capsys, "bench")
+    assert "exists and was not written by `bench report`" in one_error_line(capsys, "bench report")
     assert hand.read_text() == (ROOT / "BENCHMARKS.md").read_text()  # untouched
     assert main([*inputs, "--out", str(hand), "--force"]) == 0 and hand.read_text() == first
 
@@ -393,7 +414,7 @@ def test_bench_gpu_kernels_need_a_gpu(capsys):
         pytest.skip("a GPU is present")
     for which in ("kernel", "dynamic"):
         assert main(["bench", which, "--lengths", "1024"]) == 2
-        assert "needs a CUDA GPU" in one_error_line(capsys, "bench")
+        assert "needs a CUDA GPU" in one_error_line(capsys, f"bench {which}")
 
 
 def test_demo_bad_inputs(tmp_path, capsys):
