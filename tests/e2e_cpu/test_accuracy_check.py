@@ -88,7 +88,7 @@ def test_long_prompts_run_end_to_end(servers, tiny_map, tmp_path, capsys):
 
     report = tmp_path / "long.json"
     rc = main(check_args(servers, report, "--prompt-len", "600", "--num-prompts", "2",
-                         "--max-tokens", "8", "--min-agreement", "1.01", "--density-wait", "20"))
+                         "--max-tokens", "8", "--min-agreement", "1.01", "--density-wait", "600"))
     assert rc == 1
     out = capsys.readouterr().out
     assert "BELOW MINIMUM" in out
