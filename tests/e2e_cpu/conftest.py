@@ -185,14 +185,14 @@ class SharedServer:
 def _shared_server(model_dir, args=(), env=None, command=None) -> SharedServer:
     """``env()``: the environment of each start; ``command(port)``: how to start it (default:
     ``vllm-trianglemix serve MODEL ARGS``)."""
-    from tests.servers import free_port, launch_server
+    from tests.servers import START_LIMIT_S, free_port, launch_server
 
     def start():
         port = free_port()
         handle = launch_server(model_dir, port, extra_args=args, env=env() if env else None,
                                command=command(port) if command else None)
         try:
-            return handle.wait_ready(timeout=400)
+            return handle.wait_ready(timeout=START_LIMIT_S)
         except BaseException:
             handle.stop()
             raise

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.servers import CPU_ARGS, launch_server
+from tests.servers import CPU_ARGS, START_LIMIT_S, launch_server
 from vllm_trianglemix.config import bundled_map_paths, load_layer_map
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,7 @@ def servers(model_dir, user_map_server):
     dense = launch_server(model_dir, extra_args=["--max-model-len", "4096", *CPU_ARGS])
     try:
         tm = user_map_server.handle()
-        yield dense.wait_ready(timeout=400), tm
+        yield dense.wait_ready(timeout=START_LIMIT_S), tm
     finally:
         dense.stop()
 

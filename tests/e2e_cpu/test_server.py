@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.e2e_cpu.conftest import random_prompt
-from tests.servers import CPU_ARGS, free_port, launch_server
+from tests.servers import CPU_ARGS, START_LIMIT_S, free_port, launch_server
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ def test_completion_logprobs_follow_the_exact_rule(servers, model_dir, reference
 
 def test_bad_map_stops_the_server_at_start(servers):
     h = servers["bad_map"]
-    assert h.proc.wait(timeout=300) != 0
+    assert h.proc.wait(timeout=START_LIMIT_S) != 0
     log = h.log_text()
     assert "field 'n_local': must be >= 1, got 0" in log
     # The plugin's one line, at ERROR, comes before vLLM's traceback.
