@@ -14,6 +14,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from tests.reference_cache import memoized
 from tests.xattention_reference import dynamic_attention
 from vllm_trianglemix.config import LayerMap
 from vllm_trianglemix.pattern import DynamicParams, dense_start, visible
@@ -46,6 +47,7 @@ class ReferenceLlama:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    @memoized
     @torch.no_grad()
     def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None,
                  chunk_starts=(), kv_scale: float | None = None, q_scale: float | None = None):

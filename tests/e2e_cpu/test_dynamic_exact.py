@@ -24,7 +24,14 @@ import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.e2e_cpu.conftest import BLOCK, first_token_logprobs, make_llm, prompt_logprobs, random_prompt
+from tests.e2e_cpu.conftest import (
+    BLOCK,
+    first_token_logprobs,
+    make_llm,
+    prompt_logprobs,
+    random_prompt,
+    shutdown,
+)
 from vllm_trianglemix.config import ADDITIONAL_CONFIG_KEY, parse_layer_map, resolve_layer_map
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +60,7 @@ def engine(model_dir, map_ref=MAP_NAME, **overrides):
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown(llm)
 
 
 def gen(llm, prompts, **sp):
@@ -130,14 +137,20 @@ def preemptions(llm) -> float:
     return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
+PREEMPT_LENGTHS = (384, 448, 512)
+PREEMPT_BLOCKS = 24
+"""The smallest engine that preempts: 4 KiB per token (conftest's model in float32), 24
+blocks of 32 tokens (768 tokens) for three prompts of 1,344 tokens in all."""
+
+
 def test_preempted_prefills_match_the_reference(model_dir, reference, dyn_map):
-    # 4 KiB per token (conftest's model in float32): 40 blocks of 32 tokens, room for about two
-    # prompts. At most 128 tokens per prefill per step: the three prefills run side by side and
-    # outgrow the cache; every split stays on a query-block boundary (multiples of 128).
-    prompts = [random_prompt(n, seed=n + 11) for n in (640, 704, 768)]
-    with engine(model_dir, max_model_len=1024, max_num_batched_tokens=512,
+    # At most 128 tokens per prefill per step: the three prefills run side by side and fill the
+    # cache in their second step, so the third preempts one; every split stays on a
+    # query-block boundary (multiples of 128).
+    prompts = [random_prompt(n, seed=n + 11) for n in PREEMPT_LENGTHS]
+    with engine(model_dir, max_model_len=640, max_num_batched_tokens=512,
                 long_prefill_token_threshold=128, max_num_seqs=3,
-                kv_cache_memory_bytes=40 * BLOCK * 4096, disable_log_stats=False) as llm:
+                kv_cache_memory_bytes=PREEMPT_BLOCKS * BLOCK * 4096, disable_log_stats=False) as llm:
         before = preemptions(llm)
         outs = gen(llm, prompts, max_tokens=1, prompt_logprobs=0)
         assert preemptions(llm) > before, "the test must force preemption"

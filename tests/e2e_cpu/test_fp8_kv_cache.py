@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from tests.e2e_cpu.conftest import CHUNK, make_llm, prompt_logprobs, random_prompt
+from tests.e2e_cpu.conftest import CHUNK, make_llm, prompt_logprobs, random_prompt, shutdown
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 
@@ -67,7 +67,7 @@ def fp8_engines(model_dir):
         yield engines
     finally:
         for llm in engines:
-            llm.llm_engine.engine_core.shutdown()
+            shutdown(llm)
 
 
 def _run(llm, ids, **sp):

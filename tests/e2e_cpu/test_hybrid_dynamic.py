@@ -25,7 +25,13 @@ import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.e2e_cpu.conftest import first_token_logprobs, make_hybrid_llm, prompt_logprobs, random_prompt
+from tests.e2e_cpu.conftest import (
+    first_token_logprobs,
+    make_hybrid_llm,
+    prompt_logprobs,
+    random_prompt,
+    shutdown,
+)
 from tests.e2e_cpu.test_hybrid_exact import TOL
 from tests.e2e_cpu.test_preemption import preemptions
 
@@ -70,7 +76,7 @@ def dyn_hybrid(hybrid_model_dir, dyn_map_path):
                           kv_cache_memory_bytes=CACHE_BLOCKS * 2 * (256 << 10), max_num_seqs=3,
                           disable_log_stats=False)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def gen(llm, prompts, **sp):

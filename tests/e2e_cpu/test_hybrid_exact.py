@@ -27,6 +27,7 @@ from tests.e2e_cpu.conftest import (
     make_hybrid_llm,
     prompt_logprobs,
     random_prompt,
+    shutdown,
 )
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,7 @@ LENGTHS = [50, 127, 128, 202, 293, 701, 1500]
 def hybrid_llm(hybrid_model_dir, hybrid_map_path):
     llm = make_hybrid_llm(hybrid_model_dir, hybrid_map_path)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def gen(llm, prompts, **sp):

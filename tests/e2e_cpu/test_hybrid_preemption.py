@@ -13,7 +13,7 @@ import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.e2e_cpu.conftest import make_hybrid_llm, random_prompt
+from tests.e2e_cpu.conftest import make_hybrid_llm, random_prompt, shutdown
 from tests.e2e_cpu.test_hybrid_exact import TOL
 from tests.e2e_cpu.test_preemption import preemptions
 
@@ -31,7 +31,7 @@ def small_cache_hybrid(hybrid_model_dir, hybrid_map_path):
                           max_num_batched_tokens=128, kv_cache_memory_bytes=BLOCKS * 2 * (256 << 10),
                           max_num_seqs=3, disable_log_stats=False)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def test_preempted_requests_match_the_exact_rule(small_cache_hybrid, hybrid_reference, hybrid_map):

@@ -11,7 +11,7 @@ import requests
 
 from tests.e2e_cpu.conftest import HYBRID_MAP, random_prompt
 from tests.e2e_cpu.test_hybrid_exact import TOL
-from tests.servers import launch_server
+from tests.servers import START_LIMIT_S, launch_server
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +26,7 @@ def server(hybrid_model_dir, tmp_path_factory):
     handle = launch_server(hybrid_model_dir, extra_args=ARGS + [
         "--additional-config", json.dumps({"trianglemix_config": str(path)})])
     try:
-        handle.wait_ready(timeout=400)
+        handle.wait_ready(timeout=START_LIMIT_S)
         yield handle, str(path)
     finally:
         handle.stop()

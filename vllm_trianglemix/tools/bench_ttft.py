@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -122,6 +123,20 @@ FAST_START = dict(
 )
 
 
+WARMUP_LOGGER = "vllm.renderers.base"
+WARMUP_WARNING = "Chat template warmup failed"
+
+
+class DropTokenizerlessWarmupWarning(logging.Filter):
+    """vLLM's ``LLM()`` warms its chat template up, which needs the tokenizer these
+    engines skip (``skip_tokenizer_init``: prompts are token ids, and the benchmark
+    models are config.json only); it then logs a WARNING with a traceback ("Tokenizer
+    not available when `skip_tokenizer_init=True`") that says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != WARMUP_WARNING
+
+
 def _worker(args) -> dict:
     import numpy as np
     from vllm import LLM, SamplingParams
@@ -140,6 +155,7 @@ def _worker(args) -> dict:
     if kind == "trianglemix" and args.trianglemix_config:
         extra.setdefault("additional_config", {})["trianglemix_config"] = args.trianglemix_config
     jit_files = _flashinfer_jit_files() if args.stock_backend == "FLASHINFER" else None
+    logging.getLogger(WARMUP_LOGGER).addFilter(DropTokenizerlessWarmupWarning())
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,

@@ -87,8 +87,8 @@ DEFAULT_KL_BUDGET = 0.02
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model directory or name")
-    parser.add_argument("--out", required=True, help="layer map to write (YAML)")
+    parser.add_argument("--model", help="Hugging Face model directory or name (required)")
+    parser.add_argument("--out", help="layer map to write (YAML; required)")
     parser.add_argument("--json", default=None, help="also write the measurements here")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
@@ -444,7 +444,11 @@ def run(args: argparse.Namespace) -> int:
                         "(calibrate options)")
     except TriangleMixConfigError as e:
         raise ToolError(str(e)) from None
+    if not args.model:
+        raise ToolError("--model: required (a model folder, or a Hugging Face name)")
     args.model = model_folder_or_hub_id(args.model)
+    if not args.out:
+        raise ToolError("--out: required (the layer map file to write, e.g. --out map.yaml)")
     writable_file(args.out, "--out")
     if args.json:
         writable_file(args.json, "--json")

@@ -5,8 +5,9 @@ the first line of its docstring is its one-line help. Modules are imported
 lazily: ``--help`` reads each docstring without importing the module, only the
 chosen command's module is imported, and tool modules import vLLM / torch
 inside ``run`` only, so ``-h`` answers at once and one missing or broken tool
-never breaks the others. Bad input (``ToolError``, a bad layer map) ends in one
-line, ``vllm-trianglemix COMMAND: error: ...``, and exit status 2.
+never breaks the others. Bad input (``ToolError``, a bad layer map, an option
+argparse refuses) ends in one line, ``vllm-trianglemix COMMAND: error: ...``
+(``bench SUBCOMMAND`` for a benchmark), and exit status 2.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or default is None or default is False or default is argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (no usage block), pointing at ``-h``; the command
+    parsers (and bench's subcommands) are made with this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} -h` lists the options)\n")
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """``calibrate``, or ``bench ttft`` for a benchmark: how errors name the command."""
+    return " ".join(name for name in (args.command, getattr(args, "bench", None)) if name)
 
 
 def _summary_without_import(module_name: str) -> str | None:
@@ -88,7 +102,7 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vllm-trianglemix",
         description="Tools for the TriangleMix attention backend of vLLM. "
         "`vllm-trianglemix COMMAND -h` shows a command's options.",
@@ -120,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (ToolError, TriangleMixConfigError) as e:
-        sys.stderr.write(f"vllm-trianglemix {args.command}: error: {e}\n")
+        sys.stderr.write(f"vllm-trianglemix {command_name(args)}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"vllm-trianglemix {args.command}: interrupted\n")
+        sys.stderr.write(f"vllm-trianglemix {command_name(args)}: interrupted\n")
         return 130
 
 

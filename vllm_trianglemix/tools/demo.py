@@ -6,8 +6,10 @@ layers 2-3), sends a long-prompt completion (long enough for the triangle
 path) and a chat request through the OpenAI endpoint, prints the answers and
 the server's TriangleMix start-up line, then stops the server (or keeps it
 running with ``--keep-serving``). It prints where the model is and the
-``vllm-trianglemix serve`` command that serves it again. The model has random
-weights: its words are random; the point is the path a request takes.
+``vllm-trianglemix serve`` command that serves it again, as it runs in a new
+shell (the script's full path when the shell would not find it, and the
+environment's ``source .../bin/activate`` that puts it on ``PATH``). The model
+has random weights: its words are random; the point is the path a request takes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import sys
 import urllib.request
 
+from vllm_trianglemix.tools.command import activate_hint, own_command
 from vllm_trianglemix.tools.demo_model import build_tiny_llama
 from vllm_trianglemix.tools.errors import ToolError
 from vllm_trianglemix.tools.server_process import start_server
@@ -60,6 +63,17 @@ def _server_args(on_cpu: bool) -> list[str]:
     return args
 
 
+def serve_again_lines(model_dir: str, server_args: list[str]) -> list[str]:
+    """The command that serves the model again, as it runs in a new shell."""
+    command = own_command()
+    lines = [f"serve it yourself: {shlex.join([*command, 'serve', model_dir, *server_args])}"]
+    hint = activate_hint()
+    if hint:
+        short = shlex.join(["vllm-trianglemix", "serve", model_dir, *server_args])
+        lines.append(f"  (or, once per new shell, `{hint}`; then: {short})")
+    return lines
+
+
 def _check_inputs(args) -> None:
     if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
         raise ToolError(f"--model-dir: {args.model_dir} is a file, not a folder")
@@ -95,10 +109,9 @@ def run(args) -> int:
         raise ToolError(f"--model-dir: cannot build the model in {args.model_dir}: "
                         f"{e.strerror or e}") from None
     server_args = _server_args(not torch.cuda.is_available())
-    serve_again = shlex.join(["vllm-trianglemix", "serve", model_dir, *server_args])
     out = sys.stdout
-    out.write(f"model: {model_dir} (tiny random Llama, 4 layers; built once, reused)\n"
-              f"serve it yourself: {serve_again}\n")
+    out.write(f"model: {model_dir} (tiny random Llama, 4 layers; built once, reused)\n")
+    out.write("".join(f"{line}\n" for line in serve_again_lines(model_dir, server_args)))
     out.flush()
     try:
         server = start_server(model_dir, args.port or None, server_args, timeout=args.timeout)

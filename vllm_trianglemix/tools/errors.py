@@ -53,6 +53,15 @@ def model_folder_or_hub_id(model: str, what: str = "--model") -> str:
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "tekken.json")
+"""Any of these in a model folder: Hugging Face (or vLLM) can load a tokenizer from it."""
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
 def http_url(url: str, what: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -22,10 +22,18 @@ Before and after the load, ``--probe-prompts`` fixed prompts are sent alone
 (greedy, with prompt logprobs): the answers must be the same after the load.
 Afterwards ``/health`` must answer, the server's ``/metrics`` must show
 nothing running or waiting, no KV cache in use and none of the plugin's
-per-request state (``trianglemix_tracked_requests``), and its log (the one of
+per-request state (``trianglemix_tracked_requests``; the summary also reports
+``trianglemix_tracked_requests_max``, the most it held in one step since the
+server started), and its log (the one of
 a server it started, or ``--server-log``) no ERROR line. A JSON summary goes
 to stdout (and ``--output``); the exit code is 0 only if nothing was lost or
 wrong. The run is bounded by ``--timeout`` seconds.
+
+Problems it can know before a server starts end in one line and exit status 2
+(``vllm-trianglemix soak: error: ...``): a bad option, a ``--url`` where no
+server answers, a missing model folder, a model folder without a tokenizer
+(vLLM's server needs one: ``-- --tokenizer ...``), a TriangleMix server whose
+layer map does not fit the model (``serve``'s own check, same line).
 """
 
 from __future__ import annotations
@@ -41,6 +49,15 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+
+from vllm_trianglemix.tools.errors import (
+    ToolError,
+    existing_file,
+    has_tokenizer,
+    http_url,
+    model_folder_or_hub_id,
+    writable_file,
+)
 
 MALFORMED_KINDS = (
     "invalid_json",
@@ -61,6 +78,7 @@ REPORTED_METRICS = (
     "vllm:num_requests_waiting",
     "vllm:num_preemptions",
     "trianglemix_tracked_requests",
+    "trianglemix_tracked_requests_max",
 )
 
 
@@ -529,13 +547,31 @@ def passed(summary: dict) -> bool:
 
 
 def _server_info(url: str, model: str | None) -> tuple[str, int | None, str | None]:
+    """(model id, max_model_len, root) from the server's ``/v1/models``; ToolError if it
+    does not answer as an OpenAI server does."""
     import httpx
 
-    r = httpx.get(url + "/v1/models", timeout=30)
-    r.raise_for_status()
-    cards = r.json()["data"]
-    card = next((c for c in cards if c["id"] == model), cards[0]) if model else cards[0]
-    return card["id"], card.get("max_model_len"), card.get("root")
+    try:
+        r = httpx.get(url + "/v1/models", timeout=30)
+    except httpx.ConnectError:
+        raise ToolError(f"--url {url}: no server answers there (connection refused); start one "
+                        "(`vllm-trianglemix serve MODEL ...`) and wait until it logs "
+                        "'Application startup complete', or give --model MODEL instead of --url "
+                        "to let soak start one") from None
+    except httpx.TimeoutException:
+        raise ToolError(f"--url {url}: no answer from /v1/models within 30 s") from None
+    except httpx.HTTPError as e:
+        raise ToolError(f"--url {url}: /v1/models failed: {type(e).__name__}: {e}") from None
+    if r.status_code != 200:
+        raise ToolError(f"--url {url}: /v1/models answered HTTP {r.status_code}: "
+                        + " ".join(r.text[:200].split()))
+    try:
+        cards = r.json()["data"]
+        card = next((c for c in cards if c["id"] == model), cards[0]) if model else cards[0]
+        return card["id"], card.get("max_model_len"), card.get("root")
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ToolError(f"--url {url}: /v1/models did not answer as an OpenAI server does "
+                        "(is this vLLM's server?)") from None
 
 
 def _vocab_from(name_or_path: str | None) -> int | None:
@@ -556,7 +592,7 @@ def soak(args, url: str, server_log: str | None = None) -> dict:
     model, server_len, root = _server_info(url, args.model if args.url else None)
     max_model_len = args.max_model_len or server_len
     if not max_model_len:
-        raise SystemExit("soak: the server does not report max_model_len; pass --max-model-len")
+        raise ToolError("the server does not report max_model_len; pass --max-model-len")
     vocab = args.vocab_size or _vocab_from(root) or _vocab_from(args.model) or 1000
     jobs = build_plan(args.requests, args.lengths, max_model_len, vocab, max_tokens=args.max_tokens,
                       prefix_share=args.prefix_share, prefix_len=args.prefix_len,
@@ -590,44 +626,86 @@ def soak(args, url: str, server_log: str | None = None) -> dict:
     return summary
 
 
-def run(args) -> int:
-    import httpx
-
+def check_arguments(args) -> None:
+    """The options alone (no server): ToolError naming the option."""
     if not args.url and not args.model:
-        raise SystemExit("soak: give --url of a running server, or --model to start one")
+        raise ToolError("give --url of a running server, or --model to start one")
     try:
         parse_lengths(args.lengths)
     except ValueError as e:
-        raise SystemExit(f"soak: {e}") from None
+        raise ToolError(str(e)) from None
     for name in ("prefix_share", "stream_fraction", "abort_fraction", "malformed_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
-            raise SystemExit(f"soak: --{name.replace('_', '-')} must be within [0, 1], "
-                             f"got {getattr(args, name)}")
+            raise ToolError(f"--{name.replace('_', '-')} must be within [0, 1], "
+                            f"got {getattr(args, name)}")
     if args.abort_fraction + args.malformed_fraction > 1.0:
-        raise SystemExit("soak: --abort-fraction + --malformed-fraction must be at most 1")
+        raise ToolError("--abort-fraction + --malformed-fraction must be at most 1")
     if args.requests < 1 or args.concurrency < 1:
-        raise SystemExit("soak: --requests and --concurrency must be >= 1")
+        raise ToolError("--requests and --concurrency must be >= 1")
     if args.url and args.vllm_args:
-        raise SystemExit(f"soak: server arguments {args.vllm_args} need --model (a server to start), "
-                         "not --url")
-    server = None
-    url = (args.url or "").rstrip("/")
-    if not args.url:
-        from vllm_trianglemix.tools.server_process import start_server
+        raise ToolError(f"server arguments {args.vllm_args} need --model (a server to start), "
+                        "not --url")
+    if args.server_log:
+        existing_file(args.server_log, "--server-log")
+    if args.output:
+        writable_file(args.output, "--output")
 
-        # vLLM gathers every process's metrics (the plugin's gauge lives in the
-        # engine's worker) only with a multiprocess directory set at start.
-        env = {} if "PROMETHEUS_MULTIPROC_DIR" in os.environ else {
-            "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="vllm-soak-metrics-")}
-        server = start_server(args.model, extra_args=args.vllm_args, env=env,
-                              timeout=args.server_start_timeout)
+
+def check_server_to_start(model: str, vllm_args: list[str]) -> str:
+    """Before starting ``serve MODEL VLLM_ARGS``: the model folder, its tokenizer, and
+    ``serve``'s map check. Returns the model to serve; raises ToolError (or the map's error)."""
+    from vllm_trianglemix.tools.serve import check_before_start
+
+    model = model_folder_or_hub_id(model)
+    check_before_start([model, *vllm_args])
+    if os.path.isdir(model) and not has_tokenizer(model) and not any(
+            a == "--tokenizer" or a.startswith("--tokenizer=") for a in vllm_args):
+        raise ToolError(f"--model: model folder {model} has no tokenizer (none of tokenizer.json, "
+                        "tokenizer_config.json, tokenizer.model) and vLLM's server needs one: add "
+                        "the tokenizer's files, or pass one after `--`: -- --tokenizer "
+                        "TOKENIZER_FOLDER_OR_NAME")
+    return model
+
+
+def _start(model: str, vllm_args: list[str], timeout: float):
+    from vllm_trianglemix.tools.server_process import launch_server
+
+    # vLLM gathers every process's metrics (the plugin's gauge lives in the
+    # engine's worker) only with a multiprocess directory set at start.
+    env = {} if "PROMETHEUS_MULTIPROC_DIR" in os.environ else {
+        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="vllm-soak-metrics-")}
+    server = launch_server(model, extra_args=vllm_args, env=env)
+    try:
+        return server.wait_ready(timeout)
+    except RuntimeError:
+        server.stop()
+        lines = [line.strip() for line in server.log_text().splitlines() if line.strip()]
+        errors = [line for line in lines if " ERROR " in line or "error:" in line.lower()]
+        last = (errors or lines or [None])[-1]
+        state = (f"exited with status {server.proc.returncode}" if server.proc.returncode is not None
+                 else f"did not answer /health within {timeout:g} s (--server-start-timeout)")
+        raise ToolError(f"the server it started {state}" + (f" ({last})" if last else "")
+                        + f"; its log: {server.log_path}") from None
+
+
+def run(args) -> int:
+    import httpx
+
+    check_arguments(args)
+    server = None
+    if args.url:
+        url = http_url(args.url, "--url")
+        _server_info(url, args.model)  # answers, as an OpenAI server
+    else:
+        model = check_server_to_start(args.model, args.vllm_args)
+        server = _start(model, args.vllm_args, args.server_start_timeout)
         url = server.url
         print(f"soak: started server {url}, log {server.log_path}", file=sys.stderr)
     try:
         try:
             summary = soak(args, url, server.log_path if server is not None else None)
         except httpx.HTTPError as e:
-            raise SystemExit(f"soak: the server at {url} does not answer: {e!r}") from None
+            raise ToolError(f"the server at {url} stopped answering: {type(e).__name__}: {e}") from None
         if server is not None:
             summary["server_log"] = server.log_path
     finally:
