@@ -163,6 +163,7 @@ class MaskState:
     prompt_len: int = 0
     triangle_layers: frozenset = frozenset()
     seen_layers: set = field(default_factory=set)
+    mask_cache: dict = field(default_factory=dict)  # the last mask: every triangle layer of a forward shares it
 
 
 def make_attention(state: MaskState):
@@ -190,7 +191,12 @@ def make_attention(state: MaskState):
             ds = int(dense_start(state.prompt_len, p.n_last, state.min_prompt_len))
             # Rows in [first_sparse_row, dense start) see fewer keys than causal rows.
             if max(k_len - q_len, first_sparse_row(p)) < min(ds, k_len):
-                mask = visible(q_pos[:, None], k_pos[None, :], ds, p.n_init, p.n_local)
+                cache_key = (q_len, k_len, ds, p.n_init, p.n_local, str(query.device))
+                mask = state.mask_cache.get(cache_key)
+                if mask is None:
+                    mask = visible(q_pos[:, None], k_pos[None, :], ds, p.n_init, p.n_local)
+                    state.mask_cache.clear()
+                    state.mask_cache[cache_key] = mask
         if mask is not None:
             out = sdpa(query, key, value, attn_mask=mask, scale=scaling)
         elif q_len == k_len or q_len == 1:
@@ -389,7 +395,7 @@ def map_text(args, num_layers: int, sel: Selection, prompt_desc: str, dynamic: b
     lines = [
         f"# TriangleMix layer map written by `vllm-trianglemix calibrate` on {date}.",
         f"# command: {command}",
-        f"# model: {args.model} ({num_layers} layers), device {args.device}, dtype {args.dtype_used}",
+        f"# model: {shown_path(args.model)} ({num_layers} layers), device {args.device}, dtype {args.dtype_used}",
         f"# prompts: {prompt_desc}",
         "# score: KL(dense || TriangleMix) in nats of the next-token distributions at the",
         f"#   last prompt position and {args.num_generated} greedy tokens, mean over prompts.",
