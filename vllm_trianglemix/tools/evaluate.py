@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lm-eval RULER tasks that need no download: " + ", ".join(OFFLINE_TASKS))
     parser.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096],
                         help="prompt lengths in tokens (lm-eval's max_seq_lengths)")
-    parser.add_argument("--limit", type=int, default=8, help="RULER samples per task and length")
+    parser.add_argument("--limit", type=int, default=5, help="RULER samples per task and length")
+    parser.add_argument("--max-gen-toks", type=int, default=48,
+                        help="cap of each task's generation length (0: the tasks' own, up to 128)")
     parser.add_argument("--map", default=None,
                         help="the calibrated map (file or bundled name; default: the bundled "
                         "map matching the model)")
@@ -305,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     sys.stderr.write(f"eval: generating lm-eval's RULER samples ({', '.join(tasks)}) at "
                      f"{', '.join(map(str, args.lengths))} tokens\n")
-    ruler_sets = [ruler.load(tasks, length, args.model) for length in args.lengths]
+    ruler_sets = [ruler.load(tasks, length, args.model, args.max_gen_toks or None)
+                  for length in args.lengths]
     generation_s = time.monotonic() - started
 
     results: dict[str, dict] = {}
@@ -337,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
             shlex.quote(shown_path(a)) for a in sys.argv[sys.argv.index("eval") + 1:])
         if "eval" in sys.argv else None,
         "tasks": tasks, "lengths": args.lengths, "limit": args.limit,
+        "max_gen_toks": args.max_gen_toks or None,
         "loglik": {"docs": args.loglik_docs, "length": args.loglik_length or max(args.lengths),
                    "top_k": args.top_k, "tail": args.loglik_tail, "text": "pydoc_data.topics (Python's reference docs)"},
         "seconds": {"sample_generation": round(generation_s, 1),

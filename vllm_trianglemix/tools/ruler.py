@@ -14,6 +14,11 @@ configuration answers the same prompts. lm-eval's ``local-completions`` model
 sends them (token ids, greedy, the task's own generation settings) and its
 RULER scoring (``string_match_all`` / ``_part``) scores the answers; the score
 of a task at a length is the mean over its samples, in percent, as RULER reports.
+
+Generation: greedy, each task's own settings, its length capped by
+``max_gen_toks`` when given (``eval`` caps at 48 tokens by default: every
+answer these tasks ask for fits, and the small model's rambling after it, up
+to 128 tokens of decode per sample, would cost most of the run's time).
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ def check_installed() -> None:
                         "`pip install \"vllm-trianglemix[accuracy]\"`)") from None
 
 
-def load(tasks, length: int, tokenizer_dir: str) -> RulerSet:
-    """Generate the samples of ``tasks`` at ``length`` tokens (lm-eval's own generators)."""
+def load(tasks, length: int, tokenizer_dir: str, max_gen_toks: int | None = None) -> RulerSet:
+    """Generate the samples of ``tasks`` at ``length`` tokens (lm-eval's own generators);
+    ``max_gen_toks`` caps each task's own generation length (as lm-eval's --gen_kwargs)."""
     check_installed()
     # Nothing from a hub: the tokenizer is a local folder, the generators need no data.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +67,11 @@ def load(tasks, length: int, tokenizer_dir: str) -> RulerSet:
 
     manager = TaskManager(metadata={"tokenizer": tokenizer_dir, "max_seq_lengths": [length]})
     task_dict = manager.load(list(tasks))
+    if max_gen_toks is not None:
+        for task in task_dict["tasks"].values():
+            own = task.get_config("generation_kwargs") or {}
+            cap = min(max_gen_toks, own.get("max_gen_toks", max_gen_toks))
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": cap}, update=True)
     return RulerSet(length, tuple(tasks), task_dict)
 
 
@@ -98,5 +109,6 @@ def evaluate(lm, ruler: RulerSet, limit: int | None) -> dict[str, dict]:
                 resp = resp[0]
             answers.append(resp if isinstance(resp, str) else str(resp))
         out[task] = {"score": 100.0 * sum(scores) / len(scores) if scores else None,
-                     "n": len(scores), "answers": answers}
+                     "n": len(scores), "scores": scores, "answers": answers,
+                     "references": [list(s["doc"].get("outputs") or []) for s in samples]}
     return out
