@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lm-eval RULER tasks that need no download: " + ", ".join(OFFLINE_TASKS))
     parser.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096],
                         help="prompt lengths in tokens (lm-eval's max_seq_lengths)")
-    parser.add_argument("--limit", type=int, default=5, help="RULER samples per task and length")
+    parser.add_argument("--limit", type=int, default=3, help="RULER samples per task and length")
     parser.add_argument("--max-gen-toks", type=int, default=48,
                         help="cap of each task's generation length (0: the tasks' own, up to 128)")
     parser.add_argument("--map", default=None,
