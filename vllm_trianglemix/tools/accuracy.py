@@ -159,6 +159,15 @@ class Server:
                         out[family.name][sample.labels.get("layer", "")] = sample.value
         return out
 
+    def prompt_logprobs(self, token_ids: list[int], top_k: int) -> list[dict[int, tuple[float, int]]]:
+        """vLLM's ``prompt_logprobs``: per prompt position after the first, {token id:
+        (logprob, rank)} for the ``top_k`` most likely tokens and the prompt's own."""
+        body = {"model": self.model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": top_k}
+        rows = self._call("post", "/v1/completions", body)["choices"][0]["prompt_logprobs"]
+        return [{int(t): (e["logprob"], e.get("rank")) for t, e in row.items()}
+                for row in rows[1:]]
+
     def complete(self, prompt, max_tokens: int) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0, "logprobs": 5}

@@ -76,6 +76,7 @@ from vllm_trianglemix.tools.errors import (
     ToolError,
     existing_file,
     model_folder_or_hub_id,
+    shown_path,
     writable_file,
 )
 
@@ -96,8 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: float32 on cpu, the model's dtype on cuda",
     )
     parser.add_argument("--n-init", type=int, default=8, help="sink tokens every row keeps")
-    parser.add_argument("--n-local", type=int, default=512,
-                        help="causal window of a triangle row (the query itself included)")
+    parser.add_argument("--n-local", type=_n_local_list, default=[512],
+                        help="causal window of a triangle row (the query itself included); "
+                        "several, comma-separated (e.g. 128,256): each is calibrated and the "
+                        "one giving the most triangle layers is written (ties: the smallest). "
+                        "Default: 512")
     parser.add_argument("--n-last", type=int, default=128,
                         help="the last n_last prompt rows stay dense")
     parser.add_argument("--min-prompt-len", type=int, default=8192,
@@ -127,6 +131,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "defaults; their accuracy is not measured here: check the map with check-accuracy",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    parser.add_argument("--model-name", default=None,
+                        help="the name the map records as `model` and `match`es (default: the "
+                        "--model folder's name)")
+    parser.add_argument("--dynamic-out", default=None,
+                        help="also write the opt-in dynamic variant here (the same triangle "
+                        "layers, every other attention layer XAttention, as --dynamic-rest; "
+                        "no `match`: selected by name)")
+
+
+def _n_local_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ints: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no value")
+    return values
 
 
 # ----------------------------------------------------------------------------
@@ -142,6 +163,7 @@ class MaskState:
     prompt_len: int = 0
     triangle_layers: frozenset = frozenset()
     seen_layers: set = field(default_factory=set)
+    mask_cache: dict = field(default_factory=dict)  # the last mask: every triangle layer of a forward shares it
 
 
 def make_attention(state: MaskState):
@@ -169,7 +191,12 @@ def make_attention(state: MaskState):
             ds = int(dense_start(state.prompt_len, p.n_last, state.min_prompt_len))
             # Rows in [first_sparse_row, dense start) see fewer keys than causal rows.
             if max(k_len - q_len, first_sparse_row(p)) < min(ds, k_len):
-                mask = visible(q_pos[:, None], k_pos[None, :], ds, p.n_init, p.n_local)
+                cache_key = (q_len, k_len, ds, p.n_init, p.n_local, str(query.device))
+                mask = state.mask_cache.get(cache_key)
+                if mask is None:
+                    mask = visible(q_pos[:, None], k_pos[None, :], ds, p.n_init, p.n_local)
+                    state.mask_cache.clear()
+                    state.mask_cache[cache_key] = mask
         if mask is not None:
             out = sdpa(query, key, value, attn_mask=mask, scale=scaling)
         elif q_len == k_len or q_len == 1:
@@ -353,20 +380,22 @@ def select_layers(scorer: Scorer, candidates: list[int], budget: float,
 # Output
 
 
-def map_text(args, num_layers: int, sel: Selection, prompt_desc: str) -> str:
+def map_text(args, num_layers: int, sel: Selection, prompt_desc: str, dynamic: bool | None = None,
+             match: bool = True, tried: dict | None = None) -> str:
     import yaml
 
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     options = [
-        f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+        f"--{k.replace('_', '-')}" + ("" if v is True else " " + shlex.quote(_shown(k, v)))
         for k, v in vars(args).items()
-        if v is not None and k not in ("command", "_run", "dtype_used")
+        if v is not None and v is not False
+        and k not in ("command", "_run", "dtype_used", "n_local_chosen")
     ]
     command = "vllm-trianglemix calibrate " + " ".join(options)
     lines = [
         f"# TriangleMix layer map written by `vllm-trianglemix calibrate` on {date}.",
         f"# command: {command}",
-        f"# model: {args.model} ({num_layers} layers), device {args.device}, dtype {args.dtype_used}",
+        f"# model: {shown_path(args.model)} ({num_layers} layers), device {args.device}, dtype {args.dtype_used}",
         f"# prompts: {prompt_desc}",
         "# score: KL(dense || TriangleMix) in nats of the next-token distributions at the",
         f"#   last prompt position and {args.num_generated} greedy tokens, mean over prompts.",
@@ -379,25 +408,44 @@ def map_text(args, num_layers: int, sel: Selection, prompt_desc: str) -> str:
               f"{'' if s['accepted'] else '  (over budget)'}" for s in sel.steps]
     lines += [f"# budget {args.kl_budget:g} nats, max {args.max_layers_fraction:g} of the layers;"
               f" stopped: {sel.stop_reason}; joint KL {sel.joint_kl:.6g} nats."]
+    if tried and len(tried) > 1:
+        lines += ["# n_local tried (most triangle layers wins; ties: the smallest): " + "; ".join(
+            f"{nl}: {len(t.chosen)} layers, joint KL {t.joint_kl:.4g}" for nl, t in tried.items())]
+    name = args.model_name or os.path.basename(os.path.abspath(args.model).rstrip("/"))
     data = {
-        "model": args.model,
-        "match": [os.path.basename(args.model.rstrip("/"))],
+        "model": name,
+        "match": [os.path.basename(name.rstrip("/"))],
         "num_hidden_layers": num_layers,
         "n_init": args.n_init,
-        "n_local": args.n_local,
+        "n_local": args.n_local_chosen,
         "n_last": args.n_last,
         "min_prompt_len": args.min_prompt_len,
         "triangle_layers": format_layer_ranges(sel.chosen),
         "notes": f"calibrated: joint KL {sel.joint_kl:.4g} nats <= budget {args.kl_budget:g} "
                  f"on {prompt_desc}",
     }
+    if not match:
+        del data["match"]
     rest = [i for i in sel.per_layer if i not in sel.chosen]
-    if getattr(args, "dynamic_rest", False) and rest:
+    if dynamic is None:
+        dynamic = getattr(args, "dynamic_rest", False)
+    if dynamic and rest:
         data["dynamic_layers"] = format_layer_ranges(rest)
         data["dynamic"] = {k: v for k, v in DYNAMIC_DEFAULTS.items() if v is not None}
         data["notes"] += (f"; dynamic layers {format_layer_ranges(rest)} (XAttention defaults) "
                           "added by --dynamic-rest, their accuracy not measured")
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, width=1000)
+
+
+def _shown(key: str, value) -> str:
+    """An option's value as the map's header records it: lists comma-separated, paths
+    relative to the working folder or the home folder (no machine-specific prefix)."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    value = str(value)
+    if key in ("model", "out", "json", "dynamic_out", "prompts"):
+        return shown_path(value)
+    return value
 
 
 def report_text(args, sel: Selection) -> str:
@@ -439,7 +487,7 @@ def _load_model(args, state: MaskState):
 
 def run(args: argparse.Namespace) -> int:
     try:  # the map's own checks, before the long run
-        parse_layer_map({"n_init": args.n_init, "n_local": args.n_local, "n_last": args.n_last,
+        parse_layer_map({"n_init": args.n_init, "n_local": min(args.n_local), "n_last": args.n_last,
                          "min_prompt_len": args.min_prompt_len, "triangle_layers": [0]},
                         "(calibrate options)")
     except TriangleMixConfigError as e:
@@ -452,9 +500,11 @@ def run(args: argparse.Namespace) -> int:
     writable_file(args.out, "--out")
     if args.json:
         writable_file(args.json, "--json")
+    if args.dynamic_out:
+        writable_file(args.dynamic_out, "--dynamic-out")
     if args.prompts:
         existing_file(args.prompts, "--prompts")
-    params = TriangleParams(args.n_init, args.n_local, args.n_last)
+    params = TriangleParams(args.n_init, args.n_local[0], args.n_last)
     state = MaskState(params=params, min_prompt_len=args.min_prompt_len)
     model, tokenizer = _load_model(args, state)
     cfg = model.config.get_text_config()
@@ -492,7 +542,15 @@ def run(args: argparse.Namespace) -> int:
         logger.info("calibrate: hybrid model: candidates are its full-attention layers %s",
                     format_layer_ranges(candidates))
     max_layers = math.floor(args.max_layers_fraction * len(candidates))
-    sel = select_layers(scorer, candidates, args.kl_budget, max_layers)
+    tried: dict[int, Selection] = {}
+    for n_local in args.n_local:
+        state.params = TriangleParams(args.n_init, n_local, args.n_last)
+        if len(args.n_local) > 1:
+            logger.info("calibrate: n_local %d", n_local)
+        tried[n_local] = select_layers(scorer, candidates, args.kl_budget, max_layers)
+    # The most triangle layers; on ties the smallest window (the sparsest).
+    args.n_local_chosen = max(tried, key=lambda nl: (len(tried[nl].chosen), -nl))
+    sel = tried[args.n_local_chosen]
 
     if args.json:
         with open(args.json, "w") as f:
@@ -501,15 +559,48 @@ def run(args: argparse.Namespace) -> int:
                 "steps": sel.steps, "chosen": sel.chosen, "joint_kl": sel.joint_kl,
                 "stop_reason": sel.stop_reason, "kl_budget": args.kl_budget,
                 "prompt_lens": [len(p) for p in prompts], "generated": scorer.generated,
+                "n_local": args.n_local_chosen,
+                "n_local_tried": {str(nl): {"per_layer_kl": {str(k): v for k, v in t.per_layer.items()},
+                                            "chosen": t.chosen, "joint_kl": t.joint_kl}
+                                  for nl, t in tried.items()},
             }, f, indent=1)
-    sys.stdout.write(report_text(args, sel))
+    for n_local, other in tried.items():
+        if len(tried) > 1:
+            sys.stdout.write(f"n_local {n_local}:{'  (written)' if other is sel else ''}\n")
+        sys.stdout.write(report_text(args, other))
     if not sel.chosen:
         sys.stdout.write(f"no layer fits the KL budget; {args.out} not written "
                          "(raise --kl-budget or use longer --n-local)\n")
         return 1
-    with open(args.out, "w") as f:
-        f.write(map_text(args, num_layers, sel, desc))
-    layer_map = load_layer_map(args.out)
-    layer_map.check_model(num_layers, candidates)
-    sys.stdout.write(f"wrote {args.out}: {layer_map.describe()}\n")
+    outputs = [(args.out, dict())]
+    if args.dynamic_out:
+        outputs.append((args.dynamic_out, dict(dynamic=True, match=False)))
+    for path, how in outputs:
+        with open(path, "w") as f:
+            f.write(map_text(args, num_layers, sel, desc, tried=tried, **how))
+        layer_map = load_layer_map(path)
+        layer_map.check_model(num_layers, candidates)
+        sys.stdout.write(f"wrote {path}: {layer_map.describe()}\n")
     return 0
+
+
+def layer_kl_from_map(path: str) -> dict[int, float]:
+    """The per-layer KL table a map written by calibrate records in its header
+    (``# layer  KL alone (nats)`` rows); empty for a map written otherwise."""
+    table, inside = {}, False
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            if "KL alone (nats)" in line:
+                inside = True
+                continue
+            parts = line[1:].split()
+            if inside and len(parts) >= 2 and parts[0].isdigit():
+                try:
+                    table[int(parts[0])] = float(parts[1])
+                except ValueError:
+                    break
+            elif inside:
+                break
+    return table

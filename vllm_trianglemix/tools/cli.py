@@ -27,6 +27,8 @@ COMMANDS = {
     "calibrate": "vllm_trianglemix.tools.calibrate",
     "check-accuracy": "vllm_trianglemix.tools.accuracy",
     "soak": "vllm_trianglemix.tools.soak",
+    "smollm2": "vllm_trianglemix.tools.smollm2_model",
+    "eval": "vllm_trianglemix.tools.evaluate",
 }
 
 

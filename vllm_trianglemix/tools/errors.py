@@ -71,3 +71,17 @@ def http_url(url: str, what: str) -> str:
     except ValueError:
         raise ToolError(f"{what}: bad port in URL {url!r}") from None
     return url.rstrip("/")
+
+
+def shown_path(value: str) -> str:
+    """A path as a report records it: relative to the working folder or ``~``
+    when it lies under one (no machine-specific prefix); anything else as is."""
+    if not value or not os.path.exists(value):
+        return value
+    full, cwd = os.path.abspath(value), os.getcwd()
+    home = os.path.expanduser("~")
+    if full.startswith(cwd + os.sep):
+        return os.path.relpath(full, cwd)
+    if home not in ("", "/") and full.startswith(home + os.sep):
+        return "~" + full[len(home):]
+    return value

@@ -1,0 +1,133 @@
+"""The pieces of `vllm-trianglemix eval` that need no server: the log-likelihood numbers,
+the derived maps (bad map, dynamic-only), the per-layer KL read back from a calibrated
+map's header, the checks and the report."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from vllm_trianglemix.config import load_layer_map
+from vllm_trianglemix.tools import eval_maps, eval_report, loglik
+from vllm_trianglemix.tools.calibrate import Selection, layer_kl_from_map, map_text
+from vllm_trianglemix.tools.evaluate import checks
+
+
+def _row(probs: dict[int, float]) -> dict[int, tuple[float, int]]:
+    ranked = sorted(probs, key=lambda t: -probs[t])
+    return {t: (math.log(probs[t]), ranked.index(t) + 1) for t in probs}
+
+
+def test_position_stats_identical_and_known_kl():
+    d = _row({1: 0.5, 2: 0.3, 3: 0.1})
+    same = loglik.position_stats(2, d, d, top_k=3)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert same["top1"] == 1.0 and same["dlp"] == 0.0
+    o = _row({1: 0.2, 2: 0.6, 3: 0.1})
+    s = loglik.position_stats(2, d, o, top_k=3)
+    # dense top-3 plus the rest bucket (0.1 each side)
+    expect = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.6)
+    assert s["kl"] == pytest.approx(expect, rel=1e-9)
+    assert s["top1"] == 0.0 and s["dlp"] == pytest.approx(abs(math.log(0.3) - math.log(0.6)))
+
+
+def test_position_stats_token_outside_the_other_top_k():
+    """A dense top-k token the other server did not return gets at most its k-th probability."""
+    d = _row({1: 0.6, 2: 0.3})
+    o = _row({1: 0.9, 3: 0.05})  # token 2 missing: 0.05 left over, k-th prob 0.05
+    s = loglik.position_stats(1, d, o, top_k=2)
+    q2 = min(0.05, 1 - 0.95)
+    expect = 0.6 * math.log(0.6 / 0.9) + 0.3 * math.log(0.3 / q2) + 0.1 * math.log(0.1 / (1 - 0.9 - q2))
+    assert s["kl"] == pytest.approx(expect, rel=1e-9)
+
+
+def test_compare_scores_the_tail_and_every_position():
+    ids = [[5] * 11]
+    d = [[_row({5: 0.9, 6: 0.05})] * 10]
+    o = [[_row({5: 0.9, 6: 0.05})] * 6 + [_row({6: 0.9, 5: 0.05})] * 4]
+    out = loglik.compare(ids, d, o, top_k=2, tail=4, bucket=4)
+    assert out["positions"] == 4 and out["top1_agreement"] == 0.0
+    assert out["all_positions"]["positions"] == 10
+    assert out["all_positions"]["top1_agreement"] == pytest.approx(0.6)
+    assert [b["from"] for b in out["by_position"]] == [0, 4, 8]
+
+
+@pytest.fixture
+def calibrated(tmp_path):
+    """A map as calibrate writes it (header with the per-layer KL), and its dynamic variant."""
+    args = argparse.Namespace(model=str(tmp_path / "tiny"), model_name="org/Tiny-Model",
+                              out="m.yaml", kl_budget=0.02, max_layers_fraction=0.5, n_init=4,
+                              n_local=[64], n_local_chosen=64, n_last=16, min_prompt_len=128,
+                              num_generated=4, device="cpu", dtype_used="float32", dynamic_rest=False)
+    per_layer = {0: 0.3, 1: 0.02, 2: 0.001, 3: 0.0, 4: 0.5, 5: 0.004}
+    sel = Selection(per_layer, [], [2, 3, 5], 0.004, "reached --max-layers-fraction (3 layers)")
+    base = tmp_path / "tiny-model.yaml"
+    base.write_text(map_text(args, 6, sel, "2 prompts"))
+    (tmp_path / "tiny-model-dynamic.yaml").write_text(
+        map_text(args, 6, sel, "2 prompts", dynamic=True, match=False))
+    return base, per_layer
+
+
+def test_layer_kl_read_back_and_bad_map(calibrated, tmp_path):
+    base_path, per_layer = calibrated
+    assert layer_kl_from_map(str(base_path)) == pytest.approx(per_layer)
+    base = load_layer_map(str(base_path))
+    assert base.model == "org/Tiny-Model" and base.match == ("Tiny-Model",)
+    assert eval_maps.worst_layers(base, None) == [0, 1, 4]
+    assert eval_maps.worst_layers(base, "1-2") == [1, 2]
+    dyn = eval_maps.dynamic_map(None, base)
+    assert sorted(dyn.dynamic_layers) == [0, 1, 4] and not dyn.match
+    paths = eval_maps.derived_maps(base, dyn, [0, 1, 4], str(tmp_path / "derived"))
+    bad = load_layer_map(paths["triangle-bad"])
+    assert sorted(bad.layers) == [0, 1, 4] and not bad.match
+    assert (bad.defaults, bad.min_prompt_len) == (base.defaults, base.min_prompt_len)
+    only = load_layer_map(paths["dynamic-only"])
+    assert not only.layers and sorted(only.dynamic_layers) == list(range(6))
+
+
+def test_bad_layers_need_a_calibrated_map(tmp_path):
+    from vllm_trianglemix.tools.errors import ToolError
+
+    path = tmp_path / "plain.yaml"
+    path.write_text("n_init: 4\nn_local: 64\nn_last: 16\nmin_prompt_len: 128\ntriangle_layers: [1]\n")
+    with pytest.raises(ToolError, match="--bad-layers"):
+        eval_maps.worst_layers(load_layer_map(str(path)), None)
+
+
+def _report(tri_score: float, bad_kl: float) -> dict:
+    def config(score, kl, top1):
+        ll = {"positions": 64, "top1_agreement": top1, "kl": kl, "max_kl": kl, "ppl": 10.0,
+              "ppl_dense": 10.0, "mean_abs_delta_logprob": 0.1,
+              "all_positions": {"positions": 100, "top1_agreement": top1, "kl": kl},
+              "by_position": [{"from": 0, "positions": 100, "top1_agreement": top1, "kl": kl}]}
+        return {"ruler": {"niah_single_1": {"1024": {"score": score, "n": 4}}},
+                "density": {}, "seconds": {"total": 1.0}, "loglik": ll}
+
+    configs = {"dense": config(75.0, 0.0, 1.0), "triangle": config(tri_score, 0.001, 0.97),
+               "triangle-bad": config(50.0, bad_kl, 0.9)}
+    del configs["dense"]["loglik"]
+    return {"model": "m", "vllm": "0.32.0", "machine": "x", "date": "d", "limit": 4,
+            "tasks": ["niah_single_1"], "lengths": [1024],
+            "loglik": {"docs": 1, "length": 1024, "top_k": 20, "tail": 64, "text": "t"},
+            "seconds": {"total": 3.0, "sample_generation": 1.0}, "configs": configs}
+
+
+@pytest.mark.parametrize("tri_score,bad_kl,passed", [(75.0, 0.01, [True, True]),
+                                                     (50.0, 0.01, [False, True]),
+                                                     (75.0, 0.0015, [True, False])])
+def test_checks_can_fail(tri_score, bad_kl, passed):
+    report = _report(tri_score, bad_kl)
+    assert [c["passed"] for c in checks(report["configs"], 2.0)] == passed
+
+
+def test_report_table_and_plot(tmp_path):
+    report = _report(75.0, 0.01)
+    report["checks"] = checks(report["configs"], 2.0)
+    text = eval_report.markdown(report)
+    assert "| niah_single_1 | 1024 | 75.0 | 75.0 | 50.0 |" in text
+    assert "| triangle-bad | 0.9000 |" in text and "PASS" in text
+    pytest.importorskip("matplotlib")
+    assert eval_report.plot(report, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000

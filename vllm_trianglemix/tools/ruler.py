@@ -1,0 +1,114 @@
+"""RULER through lm-eval: its synthetic tasks, generated offline, scored against any OpenAI server.
+
+lm-eval (0.4.13) generates each RULER task's samples itself with the model's
+tokenizer, sized to each target length (``max_seq_lengths``); the tasks used
+here need no download: ``niah_single_1`` (a needle in a repeated-sentence
+haystack), ``niah_multikey_2`` / ``niah_multikey_3`` (needles among needles),
+``ruler_vt`` (variable tracking), ``ruler_cwe`` / ``ruler_fwe`` (common /
+frequent word extraction). The essay haystacks (``niah_single_2`` etc.) and
+the QA tasks download their text, which a machine without internet cannot.
+
+The samples are generated once per length (lm-eval makes 500 per task and
+length; ``limit`` takes the first ones) and reused for every server, so every
+configuration answers the same prompts. lm-eval's ``local-completions`` model
+sends them (token ids, greedy, the task's own generation settings) and its
+RULER scoring (``string_match_all`` / ``_part``) scores the answers; the score
+of a task at a length is the mean over its samples, in percent, as RULER reports.
+
+Generation: greedy, each task's own settings, its length capped by
+``max_gen_toks`` when given (``eval`` caps at 48 tokens by default: every
+answer these tasks ask for fits, and the small model's rambling after it, up
+to 128 tokens of decode per sample, would cost most of the run's time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("vllm.trianglemix")
+
+OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3",
+                 "ruler_vt", "ruler_cwe", "ruler_fwe")
+DEFAULT_TASKS = ("niah_single_1", "ruler_vt", "ruler_cwe", "ruler_fwe")
+
+
+@dataclass
+class RulerSet:
+    """The loaded lm-eval tasks of one length (their samples generated)."""
+
+    length: int
+    tasks: tuple[str, ...]
+    task_dict: dict = field(repr=False)
+
+
+def check_installed() -> None:
+    from vllm_trianglemix.tools.errors import ToolError
+
+    try:
+        import lm_eval  # noqa: F401
+        import nltk  # noqa: F401
+        import wonderwords  # noqa: F401
+    except ImportError as e:
+        raise ToolError(f"lm-eval's RULER tasks need {e.name}: install the accuracy extra, "
+                        "`pip install -r requirements/accuracy.txt` (or "
+                        "`pip install \"vllm-trianglemix[accuracy]\"`)") from None
+
+
+def load(tasks, length: int, tokenizer_dir: str, max_gen_toks: int | None = None) -> RulerSet:
+    """Generate the samples of ``tasks`` at ``length`` tokens (lm-eval's own generators);
+    ``max_gen_toks`` caps each task's own generation length (as lm-eval's --gen_kwargs)."""
+    check_installed()
+    # Nothing from a hub: the tokenizer is a local folder, the generators need no data.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(metadata={"tokenizer": tokenizer_dir, "max_seq_lengths": [length]})
+    task_dict = manager.load(list(tasks))
+    if max_gen_toks is not None:
+        for task in task_dict["tasks"].values():
+            own = task.get_config("generation_kwargs") or {}
+            cap = min(max_gen_toks, own.get("max_gen_toks", max_gen_toks))
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": cap}, update=True)
+    return RulerSet(length, tuple(tasks), task_dict)
+
+
+def make_lm(base_url: str, model: str, tokenizer_dir: str, max_length: int,
+            num_concurrent: int = 1, timeout: int = 600):
+    """lm-eval's ``local-completions`` model on ``base_url`` (an OpenAI server)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(
+        base_url=base_url.rstrip("/") + "/v1/completions", model=model,
+        tokenizer_backend="huggingface", tokenizer=tokenizer_dir, tokenized_requests=True,
+        max_length=max_length, num_concurrent=num_concurrent, max_retries=3, timeout=timeout,
+    )
+
+
+def evaluate(lm, ruler: RulerSet, limit: int | None) -> dict[str, dict]:
+    """Score ``lm`` on ``ruler``'s tasks: {task: {"score": percent, "n": samples,
+    "answers": [...]}}, from lm-eval's per-sample RULER scores."""
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+    results = lm_eval_evaluate(lm=lm, task_dict=ruler.task_dict, limit=limit,
+                               log_samples=True, bootstrap_iters=0, verbosity="WARNING")
+    out = {}
+    for task in ruler.tasks:
+        samples = results["samples"][task]
+        scores, answers = [], []
+        for sample in samples:
+            key = str(sample["doc"]["max_length"])
+            value = sample.get(key)
+            if value is None:  # lm-eval keeps per-sample metrics under the metric name
+                value = (sample.get("metrics") or {}).get(key)
+            scores.append(float(value))
+            resp = sample.get("filtered_resps") or sample.get("resps") or [""]
+            while isinstance(resp, list) and resp:
+                resp = resp[0]
+            answers.append(resp if isinstance(resp, str) else str(resp))
+        out[task] = {"score": 100.0 * sum(scores) / len(scores) if scores else None,
+                     "n": len(scores), "scores": scores, "answers": answers,
+                     "references": [list(s["doc"].get("outputs") or []) for s in samples]}
+    return out
