@@ -45,6 +45,7 @@ SHAPES = {
     "qwen3.5-4b-9b": ["bench:qwen3.5-4b", "bench:qwen3.5-4b-text"],
     "qwen3.5-27b": ["qwen3_5:64", "next-class:64"],
     "qwen3.5-35b-a3b": ["qwen3_5_moe:40", "next-class:40"],
+    "smollm2-135m-instruct": ["smollm2"],
 }
 CASES = [(f"{base}{suffix}", shape) for base, shapes in SHAPES.items()
          for suffix in ("", "-dynamic") for shape in shapes]
@@ -76,6 +77,17 @@ def shapes(tmp_path_factory, model_dir):
             kind, _, arg = shape.partition(":")
             if kind == "bench":
                 out[shape] = (os.path.join(MODELS, arg), arg != "qwen3.5-4b" or qwen3_5_builds)
+                continue
+            if kind == "smollm2":  # SmolLM2-135M-Instruct's shape (a Llama; its config, no weights)
+                from transformers import LlamaConfig
+
+                folder = root / base
+                config = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                     hidden_size=576, intermediate_size=1536, vocab_size=49152,
+                                     max_position_embeddings=8192, tie_word_embeddings=True)
+                config.architectures = ["LlamaForCausalLM"]
+                config.save_pretrained(folder)
+                out[shape] = (str(folder), True)
                 continue
             if kind not in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "next-class"):
                 continue

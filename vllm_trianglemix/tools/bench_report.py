@@ -220,7 +220,7 @@ def run(args) -> int:
     with open(args.ttft) as f:
         ttft = json.load(f)
     lines = [MARKER, "# Benchmarks", "",
-             "Written by `vllm-trianglemix bench report` from one device session; the commands, date and GPU",
+             "Written by `vllm-trianglemix bench report` from one set of runs; the commands, date and GPU",
              "are those of the runs. Regenerate them with the commands shown.", ""]
     lines += kernel_section(kernel) + [""] + ttft_section(ttft)
     if args.hybrid_ttft:
