@@ -101,9 +101,13 @@ def test_soak_loses_nothing(soak_run):
 
 
 def test_cancels_land_inside_prefills(soak_run):
+    """Every planned cancel is accounted for (aborted, or its request finished first: time-based
+    cancels race the machine's speed, so their split is not a verdict), and the cancels planned
+    before the first chunk land before the first token."""
     summary = soak_run
-    assert summary["aborted"] >= 8
-    assert summary["aborted_before_first_token"] >= 1, "no cancel landed inside a prefill"
+    assert summary["aborted"] + summary["aborts_finished_first"] == summary["aborts_planned"] >= 8
+    assert summary["aborted_before_first_token"] >= summary["aborts_at_start"] >= 1, \
+        "no cancel landed inside a prefill"
 
 
 def test_every_malformed_kind_is_a_4xx(soak_run, server):

@@ -609,7 +609,11 @@ def soak(args, url: str, server_log: str | None = None) -> dict:
         request_timeout=request_timeout, logprobs=args.logprobs, temperature=args.temperature,
         max_model_len=max_model_len, vocab_size=vocab, progress=not args.no_progress))
     summary = {"url": url, "model": model, "max_model_len": max_model_len, "vocab_size": vocab,
-               "concurrency": args.concurrency, "lengths": args.lengths, **summarize(outcomes, wall, unfinished)}
+               "concurrency": args.concurrency, "lengths": args.lengths, **summarize(outcomes, wall, unfinished),
+               # the plan's cancels: each one is aborted or finishes first; those at chunk 0 close the
+               # stream before its first token (whatever the machine's speed)
+               "aborts_planned": sum(j.kind == "abort" for j in jobs),
+               "aborts_at_start": sum(j.kind == "abort" and j.abort_after_chunks == 0 for j in jobs)}
     metrics_after = settle(url, args.settle_seconds)
     if probes:
         summary["probe"] = compare_probes(before, probe(url, model, probes, request_timeout),
