@@ -584,3 +584,27 @@ def test_triton_interpreted_kernel_that_never_builds_shrinks_until_it_does(monke
     assert sum("does not build on this GPU" in r.getMessage() for r in caplog.records) == 1
     ref, _ = _reference(batch, params)
     assert relative_error(out, ref) < 1e-5
+
+
+def test_kernel_config_from_the_environment(monkeypatch):
+    """TRIANGLEMIX_XATTN_CONFIG: fields override the defaults; the previous release's kernel
+    switches are ignored with one warning; an unknown field is refused, naming it."""
+    import logging
+
+    from vllm_trianglemix.ops.xattention_triton import CONFIG_ENV, XAttnKernelConfig
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("vllm.trianglemix")
+    logger.addHandler(handler)
+    try:
+        monkeypatch.setenv(CONFIG_ENV, "est_kernel=2,select_kernel=1,block_n=32")
+        config = XAttnKernelConfig.from_env(128)
+    finally:
+        logger.removeHandler(handler)
+    assert config == XAttnKernelConfig(block_n=32)
+    assert sum("no longer choose anything" in m for m in messages) == 1
+    monkeypatch.setenv(CONFIG_ENV, "blok_n=32")
+    with pytest.raises(ValueError, match=f"{CONFIG_ENV}: unknown field 'blok_n'"):
+        XAttnKernelConfig.from_env(128)
