@@ -10,7 +10,8 @@
 #                                    ttft dense,trianglemix,dynamic@0.1 --fast-start
 #   bash scripts/gpu.sh dynamic      dynamic-layer (XAttention) kernel tests + bench dynamic (its chosen
 #                                    configuration in /tmp/tmx/dynamic.env, which later ttft steps use;
-#                                    DYNAMIC_ARGS: more bench dynamic options, e.g. --lengths 128000)
+#                                    DYNAMIC_ARGS: more bench dynamic options, e.g. --lengths 128000;
+#                                    DYNAMIC_TEST_S=0: the bench only)
 #   bash scripts/gpu.sh ray test     the Ray executor test (tests/gpu/test_ray_gpu.py)
 #   bash scripts/gpu.sh ray ttft [mp|ray]    TriangleMix TTFT at 32K and 64K on the mp and Ray executors
 #   bash scripts/gpu.sh tp2 test|ttft|256k|all   TP=2 exactness (mp and Ray) / TTFT (two GPUs)
@@ -23,10 +24,12 @@
 # nvidia-cutlass-dsl.
 #   bash scripts/gpu.sh hybrid-check               GPU hybrid tests (tiny Qwen3-Next)
 #   bash scripts/gpu.sh hybrid-ttft [BACKENDS]     TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
+#                                    (HYBRID_LENGTHS; dynamic engines: the bundled qwen3.5-4b-9b-dynamic map)
 #   bash scripts/gpu.sh breadth-tests              fp8 + FlashInfer GPU tests (BREADTH_K: pytest -k)
-#   bash scripts/gpu.sh breadth-bench fp8|flashinfer
-#                                    TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix, on an fp8
-#                                    KV cache (FA3) or on FlashInfer (forced); --fast-start engines
+#   bash scripts/gpu.sh breadth-bench fp8|flashinfer [BACKENDS]
+#                                    TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix (BACKENDS, e.g.
+#                                    dense,trianglemix,dynamic@0.1), on an fp8 KV cache (FA3) or on
+#                                    FlashInfer (forced); --fast-start engines
 #
 # pip's own settings apply to the plugin's install (e.g. PIP_TARGET for an environment installed
 # into a folder). Logs and results go to $OUT (default /tmp/tmx-out); /tmp/tmx keeps them between steps.
@@ -156,7 +159,7 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     ;;
   dynamic)
     install_plugin
-    timeout "${DYNAMIC_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider --durations=5 tests/gpu/test_xattention_gpu.py \
+    [ "${DYNAMIC_TEST_S:-200}" = 0 ] || timeout "${DYNAMIC_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider --durations=5 tests/gpu/test_xattention_gpu.py \
       > /tmp/tmx/dynamic_tests.log 2>&1 || true
     timeout "${DYNAMIC_BENCH_S:-400}" python3 -m vllm_trianglemix bench dynamic --out /tmp/tmx/dynamic.json \
       --best-env /tmp/tmx/dynamic.env ${DYNAMIC_ARGS:-} > /tmp/tmx/dynamic.log 2>&1 || true
@@ -187,6 +190,7 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
       model=(--model benchmarks/models/qwen3.5-4b-text)
     fi
     python3 -m vllm_trianglemix bench ttft "${model[@]}" --trianglemix-config configs/qwen3.5-4b-9b.yaml \
+      --dynamic-map qwen3.5-4b-9b-dynamic \
       --lengths ${HYBRID_LENGTHS:-32000 64000 128000 256000} --max-model-len 262144 --repeats 1 \
       --fast-start --gdn-prefill-backend triton --itl-tokens 64 \
       --backends "${2:-dense,trianglemix}" --append --out /tmp/tmx/hybrid_ttft.json \
@@ -214,13 +218,13 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     install_plugin
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
     python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
-      --backends dense,trianglemix "${setup[@]}" --fast-start --repeats 1 --itl-tokens 64 \
-      --append --out /tmp/tmx/breadth_ttft.json > "/tmp/tmx/breadth_$2.log" 2>&1 || true
-    cp /tmp/tmx/breadth_ttft.json "/tmp/tmx/breadth_$2.log" "$OUT"/ 2>/dev/null || true
+      --backends "${3:-dense,trianglemix}" "${setup[@]}" --fast-start --repeats 1 --itl-tokens 64 \
+      --append --out "/tmp/tmx/breadth_ttft_$2.json" > "/tmp/tmx/breadth_$2.log" 2>&1 || true
+    cp "/tmp/tmx/breadth_ttft_$2.json" "/tmp/tmx/breadth_$2.log" "$OUT"/ 2>/dev/null || true
     grep -E "Error|Traceback" "/tmp/tmx/breadth_$2.log" | tail -3 || true
-    python3 - <<'PY' || true
-import json
-r = json.load(open("/tmp/tmx/breadth_ttft.json"))["results"]
+    BREADTH_JSON="/tmp/tmx/breadth_ttft_$2.json" python3 - <<'PY' || true
+import json, os
+r = json.load(open(os.environ["BREADTH_JSON"]))["results"]
 for k, v in r.items():
     print(f"{k}: engine start {v['engine_start_s']:.0f} s, first request {v['first_request_s']:.1f} s"
           + (f", new FlashInfer JIT modules {v['flashinfer_jit_new_files']}"

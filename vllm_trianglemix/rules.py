@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from vllm_trianglemix.model_info import HYBRID_MODEL_TYPES, has_sliding_layers, hf_attention_layer_ids
 
 CHECKED_AT_START = (
-    "dtype and head size on GPU, the GPU limits of dynamic layers (block_size, stride; "
-    "an fp8 KV cache with dynamic layers on CUDA), --kv-cache-dtype, speculative decoding, "
-    "context parallelism"
+    "dtype and head size on GPU, the GPU limits of dynamic layers (block_size, stride), "
+    "--kv-cache-dtype, speculative decoding, context parallelism"
 )
 """What the tools leave to the engine's check at start (it needs the engine's settings)."""
 

@@ -8,7 +8,12 @@ float32 on the CPU with the exact mask (tests/reference_qwen3_next.py):
 * the stock engine is within TOL of the dense reference (what bfloat16 costs);
 * the TriangleMix engine is within TOL of the triangle reference and at least
   FAR from the dense one, on prompts batched together and chunked;
-* decode after a triangle prefill matches the reference with dense decode rows.
+* decode after a triangle prefill matches the reference with dense decode rows;
+* dynamic (XAttention) layers on the GPU kernels: with every block kept they are
+  dense within TOL (the stock engine's own distance), and the CPU tests' map
+  (threshold 0.5: drops blocks) matches the exact rules within TOL and is at least
+  FAR from dense, on the CPU tests' prompts (every selection decision of the
+  reference at least MARGIN from flipping).
 
 The failure messages print the measured distances.
 """
@@ -20,6 +25,8 @@ import pytest
 import torch
 
 from tests.e2e_cpu.conftest import HYBRID_MAP
+from tests.e2e_cpu.test_hybrid_dynamic import MAP as DYNAMIC_MAP
+from tests.e2e_cpu.test_hybrid_dynamic import MARGIN
 
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
@@ -121,3 +128,71 @@ def test_decode_rows_are_dense(engines, reference):
     for step, lps in enumerate(out.outputs[0].logprobs):
         err = max(abs(v.logprob - lp[step, t].item()) for t, v in lps.items())
         assert err < TOL, f"step {step}: {err}"
+
+
+KEEP_ALL_MAP = """\
+n_init: 4
+n_local: 64
+n_last: 16
+min_prompt_len: 128
+dynamic_layers: [3, 7]
+dynamic: {block_size: 128, stride: 8, threshold: 1.0}
+"""
+"""Both full-attention layers dynamic, every block kept: dense, through the estimate,
+selection and sparse-attention kernels."""
+DYNAMIC_PROMPTS = [(400, 1006), (400, 1014), (360, 1002)]
+"""The CPU tests' prompts (tests/e2e_cpu/test_hybrid_dynamic.py): no near-tie in bfloat16."""
+
+
+@pytest.fixture(scope="module")
+def dynamic_engines(model_dir, tmp_path_factory):
+    pytest.importorskip("vllm")
+    from vllm import LLM
+
+    from vllm_trianglemix.config import load_layer_map
+
+    folder = tmp_path_factory.mktemp("dynamic-maps")
+    maps = {}
+    for name, text in (("keep-all", KEEP_ALL_MAP), ("dropping", DYNAMIC_MAP)):
+        (folder / f"{name}.yaml").write_text(text)
+        maps[name] = str(folder / f"{name}.yaml")
+    args = dict(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
+                max_num_batched_tokens=256, gpu_memory_utilization=0.1, seed=0,
+                attention_backend="TRIANGLEMIX")
+    llms = {name: LLM(**args, additional_config={**GDN, "trianglemix_config": path})
+            for name, path in maps.items()}
+    yield {name: (llms[name], load_layer_map(path)) for name, path in maps.items()}
+    del llms
+
+
+def _checked(ref, p, layer_map):
+    lp = ref.prompt_logprobs(p, layer_map)
+    assert ref.margin > MARGIN, (len(p), ref.margin)
+    return lp
+
+
+def test_keep_all_dynamic_layers_are_dense(engines, dynamic_engines, reference):
+    stock, _ = engines
+    ref, _ = reference
+    keep_all, _ = dynamic_engines["keep-all"]
+    prompts = [_prompt(n, seed) for n, seed in DYNAMIC_PROMPTS]
+    outs_s = _gen(stock, prompts, max_tokens=1, prompt_logprobs=0)
+    outs_k = _gen(keep_all, prompts, max_tokens=1, prompt_logprobs=0)
+    for p, o_s, o_k in zip(prompts, outs_s, outs_k):
+        dense = ref.prompt_logprobs(p, None)
+        d = {"stock-dense": (_prompt_logprobs(o_s, p) - dense).abs().max().item(),
+             "keepall-dense": (_prompt_logprobs(o_k, p) - dense).abs().max().item()}
+        assert d["keepall-dense"] < TOL, f"L={len(p)} {d}"
+
+
+def test_dropping_threshold_matches_the_rules(dynamic_engines, reference):
+    ref, _ = reference
+    llm, layer_map = dynamic_engines["dropping"]
+    prompts = [_prompt(n, seed) for n, seed in DYNAMIC_PROMPTS]
+    for p, out in zip(prompts, _gen(llm, prompts, max_tokens=1, prompt_logprobs=0)):
+        got, dyn_ref = _prompt_logprobs(out, p), _checked(ref, p, layer_map)
+        dense = ref.prompt_logprobs(p, None)
+        d = {"dyn-dynref": (got - dyn_ref).abs().max().item(),
+             "dyn-dense": (got - dense).abs().max().item()}
+        assert d["dyn-dynref"] < TOL, f"L={len(p)} {d}"
+        assert d["dyn-dense"] > FAR, f"L={len(p)} {d}"
