@@ -2,9 +2,10 @@
 # GPU checks and benchmarks, one step per call, run from the repository root on a CUDA machine
 # where vLLM is installed (the plugin itself is (re)installed by each step, without dependencies).
 #
-#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu in one pytest process
-#                                    (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid, Ray TP=1;
-#                                    Ray is skipped where it is not installed), with per-test durations
+#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in four pytest processes side
+#                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid,
+#                                    Ray TP=1; Ray is skipped where it is not installed), with per-test
+#                                    durations per lane
 #   bash scripts/gpu.sh kernel       bench kernel: one triangle layer vs FA3 (+ best kernel config)
 #   bash scripts/gpu.sh ttft BACKENDS [ARGS]   bench ttft on the Llama-3.1-8B shape, e.g.
 #                                    ttft dense,trianglemix,dynamic@0.1 --fast-start
@@ -54,6 +55,15 @@ install_plugin() {  # into the environment vLLM runs in, entry point included (R
     > /tmp/tmx/install.log 2>&1 || { tail -5 /tmp/tmx/install.log; exit 1; }
   touch "$stamp"
 }
+compile_site() {  # byte-compile the environment vLLM runs from, once: every engine is a new process
+  # that imports torch and vLLM, and an environment installed without bytecode compiles them each time
+  [ -f /tmp/tmx/compiled ] && return 0
+  local site t0; t0=$(date +%s)
+  site=$(python3 -c "import os, vllm; print(os.path.dirname(os.path.dirname(vllm.__file__)))")
+  python3 -m compileall -q -j 0 "$site" > /tmp/tmx/compileall.log 2>&1 || true
+  echo "byte-compiled $site in $(( $(date +%s) - t0 )) s"
+  touch /tmp/tmx/compiled
+}
 case "$1" in
   pair)
     install_plugin
@@ -78,14 +88,32 @@ case "$1" in
     ;;
   suite)
     install_plugin
-    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > /tmp/tmx/gpu.txt || true
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/gpu.txt" || true
+    compile_site
     start=$(date +%s)
-    python3 -m pytest -q -s -rs -p no:cacheprovider --durations=25 tests/gpu \
-      > "$OUT/gpu_suite.log" 2>&1 || true
-    echo "GPU suite: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_suite.log"
-    cp /tmp/tmx/gpu.txt "$OUT"/
-    grep -E "^(FAILED|ERROR)|^BREADTH:" "$OUT/gpu_suite.log" | sed 's/^.*BREADTH: /  /' | tail -20 || true
-    grep -E "passed|failed" "$OUT/gpu_suite.log" | tail -2
+    # Four pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
+    # mostly a new process importing torch and vLLM; FlashInfer's first build about 110 s). Every
+    # GPU test is in exactly one lane (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests
+    # share one lane (one build).
+    lanes=(  # "pytest -k expression|test files"
+      "flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_dynamic_backend_gpu.py"
+      "not flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_backend_gpu.py"
+      "not flashinfer|tests/gpu/test_dynamic_backend_gpu.py tests/gpu/test_hybrid_gpu.py"
+      "|tests/gpu/test_kernel_gpu.py tests/gpu/test_xattention_gpu.py tests/gpu/test_ray_gpu.py tests/gpu/test_tp2_gpu.py"
+    )
+    for i in "${!lanes[@]}"; do
+      IFS='|' read -r k files <<< "${lanes[$i]}"
+      # shellcheck disable=SC2086
+      python3 -m pytest -q -s -rs -p no:cacheprovider --durations=10 ${k:+-k "$k"} $files \
+        > "$OUT/gpu_suite_lane$i.log" 2>&1 &
+    done
+    wait
+    echo "GPU suite: $(( $(date +%s) - start )) s (${#lanes[@]} lanes side by side)" | tee "$OUT/gpu_suite.txt"
+    for i in "${!lanes[@]}"; do
+      grep -E "^(FAILED|ERROR)|^BREADTH:" "$OUT/gpu_suite_lane$i.log" | sed 's/^.*BREADTH: /  /' | tail -12 || true
+      echo "lane $i (${lanes[$i]}): $(grep -E "(passed|failed|error).* in " "$OUT/gpu_suite_lane$i.log" | tail -1)" \
+        | tee -a "$OUT/gpu_suite.txt"
+    done
     ;;
   kernel)
     install_plugin
@@ -193,11 +221,10 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
       --dynamic-map qwen3.5-4b-9b-dynamic \
       --lengths ${HYBRID_LENGTHS:-32000 64000 128000 256000} --max-model-len 262144 --repeats 1 \
       --fast-start --gdn-prefill-backend triton --itl-tokens 64 \
-      --backends "${2:-dense,trianglemix}" --append --out /tmp/tmx/hybrid_ttft.json \
-      > /tmp/tmx/hybrid_ttft.log 2>&1 || true
-    cp /tmp/tmx/hybrid_ttft.json /tmp/tmx/hybrid_ttft.log "$OUT"/ 2>/dev/null || true
-    grep -E "Error|Traceback" /tmp/tmx/hybrid_ttft.log | tail -3 || true
-    tail -10 /tmp/tmx/hybrid_ttft.log
+      --backends "${2:-dense,trianglemix}" --out "$OUT/hybrid_ttft.json" \
+      > "$OUT/hybrid_ttft.log" 2>&1 || true
+    grep -E "Error|Traceback" "$OUT/hybrid_ttft.log" | tail -3 || true
+    tail -10 "$OUT/hybrid_ttft.log"
     ;;
   breadth-tests)
     install_plugin
@@ -219,10 +246,9 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
     python3 -m vllm_trianglemix bench ttft --model benchmarks/models/llama-3.1-8b-instruct \
       --backends "${3:-dense,trianglemix}" "${setup[@]}" --fast-start --repeats 1 --itl-tokens 64 \
-      --append --out "/tmp/tmx/breadth_ttft_$2.json" > "/tmp/tmx/breadth_$2.log" 2>&1 || true
-    cp "/tmp/tmx/breadth_ttft_$2.json" "/tmp/tmx/breadth_$2.log" "$OUT"/ 2>/dev/null || true
-    grep -E "Error|Traceback" "/tmp/tmx/breadth_$2.log" | tail -3 || true
-    BREADTH_JSON="/tmp/tmx/breadth_ttft_$2.json" python3 - <<'PY' || true
+      --out "$OUT/breadth_ttft_$2.json" > "$OUT/breadth_$2.log" 2>&1 || true
+    grep -E "Error|Traceback" "$OUT/breadth_$2.log" | tail -3 || true
+    BREADTH_JSON="$OUT/breadth_ttft_$2.json" python3 - <<'PY' || true
 import json, os
 r = json.load(open(os.environ["BREADTH_JSON"]))["results"]
 for k, v in r.items():
@@ -230,7 +256,7 @@ for k, v in r.items():
           + (f", new FlashInfer JIT modules {v['flashinfer_jit_new_files']}"
              if v.get("flashinfer_jit_new_files") is not None else ""))
 PY
-    tail -13 "/tmp/tmx/breadth_$2.log"
+    tail -13 "$OUT/breadth_$2.log"
     ;;
   *) echo "usage: $0 pair STEPS STEPS | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
 esac
