@@ -3,7 +3,8 @@
 Engine starts dominate GPU test time, so every module that compares against the stock
 FlashAttention engine of the tiny float16 Llama uses the same one (``stock_engine``),
 and every engine starts eagerly (``enforce_eager``: no torch.compile, no CUDA graphs),
-small (``gpu_memory_utilization`` 0.1: several live side by side on one GPU).
+small (a fixed 1 GiB KV cache, ``gpu_memory_utilization`` 0.1: several live side by side on one
+GPU, also from several pytest processes).
 """
 
 import os
@@ -19,8 +20,12 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 # Every test model is a local folder: no look-ups on the model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+KV_CACHE_BYTES = 1 << 30
+"""Every test engine's KV cache, fixed: vLLM then skips its memory profiling, which fails when
+another process on the GPU frees memory meanwhile (scripts/gpu.sh runs test files side by side)."""
 ENGINE_ARGS = dict(dtype="float16", enforce_eager=True, max_model_len=4096,
-                   max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.1, seed=0)
+                   max_num_batched_tokens=256, block_size=16, gpu_memory_utilization=0.1,
+                   kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
 """The tiny Llama's engine settings in every GPU test (overrides per test)."""
 
 

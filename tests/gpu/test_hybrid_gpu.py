@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests.e2e_cpu.conftest import HYBRID_MAP
+from tests.gpu.conftest import KV_CACHE_BYTES
 from tests.e2e_cpu.test_hybrid_dynamic import MAP as DYNAMIC_MAP
 from tests.e2e_cpu.test_hybrid_dynamic import MARGIN
 
@@ -64,7 +65,8 @@ def engines(model_dir, map_path):
     from vllm import LLM
 
     args = dict(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
-                max_num_batched_tokens=256, gpu_memory_utilization=0.1, seed=0)
+                max_num_batched_tokens=256, gpu_memory_utilization=0.1,
+                kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
     stock = LLM(**args, additional_config=dict(GDN))
     tri = LLM(**args, attention_backend="TRIANGLEMIX",
               additional_config={**GDN, "trianglemix_config": map_path})
@@ -157,7 +159,8 @@ def dynamic_engines(model_dir, tmp_path_factory):
         (folder / f"{name}.yaml").write_text(text)
         maps[name] = str(folder / f"{name}.yaml")
     args = dict(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
-                max_num_batched_tokens=256, gpu_memory_utilization=0.1, seed=0,
+                max_num_batched_tokens=256, gpu_memory_utilization=0.1,
+                kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
                 attention_backend="TRIANGLEMIX")
     llms = {name: LLM(**args, additional_config={**GDN, "trianglemix_config": path})
             for name, path in maps.items()}
