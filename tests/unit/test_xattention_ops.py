@@ -352,6 +352,37 @@ def test_triton_interpreted_masses_match_torch_op(kernel):
         assert not mass[i, :, b + 1:].any()
 
 
+def _e4m3(x):
+    """The e4m3 rounding an fp8-scored estimate applies (saturating at +-448), as float32."""
+    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+
+
+def test_triton_interpreted_fp8_scored_masses_are_those_of_the_rounded_inputs():
+    """``est_fp8_score``: the block masses are exactly the estimate of the e4m3-rounded query and
+    keys (the rule unchanged, its inputs rounded), and the rounding is visible in them."""
+    from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+
+    params = PARAMS["tau_and_budget"]
+    dyn, _ = _triton_ops(8, 2, 64, est_fp8_score=1)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
+    query = batch.query * 3.0
+    query[0, 0, 0] = 1000.0  # beyond e4m3's range: saturates
+    dense_from, _, plan = _plans(batch, params)
+    mass = dyn.estimate(query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
+                        params, batch.scale)
+    moved = 0.0
+    for i in range(plan.num_items):
+        req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
+        pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
+        q, k = query[tok: tok + n], batch.keys[req]
+        expect = antidiagonal_block_mass(_e4m3(q), _e4m3(k), pos0, b, params.block_size, params.stride,
+                                         batch.scale)
+        torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
+        exact = antidiagonal_block_mass(q, k, pos0, b, params.block_size, params.stride, batch.scale)
+        moved = max(moved, (mass[i, :, : b + 1] - exact).abs().max().item())
+    assert moved > 1e-4, moved
+
+
 def test_triton_interpreted_threshold_one_is_causal():
     params = DynamicParams("xattention", 32, 4, 1.0, None, 16)
     dyn, tri = _triton_ops(8, 2, 64)

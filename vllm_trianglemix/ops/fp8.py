@@ -111,3 +111,13 @@ def kernel_fp8_args(query, key_cache, value_cache, scales: Fp8Scales | None, num
         tuple(placeholder if x is None else x for x in (q_s, k_s, v_s)),
         tuple(scale_stride(x, num_kv_heads) for x in (q_s, k_s, v_s)),
     )
+
+
+E4M3_MAX = 448.0
+"""The largest finite e4m3 (float8_e4m3fn) value."""
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to e4m3 (nearest, ties to even; saturating at +-448), an e4m3 tensor: what an
+    fp8-scored estimate (``est_fp8_score``) scores instead of the bf16/fp16 values."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

@@ -33,6 +33,11 @@ class XAttnKernelConfig:
     est_num_warps: int = 4
     est_num_stages: int = 3
     est_fp8_dot: int = 0  # 1: fp8 query and fp8 cache scored in e4m3 (exact products, float32 sums)
+    # 1: a bf16/fp16 query and cache scored on their e4m3 roundings (saturating at +-448; float32
+    # sums): half the bytes and twice the tensor-core rate of the estimate, but the selection is
+    # XAttention's on the rounded values, so it may differ from the exact one near the threshold
+    # (`bench dynamic` reports the agreement). Off by default; no effect on an fp8 cache.
+    est_fp8_score: int = 0
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
     attn_tma: int = 0  # 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later; not faster on the H200)

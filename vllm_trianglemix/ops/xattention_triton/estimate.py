@@ -84,9 +84,10 @@ def _estimate_kernel(
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
 
-    ``FP8_DOT`` (fp8 query and fp8 keys): the dots take the e4m3 values as they are; their
-    products are exact in float32 and the accumulation is kept float32
-    (``max_num_imprecise_acc=0``), so the scores equal the fp16 path's.
+    ``FP8_DOT`` (e4m3 keys): the dots take the e4m3 values as they are; their products are exact
+    in float32 and the accumulation is kept float32 (``max_num_imprecise_acc=0``), so with an fp8
+    query the scores equal the fp16 path's. (``est_fp8_score``: the query and the keys arrive
+    already rounded to e4m3, see op.py; the scores are those of the rounded values.)
     One loop over (key tile, stride offset), so that loads are pipelined across tile
     boundaries; a tile's epilogue runs on its last offset.
     """

@@ -11,7 +11,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 from vllm.logger import init_logger
 
-from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
+from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args, round_e4m3
 from vllm_trianglemix.ops.triangle_triton import _next_pow2
 from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
 from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
@@ -37,11 +37,16 @@ logger = init_logger("vllm.trianglemix")
 
 @dataclasses.dataclass
 class Packed:
-    """A step's repacked keys (and values), ``[kv_heads, keys, head_size]``, and their layout."""
+    """A step's repacked keys (and values), ``[kv_heads, keys, head_size]``, and their layout;
+    ``keys_e4m3``: the keys rounded to e4m3 for an fp8-scored estimate (``est_fp8_score``)."""
 
     keys: torch.Tensor
     values: torch.Tensor | None
     groups: Groups
+    keys_e4m3: torch.Tensor | None = None
+
+    def estimate_keys(self) -> torch.Tensor:
+        return self.keys if self.keys_e4m3 is None else self.keys_e4m3
 
 
 class TritonXAttentionOp:
@@ -93,7 +98,11 @@ class TritonXAttentionOp:
             dtype = torch.float16 if fp8.q_fp8 else query.dtype  # fp16 holds e4m3 values exactly
         kp, vp = repack(key_cache, value_cache, prepared.block_table, groups, self.num_kv_heads,
                         self.head_size, dtype, with_values)
-        return Packed(kp, vp, groups)
+        return Packed(kp, vp, groups, round_e4m3(kp) if self.fp8_scored(fp8) else None)
+
+    def fp8_scored(self, fp8) -> bool:
+        """Whether the estimate scores e4m3 roundings of a bf16/fp16 query and cache."""
+        return bool(self.config.est_fp8_score) and not fp8.q_fp8 and not fp8.kv_fp8
 
     def _fp8(self, query, key_cache, value_cache, prepared, scales):
         return kernel_fp8_args(query, key_cache, value_cache, scales, self.num_kv_heads,
@@ -116,12 +125,15 @@ class TritonXAttentionOp:
 
         def run():
             p = packed  # (repacked for this tile shape: a fallback to other tiles repacks)
-            if p is None or p.groups is not self.groups(prepared, params):
+            if (p is None or p.groups is not self.groups(prepared, params)
+                    or (p.keys_e4m3 is None) == self.fp8_scored(fp8)):
                 p = self.pack(query, key_cache, key_cache, prepared, params, fp8, with_values=False)
-            return estimate_stage.estimate(self, query, p.keys, prepared, p.groups, params, scale, fp8)
+            q = round_e4m3(query) if self.fp8_scored(fp8) else query
+            return estimate_stage.estimate(self, q, p.estimate_keys(), prepared, p.groups, params,
+                                           scale, fp8)
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
-                                                        "est_num_stages", "est_fp8_dot"))
+                                                        "est_num_stages", "est_fp8_dot", "est_fp8_score"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
