@@ -317,13 +317,21 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-ESTIMATE_KERNELS = ["", "est_block_m=256,est_num_stages=2", "est_block_n=64,est_num_stages=4"]
+ESTIMATE_KERNELS = ["", "est_block_m=256,est_num_stages=2", "est_block_n=64,est_num_stages=4",
+                    "est_fp8_score=1"]
+
+
+def _e4m3(x):
+    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
 
 
 @pytest.mark.parametrize("overrides", ESTIMATE_KERNELS)
 def test_estimate_is_exact_against_float32_op(overrides):
-    """The bf16 estimate's block masses (defaults and other tiles) equal the float32 CPU op's."""
+    """The bf16 estimate's block masses (defaults and other tiles) equal the float32 CPU op's;
+    fp8-scored (``est_fp8_score``), the CPU op's on the e4m3-rounded query and keys."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+
+    rounded = _e4m3 if "est_fp8_score=1" in overrides else (lambda x: x.float())
 
     params = PARAMS["default"]
     dyn = _ops(32, 8, 128, overrides)[0]
@@ -338,8 +346,8 @@ def test_estimate_is_exact_against_float32_op(overrides):
     for i in range(plan.num_items):
         req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
         pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
-        expect = antidiagonal_block_mass(batch.query[tok: tok + n].cpu().float(),
-                                         batch.keys[req].cpu().float(), pos0, b,
+        expect = antidiagonal_block_mass(rounded(batch.query[tok: tok + n].cpu()),
+                                         rounded(batch.keys[req].cpu()), pos0, b,
                                          params.block_size, params.stride, batch.scale)
         worst = max(worst, float((mass[i, :, : b + 1] - expect).abs().max() / expect.abs().max()))
     assert worst < 1e-4, worst
