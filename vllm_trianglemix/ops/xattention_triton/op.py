@@ -45,9 +45,6 @@ class Packed:
     groups: Groups
     keys_e4m3: torch.Tensor | None = None
 
-    def estimate_keys(self) -> torch.Tensor:
-        return self.keys if self.keys_e4m3 is None else self.keys_e4m3
-
 
 class TritonXAttentionOp:
     """Plans and launches the dynamic-layer kernels for one model shape."""
@@ -125,12 +122,12 @@ class TritonXAttentionOp:
 
         def run():
             p = packed  # (repacked for this tile shape: a fallback to other tiles repacks)
-            if (p is None or p.groups is not self.groups(prepared, params)
-                    or (p.keys_e4m3 is None) == self.fp8_scored(fp8)):
+            if p is None or p.groups is not self.groups(prepared, params):
                 p = self.pack(query, key_cache, key_cache, prepared, params, fp8, with_values=False)
-            q = round_e4m3(query) if self.fp8_scored(fp8) else query
-            return estimate_stage.estimate(self, q, p.estimate_keys(), prepared, p.groups, params,
-                                           scale, fp8)
+            q, keys = query, p.keys
+            if self.fp8_scored(fp8):
+                q, keys = round_e4m3(query), p.keys_e4m3 if p.keys_e4m3 is not None else round_e4m3(p.keys)
+            return estimate_stage.estimate(self, q, keys, prepared, p.groups, params, scale, fp8)
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
                                                         "est_num_stages", "est_fp8_dot", "est_fp8_score"))
