@@ -131,3 +131,26 @@ def test_report_table_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     assert eval_report.plot(report, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_ruler_samples_are_generated_without_a_network_fetch(monkeypatch):
+    """lm-eval's RULER module asks nltk to download punkt_tab when imported; loading the
+    offline tasks must not try (a machine without internet, or one that must not fetch)."""
+    pytest.importorskip("lm_eval")
+    nltk = pytest.importorskip("nltk")
+    import os
+
+    from vllm_trianglemix.tools import ruler
+
+    tokenizer = os.path.expanduser("~/.cache/vllm-trianglemix/smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+        pytest.skip("the SmolLM2 folder is not cached (vllm-trianglemix smollm2 makes it)")
+
+    def fetch(*args, **kwargs):
+        raise AssertionError(f"nltk.download{args} was called")
+
+    monkeypatch.setattr(nltk, "download", fetch)
+    monkeypatch.setattr(nltk.data, "find", lambda *a, **k: (_ for _ in ()).throw(LookupError("absent")))
+    loaded = ruler.load(["niah_single_1"], 1024, tokenizer, max_gen_toks=48)
+    assert loaded.tasks == ("niah_single_1",)
+    assert nltk.download is fetch  # restored

@@ -23,6 +23,7 @@ to 128 tokens of decode per sample, would cost most of the run's time).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -56,6 +57,24 @@ def check_installed() -> None:
                         "`pip install \"vllm-trianglemix[accuracy]\"`)") from None
 
 
+@contextlib.contextmanager
+def _without_nltk_downloads():
+    """lm-eval's RULER module asks nltk to fetch its sentence splitter (punkt_tab) from GitHub
+    when it is imported; only the essay haystacks split sentences, so the tasks used here never
+    need it: the fetch is skipped and nothing leaves the machine."""
+    import nltk
+
+    def skipped(info_or_id=None, *args, **kwargs):
+        logger.debug("RULER: nltk download of %s skipped (the offline tasks do not use it)", info_or_id)
+        return False
+
+    saved, nltk.download = nltk.download, skipped
+    try:
+        yield
+    finally:
+        nltk.download = saved
+
+
 def load(tasks, length: int, tokenizer_dir: str, max_gen_toks: int | None = None) -> RulerSet:
     """Generate the samples of ``tasks`` at ``length`` tokens (lm-eval's own generators);
     ``max_gen_toks`` caps each task's own generation length (as lm-eval's --gen_kwargs)."""
@@ -66,7 +85,8 @@ def load(tasks, length: int, tokenizer_dir: str, max_gen_toks: int | None = None
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(metadata={"tokenizer": tokenizer_dir, "max_seq_lengths": [length]})
-    task_dict = manager.load(list(tasks))
+    with _without_nltk_downloads():
+        task_dict = manager.load(list(tasks))
     if max_gen_toks is not None:
         for task in task_dict["tasks"].values():
             own = task.get_config("generation_kwargs") or {}
