@@ -37,13 +37,11 @@ logger = init_logger("vllm.trianglemix")
 
 @dataclasses.dataclass
 class Packed:
-    """A step's repacked keys (and values), ``[kv_heads, keys, head_size]``, and their layout;
-    ``keys_e4m3``: the keys rounded to e4m3 for an fp8-scored estimate (``est_fp8_score``)."""
+    """A step's repacked keys (and values), ``[kv_heads, keys, head_size]``, and their layout."""
 
     keys: torch.Tensor
     values: torch.Tensor | None
     groups: Groups
-    keys_e4m3: torch.Tensor | None = None
 
 
 class TritonXAttentionOp:
@@ -95,7 +93,7 @@ class TritonXAttentionOp:
             dtype = torch.float16 if fp8.q_fp8 else query.dtype  # fp16 holds e4m3 values exactly
         kp, vp = repack(key_cache, value_cache, prepared.block_table, groups, self.num_kv_heads,
                         self.head_size, dtype, with_values)
-        return Packed(kp, vp, groups, round_e4m3(kp) if self.fp8_scored(fp8) else None)
+        return Packed(kp, vp, groups)
 
     def fp8_scored(self, fp8) -> bool:
         """Whether the estimate scores e4m3 roundings of a bf16/fp16 query and cache."""
@@ -126,7 +124,7 @@ class TritonXAttentionOp:
                 p = self.pack(query, key_cache, key_cache, prepared, params, fp8, with_values=False)
             q, keys = query, p.keys
             if self.fp8_scored(fp8):
-                q, keys = round_e4m3(query), p.keys_e4m3 if p.keys_e4m3 is not None else round_e4m3(p.keys)
+                q, keys = round_e4m3(query), round_e4m3(p.keys)
             return estimate_stage.estimate(self, q, keys, prepared, p.groups, params, scale, fp8)
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
