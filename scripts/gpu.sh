@@ -2,6 +2,8 @@
 # GPU checks and benchmarks, one step per call, run from the repository root on a CUDA machine
 # where vLLM is installed (the plugin itself is (re)installed by each step, without dependencies).
 #
+#   bash scripts/gpu.sh prepare      install the plugin and byte-compile the environment (every step
+#                                    does what it needs of this itself; done once, later engines start sooner)
 #   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in four pytest processes side
 #                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid,
 #                                    Ray TP=1; Ray is skipped where it is not installed), with per-test
@@ -65,6 +67,10 @@ compile_site() {  # byte-compile the environment vLLM runs from, once: every eng
   touch /tmp/tmx/compiled
 }
 case "$1" in
+  prepare)
+    install_plugin
+    compile_site
+    ;;
   pair)
     install_plugin
     deadline=$(( $(date +%s) + ${PAIR_BUDGET:-570} ))
@@ -258,5 +264,5 @@ for k, v in r.items():
 PY
     tail -13 "$OUT/breadth_$2.log"
     ;;
-  *) echo "usage: $0 pair STEPS STEPS | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
+  *) echo "usage: $0 pair STEPS STEPS | prepare | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
 esac

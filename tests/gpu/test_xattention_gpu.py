@@ -318,7 +318,7 @@ def test_keep_everything_equals_fa3():
 
 
 ESTIMATE_KERNELS = ["", "est_block_m=256,est_num_stages=2", "est_block_n=64,est_num_stages=4",
-                    "est_fp8_score=1"]
+                    "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1"]
 
 
 def _e4m3(x):
@@ -350,7 +350,8 @@ def test_estimate_is_exact_against_float32_op(overrides):
                                          rounded(batch.keys[req].cpu()), pos0, b,
                                          params.block_size, params.stride, batch.scale)
         worst = max(worst, float((mass[i, :, : b + 1] - expect).abs().max() / expect.abs().max()))
-    assert worst < 1e-4, worst
+    # (the tensor cores' own fp8 accumulation rounds the scores further)
+    assert worst < (1e-2 if "est_fp8_fast_acc=1" in overrides else 1e-4), worst
     assert not math.isnan(worst)
 
 

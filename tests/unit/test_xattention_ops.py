@@ -357,13 +357,15 @@ def _e4m3(x):
     return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
 
 
-def test_triton_interpreted_fp8_scored_masses_are_those_of_the_rounded_inputs():
+@pytest.mark.parametrize("fast_acc", [0, 1])
+def test_triton_interpreted_fp8_scored_masses_are_those_of_the_rounded_inputs(fast_acc):
     """``est_fp8_score``: the block masses are exactly the estimate of the e4m3-rounded query and
-    keys (the rule unchanged, its inputs rounded), and the rounding is visible in them."""
+    keys (the rule unchanged, its inputs rounded), and the rounding is visible in them
+    (``est_fp8_fast_acc``: the same kernel; only a GPU's accumulation differs)."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
     params = PARAMS["tau_and_budget"]
-    dyn, _ = _triton_ops(8, 2, 64, est_fp8_score=1)
+    dyn, _ = _triton_ops(8, 2, 64, est_fp8_score=1, est_fp8_fast_acc=fast_acc)
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
     query = batch.query * 3.0
     query[0, 0, 0] = 1000.0  # beyond e4m3's range: saturates

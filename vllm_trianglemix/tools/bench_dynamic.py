@@ -53,9 +53,10 @@ BLOCK, STRIDE, N_LAST = 128, 8, 128
 VARIANTS = {
     "default": "",  # the defaults (with the sweep's choice)
     "fp8-score": "est_fp8_score=1",  # the estimate on e4m3 roundings (its selection's agreement reported)
+    "fp8-score-fast": "est_fp8_score=1,est_fp8_fast_acc=1",  # the same, the tensor cores' own accumulation
     "tma": "attn_tma=1",  # the attention's K/V tiles by tensor descriptors
 }
-DEFAULT_VARIANTS = ["default", "fp8-score"]
+DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
     "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3",
@@ -174,7 +175,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                     help="kernel sets to time (default: %(default)s): default (the defaults, or the sweep's "
                          "choice), fp8-score (the same, the estimate scoring e4m3 roundings of the query "
-                         "and keys; its selection's agreement with the first set is reported), tma (the "
+                         "and keys; its selection's agreement with the first set is reported), "
+                         "fp8-score-fast (fp8-score with the tensor cores' own fp8 accumulation), tma (the "
                          "same, the attention's K/V by tensor descriptors)")
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")

@@ -38,6 +38,10 @@ class XAttnKernelConfig:
     # XAttention's on the rounded values, so it may differ from the exact one near the threshold
     # (`bench dynamic` reports the agreement). Off by default; no effect on an fp8 cache.
     est_fp8_score: int = 0
+    # 1: e4m3 dots (est_fp8_dot, est_fp8_score) accumulate as the tensor cores do by themselves
+    # (Hopper: fewer bits than float32 between promotions) instead of promoting to float32 after
+    # every instruction: faster, the scores rounded further. Off by default.
+    est_fp8_fast_acc: int = 0
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
     attn_tma: int = 0  # 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later; not faster on the H200)

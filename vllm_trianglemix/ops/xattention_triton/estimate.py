@@ -80,13 +80,13 @@ def _estimate_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
     ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, FP8_PRECISE_ACC: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
 
     ``FP8_DOT`` (e4m3 keys): the dots take the e4m3 values as they are; their products are exact
-    in float32 and the accumulation is kept float32 (``max_num_imprecise_acc=0``), so with an fp8
-    query the scores equal the fp16 path's. (``est_fp8_score``: the query and the keys arrive
+    in float32 and the accumulation is kept float32 (``max_num_imprecise_acc=0``; not with
+    ``est_fp8_fast_acc``), so with an fp8 query the scores equal the fp16 path's. (``est_fp8_score``: the query and the keys arrive
     already rounded to e4m3, see op.py; the scores are those of the rounded values.)
     One loop over (key tile, stride offset), so that loads are pipelined across tile
     boundaries; a tile's epilogue runs on its last offset.
@@ -153,7 +153,7 @@ def _estimate_kernel(
                           mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
         else:
             k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
-        if FP8_DOT:
+        if FP8_DOT and FP8_PRECISE_ACC:
             acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
         else:
             acc = tl.dot(q_s, k_s, acc)
@@ -221,7 +221,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
-            Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot,
+            Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )
     return mass

@@ -128,7 +128,8 @@ class TritonXAttentionOp:
             return estimate_stage.estimate(self, q, keys, prepared, p.groups, params, scale, fp8)
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
-                                                        "est_num_stages", "est_fp8_dot", "est_fp8_score"))
+                                                        "est_num_stages", "est_fp8_dot", "est_fp8_score",
+                                                        "est_fp8_fast_acc"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
