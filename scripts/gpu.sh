@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu.sh prepare      install the plugin and byte-compile the environment (every step
 #                                    does what it needs of this itself; done once, later engines start sooner)
-#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in four pytest processes side
+#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in six pytest processes side
 #                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid,
 #                                    Ray TP=1; Ray is skipped where it is not installed), with per-test
 #                                    durations per lane
@@ -26,8 +26,11 @@
 # engines): on Hopper vLLM otherwise picks FlashInfer's CuTe-DSL GDN kernel, which needs
 # nvidia-cutlass-dsl.
 #   bash scripts/gpu.sh hybrid-check               GPU hybrid tests (tiny Qwen3-Next)
+#   bash scripts/gpu.sh hybrid-dynamic             bench dynamic on the Qwen3.5-4B attention shape (head
+#                                    size 256, page 528; its choice in /tmp/tmx/hybrid_dynamic.env)
 #   bash scripts/gpu.sh hybrid-ttft [BACKENDS]     TTFT 32K-256K + decode ITL, Qwen3.5-4B shape
-#                                    (HYBRID_LENGTHS; dynamic engines: the bundled qwen3.5-4b-9b-dynamic map)
+#                                    (HYBRID_LENGTHS; dynamic engines: the bundled qwen3.5-4b-9b-dynamic map,
+#                                    with hybrid-dynamic's kernel choice where it ran)
 #   bash scripts/gpu.sh breadth-tests              fp8 + FlashInfer GPU tests (BREADTH_K: pytest -k)
 #   bash scripts/gpu.sh breadth-bench fp8|flashinfer [BACKENDS]
 #                                    TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix (BACKENDS, e.g.
@@ -97,15 +100,17 @@ case "$1" in
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/gpu.txt" || true
     compile_site
     start=$(date +%s)
-    # Four pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
-    # mostly a new process importing torch and vLLM; FlashInfer's first build about 110 s). Every
-    # GPU test is in exactly one lane (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests
-    # share one lane (one build).
+    # Six pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
+    # mostly a new process importing torch and vLLM, 90 s for a hybrid; FlashInfer's first build
+    # about 240 s with the other lanes running). Every GPU test is in exactly one lane
+    # (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests share one lane (one build).
     lanes=(  # "pytest -k expression|test files"
       "flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_dynamic_backend_gpu.py"
       "not flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_backend_gpu.py"
-      "not flashinfer|tests/gpu/test_dynamic_backend_gpu.py tests/gpu/test_hybrid_gpu.py"
-      "|tests/gpu/test_kernel_gpu.py tests/gpu/test_xattention_gpu.py tests/gpu/test_ray_gpu.py tests/gpu/test_tp2_gpu.py"
+      "not flashinfer|tests/gpu/test_dynamic_backend_gpu.py"
+      "|tests/gpu/test_hybrid_gpu.py"
+      "|tests/gpu/test_kernel_gpu.py tests/gpu/test_xattention_gpu.py"
+      "|tests/gpu/test_ray_gpu.py tests/gpu/test_tp2_gpu.py"
     )
     for i in "${!lanes[@]}"; do
       IFS='|' read -r k files <<< "${lanes[$i]}"
@@ -213,11 +218,25 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     grep -E "^E .*(L=|step)" /tmp/tmx/gpu_hybrid_tests.log | head -5 || true
     tail -3 /tmp/tmx/gpu_hybrid_tests.log
     ;;
+  hybrid-dynamic)
+    # bench dynamic on the Qwen3.5-4B attention shape (16/4 heads, head size 256) and the page vLLM
+    # gives it next to the Gated DeltaNet state (528 tokens); its choice in /tmp/tmx/hybrid_dynamic.env,
+    # which hybrid-ttft uses
+    install_plugin
+    timeout "${DYNAMIC_BENCH_S:-400}" python3 -m vllm_trianglemix bench dynamic --model benchmarks/models/qwen3.5-4b \
+      --page 528 --out "$OUT/hybrid_dynamic.json" --best-env /tmp/tmx/hybrid_dynamic.env ${DYNAMIC_ARGS:-} \
+      > "$OUT/hybrid_dynamic.log" 2>&1 || true
+    cp /tmp/tmx/hybrid_dynamic.env "$OUT"/ 2>/dev/null || true
+    grep -E "Error|Traceback" "$OUT/hybrid_dynamic.log" | tail -3 || true
+    grep -E "^(sweep|config:)" "$OUT/hybrid_dynamic.log" || true
+    grep -E "^\|" "$OUT/hybrid_dynamic.log" || tail -5 "$OUT/hybrid_dynamic.log"
+    ;;
   hybrid-ttft)
     # Qwen3.5-4B as published (multimodal class, language model only) where vLLM can import its
     # Qwen3.5 module (needs torchvision), else the same text shapes on the Qwen3-Next class.
     install_plugin
     [ -f /tmp/tmx/kernel.env ] && source /tmp/tmx/kernel.env
+    [ -f /tmp/tmx/hybrid_dynamic.env ] && source /tmp/tmx/hybrid_dynamic.env
     if python3 -c "import vllm.model_executor.models.qwen3_5" 2>/dev/null; then
       model=(--model benchmarks/models/qwen3.5-4b --language-model-only)
     else

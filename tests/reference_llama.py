@@ -21,11 +21,14 @@ from vllm_trianglemix.pattern import DynamicParams, dense_start, visible
 
 
 class ReferenceLlama:
-    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float64):
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float64, device: str = "cpu"):
+        """``device``: where the forward runs (GPU tests pass "cuda": the same float64 arithmetic,
+        minutes less of a suite); results come back on the CPU."""
         with open(os.path.join(model_dir, "config.json")) as f:
             self.cfg = json.load(f)
-        self.dtype = dtype
-        self.w = {k: v.to(dtype) for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
+        self.dtype, self.device = dtype, torch.device(device)
+        self.w = {k: v.to(self.device, dtype)
+                  for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
         c = self.cfg
         self.num_layers = c["num_hidden_layers"]
         self.num_heads = c["num_attention_heads"]
@@ -33,7 +36,8 @@ class ReferenceLlama:
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.num_heads
         self.eps = c["rms_norm_eps"]
         theta = c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta", 10000.0)
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=dtype) / self.head_dim))
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=dtype, device=self.device)
+                                         / self.head_dim))
 
     def _norm(self, x, weight):
         var = x.pow(2).mean(-1, keepdim=True)
@@ -68,8 +72,8 @@ class ReferenceLlama:
         self.margin = float("inf")
         n = len(token_ids)
         prompt_len = n if prompt_len is None else prompt_len
-        pos = torch.arange(n)
-        x = self.w["model.embed_tokens.weight"][torch.tensor(token_ids)]
+        pos = torch.arange(n, device=self.device)
+        x = self.w["model.embed_tokens.weight"][torch.tensor(token_ids, device=self.device)]
         group = self.num_heads // self.num_kv_heads
         scale = self.head_dim ** -0.5
         for i in range(self.num_layers):
@@ -108,7 +112,7 @@ class ReferenceLlama:
             x = self._mlp(x, p)
         x = self._norm(x, self.w["model.norm.weight"])
         logits = x @ self.w["lm_head.weight"].T
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(logits, dim=-1).cpu()
 
     def _mlp(self, x, p):
         h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])

@@ -24,32 +24,31 @@ def block_masses(q, k, q_pos0: int, block_size: int, stride: int, scale: float):
     S, B = stride, block_size
     b = q_pos0 // B
     assert (q_pos0 + n - 1) // B == b
-    rows = torch.arange(q_pos0, q_pos0 + n)
-    keys = torch.arange(k.shape[0])
+    dev = q.device
+    rows = torch.arange(q_pos0, q_pos0 + n, device=dev)
+    keys = torch.arange(k.shape[0], device=dev)
     kk = k.double().repeat_interleave(hq // hkv, dim=1)
     scores = torch.einsum("rhd,khd->hrk", q.double(), kk) * scale  # [Hq, n, N]
     pair = ((rows[:, None] % S + keys[None, :] % S) == S - 1) & (keys[None, :] <= rows[:, None])
     n_groups = (b + 1) * B // S
-    a = torch.zeros(n_groups, n_groups, hq, dtype=torch.float64)
-    defined = torch.zeros(n_groups, n_groups, dtype=torch.bool)
+    a = torch.zeros(n_groups, n_groups, hq, dtype=torch.float64, device=dev)
+    defined = torch.zeros(n_groups, n_groups, dtype=torch.bool, device=dev)
     r_idx, k_idx = pair.nonzero(as_tuple=True)
     g, h = rows[r_idx] // S, keys[k_idx] // S
     a.index_put_((g, h), scores[:, r_idx, k_idx].T / S, accumulate=True)
     a = a.permute(2, 0, 1)  # [Hq, G, H]
     defined[g, h] = True
-    mass = torch.zeros(hq, b + 1, dtype=torch.float64)
-    for gi in range(n_groups):
-        if not defined[gi].any():
-            continue
-        p = torch.softmax(a[:, gi].masked_fill(~defined[gi], float("-inf")), dim=-1)
-        for j in range(b + 1):
-            mass[:, j] += p[:, j * B // S : (j + 1) * B // S].sum(-1)
+    present = defined.any(1)  # query groups with at least one defined score
+    # a softmax per present query group over its defined key groups, summed over the query
+    # groups, then over each key block's B // S groups
+    p = torch.softmax(a[:, present].masked_fill(~defined[present], float("-inf")), dim=-1)
+    mass = p.sum(1).view(hq, b + 1, B // S).sum(-1)
     return mass.view(hkv, hq // hkv, b + 1).sum(1)
 
 
 def keep_rule(mass, b: int, threshold: float, max_density):
     """(kept blocks [Hkv, b+1] bool, margin): the rule, as a loop per KV head."""
-    keep = torch.zeros(mass.shape, dtype=torch.bool)
+    keep = torch.zeros(mass.shape, dtype=torch.bool, device=mass.device)
     margin = math.inf
     for t in range(mass.shape[0]):
         m = (mass[t] / mass[t].sum()).tolist()
@@ -81,7 +80,8 @@ def dynamic_attention(q, k, v, q_pos0: int, dense_from: int, block_size: int, st
     """
     n, hq, _ = q.shape
     hkv = k.shape[1]
-    out = torch.empty(n, hq, q.shape[2], dtype=torch.float64)
+    dev = q.device
+    out = torch.empty(n, hq, q.shape[2], dtype=torch.float64, device=dev)
     margin = math.inf
     cuts = sorted({q_pos0, q_pos0 + n, dense_from, *chunk_starts,
                    *range((q_pos0 // block_size + 1) * block_size, q_pos0 + n, block_size)})
@@ -89,8 +89,8 @@ def dynamic_attention(q, k, v, q_pos0: int, dense_from: int, block_size: int, st
     kk = k.double().repeat_interleave(hq // hkv, dim=1)
     vv = v.double().repeat_interleave(hq // hkv, dim=1)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
-        rows = torch.arange(lo, hi)
-        keys = torch.arange(hi)
+        rows = torch.arange(lo, hi, device=dev)
+        keys = torch.arange(hi, device=dev)
         allowed = (keys[None, :] <= rows[:, None]).expand(hq, -1, -1).clone()
         if lo < dense_from:
             b = lo // block_size

@@ -58,7 +58,7 @@ def test_long_prompts_match_exact_reference(engines, model_dir):
     from vllm_trianglemix.config import find_bundled_map
 
     _, tri = engines
-    ref = ReferenceLlama(model_dir)
+    ref = ReferenceLlama(model_dir, device="cuda")
     layer_map = find_bundled_map("tiny-llama-trianglemix-demo")
     ids = [_prompt(n, n) for n in (700, 1501)]
     outs = tri.generate([TokensPrompt(prompt_token_ids=p) for p in ids],

@@ -41,7 +41,7 @@ FLASHINFER = {"trianglemix_stock_backend": "FLASHINFER"}
 def reference(model_dir):
     from tests.reference_llama import ReferenceLlama
 
-    return ReferenceLlama(model_dir)
+    return ReferenceLlama(model_dir, device="cuda")
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def _long_prompts_match(dyn, model_dir, dyn_map, other_map, tol=5e-3, **fp8):
 
     from tests.reference_llama import ReferenceLlama
 
-    ref = ReferenceLlama(model_dir)
+    ref = ReferenceLlama(model_dir, device="cuda")
     ids = [backend_gpu._prompt(n, n) for n in (704, 1536)]
     outs = dyn.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
                         SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),

@@ -1,6 +1,7 @@
 """bench dynamic: one dynamic (TriangleMix + XAttention) layer vs dense FA3, side by side, one run (GPU).
 
-For the Llama-3.1-8B shape (32 q heads, 8 kv heads, head dim 128, bf16), one
+For the Llama-3.1-8B shape (32 q heads, 8 kv heads, head dim 128, bf16; ``--model``:
+the shape of a model's config.json, ``--page``: its cache page), one
 sequence prefilled in chunks of ``--chunk`` tokens (16384: vLLM's default
 ``max_num_batched_tokens``; 0: the whole prompt in one step) at each length,
 K/V in vLLM's FlashAttention paged cache (page 16):
@@ -34,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 from vllm_trianglemix.pattern import (
     DynamicParams,
@@ -47,7 +49,6 @@ from vllm_trianglemix.tools.bench import command_line, require_cuda
 # torch and numpy are imported where they are used, so that `bench dynamic -h`
 # answers without loading them.
 
-HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16
 DEVICE, DTYPE = "cuda", "bfloat16"
 BLOCK, STRIDE, N_LAST = 128, 8, 128
 VARIANTS = {
@@ -70,6 +71,46 @@ ATTN_SWEEP = [  # the attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
     "block_m=128,block_n=128,num_warps=8,num_stages=3",
 ]
+# Head size 256 (e.g. Qwen3.5's full-attention layers): tiles that fit the shared memory of
+# a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).
+EST_SWEEP_256 = [
+    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=1",
+    "est_block_m=128,est_block_n=64,est_num_warps=8,est_num_stages=2",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=1",
+    "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=2",
+    "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=2",
+]
+ATTN_SWEEP_256 = [
+    "block_m=64,block_n=32,num_warps=8,num_stages=1",
+    "block_m=64,block_n=64,num_warps=4,num_stages=2",
+    "block_m=64,block_n=64,num_warps=8,num_stages=2",
+    "block_m=128,block_n=64,num_warps=8,num_stages=2",
+    "block_m=128,block_n=32,num_warps=8,num_stages=2",
+    "block_m=64,block_n=32,num_warps=4,num_stages=3",
+]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The attention shape benchmarked: Llama-3.1-8B's by default, or a model's config.json."""
+
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    page: int = 16  # vLLM's FlashAttention page; hybrid models use larger ones (vLLM logs the size)
+
+    @classmethod
+    def from_model(cls, model_dir: str, page: int) -> "Shape":
+        with open(f"{model_dir.rstrip('/')}/config.json") as f:
+            cfg = json.load(f)
+        cfg = cfg.get("text_config") or cfg
+        heads = cfg["num_attention_heads"]
+        return cls(heads, cfg.get("num_key_value_heads") or heads,
+                   cfg.get("head_dim") or cfg["hidden_size"] // heads, page)
+
+    def sweeps(self) -> tuple[list[str], list[str]]:
+        return (EST_SWEEP_256, ATTN_SWEEP_256) if self.head_dim >= 256 else (EST_SWEEP, ATTN_SWEEP)
 
 
 class _Cam:
@@ -153,7 +194,7 @@ class _Step:
             r["attn_ms"] = _time_ms(lambda: dyn.attend(self.q, self.kc, self.vc, prep, params, self.scale,
                                                         self.out, blocks, None, packed), reps)
             r["kept"] = int((blocks.n_kept + blocks.diag_kept).sum())
-            r["causal"] = int((prep.q_block + 1).sum()) * KV_HEADS
+            r["causal"] = int((prep.q_block + 1).sum()) * dyn.num_kv_heads
         r["dense_rows_ms"] = _time_ms(self.dense_rows, reps) if self.has_dense else 0.0
         r["layer_ms"] = _time_ms(lambda: self.layer(params, dyn), reps)
         return r
@@ -167,6 +208,12 @@ class _Step:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000],
                     help="sequence lengths (tokens)")
+    ap.add_argument("--model", default=None,
+                    help="a model folder whose config.json gives the heads, KV heads and head size "
+                         "(default: the Llama-3.1-8B shape, 32/8/128)")
+    ap.add_argument("--page", type=int, default=None,
+                    help="KV cache page size in tokens (default 16; hybrid models run larger pages: "
+                         "vLLM logs 'Setting attention block size to N tokens')")
     ap.add_argument("--chunk", type=int, default=16384,
                     help="prefill chunk (vLLM's max_num_batched_tokens); 0: whole prompt in one step")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2],
@@ -184,17 +231,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="write the chosen configuration as an env file (TRIANGLEMIX_XATTN_CONFIG)")
 
 
-def _sweep(step: _Step, densities, reps, base) -> tuple[str | None, str | None, list[dict]]:
+def _sweep(step: _Step, densities, reps, base, shape: Shape) -> tuple[str | None, str | None, list[dict]]:
     """The fastest estimate and attention configurations on one step (errors reported, not fatal)."""
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
     params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(densities), N_LAST)
     lines, best = [], {}
-    for kind, sweep in (("est", EST_SWEEP), ("attn", ATTN_SWEEP)):
+    for kind, sweep in zip(("est", "attn"), shape.sweeps()):
         for text in sweep:
             try:
                 cfg = base.with_overrides(text)
-                op = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg)
+                op = TritonXAttentionOp(shape.heads, shape.kv_heads, shape.head_dim, config=cfg)
                 fp8 = op._fp8(step.q, step.kc, step.vc, step.prep, None)
                 packed = op.pack(step.q, step.kc, step.vc, step.prep, params, fp8)
                 mass = op.estimate_row_tiles(step.q, step.kc, step.prep, params, step.scale, None, packed)
@@ -234,19 +281,21 @@ def run(args) -> int:
 
     dev = DEVICE
     torch.manual_seed(0)
-    tri = triangle_op(HEADS, KV_HEADS, DIM)
-    base = XAttnKernelConfig.from_env(DIM)
-    ops = {v: TritonXAttentionOp(HEADS, KV_HEADS, DIM,
+    shape = Shape.from_model(args.model, args.page) if args.model else Shape(page=args.page or 16)
+    heads, kv_heads, dim, page = shape.heads, shape.kv_heads, shape.head_dim, shape.page
+    tri = triangle_op(heads, kv_heads, dim)
+    base = XAttnKernelConfig.from_env(dim)
+    ops = {v: TritonXAttentionOp(heads, kv_heads, dim,
                                  config=base.with_overrides(VARIANTS[v]) if VARIANTS[v] else base)
            for v in args.variants}
-    scale = DIM ** -0.5
+    scale = dim ** -0.5
     rows, sweep_lines, swept, agreement = [], [], False, None
     for L in sorted(args.lengths, reverse=True):  # longest first: the sweep runs on it
-        nblk = -(-L // PAGE)
-        kv = torch.randn(nblk, KV_HEADS, PAGE, 2 * DIM, device=dev, dtype=getattr(torch, DTYPE))
-        kc, vc = flash_kv_cache_views(kv, DIM)
+        nblk = -(-L // page)
+        kv = torch.randn(nblk, kv_heads, page, 2 * dim, device=dev, dtype=getattr(torch, DTYPE))
+        kc, vc = flash_kv_cache_views(kv, dim)
         bt = torch.arange(nblk, dtype=torch.int32, device=dev)[None, :]
-        q = torch.randn(L, HEADS, DIM, device=dev, dtype=getattr(torch, DTYPE))
+        q = torch.randn(L, heads, dim, device=dev, dtype=getattr(torch, DTYPE))
         chunk = args.chunk if args.chunk > 0 else L
         first = ops[args.variants[0]]
         steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, first, tri, scale)
@@ -255,7 +304,8 @@ def run(args) -> int:
         if not swept:
             swept = True
             if not args.no_sweep and "default" in ops:
-                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["default"].config)
+                est_cfg, attn_cfg, sweep_lines = _sweep(last, args.densities, args.reps, ops["default"].config,
+                                                               shape)
                 for line in sweep_lines:
                     sys.stdout.write(f"sweep {line['kind']} {line['config']}: {line['ms']:.3f} ms "
                                      f"{line.get('error', '')}\n")
@@ -265,7 +315,7 @@ def run(args) -> int:
                     for text in (est_cfg, attn_cfg):
                         if text:
                             cfg = cfg.with_overrides(text)
-                    ops[v] = TritonXAttentionOp(HEADS, KV_HEADS, DIM, config=cfg.with_overrides(VARIANTS[v])
+                    ops[v] = TritonXAttentionOp(heads, kv_heads, dim, config=cfg.with_overrides(VARIANTS[v])
                                                 if VARIANTS[v] else cfg)
             if len(ops) > 1:  # each kernel set's selection against the first one's, on the same step
                 params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, min(args.densities), N_LAST)
@@ -310,8 +360,8 @@ def run(args) -> int:
     configs = {v: op.config.__dict__ for v, op in ops.items()}
     report = dict(gpu=gpu, vllm=vllm.__version__, triton=triton.__version__, torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), command=command_line(),
-                  shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=DIM, page=PAGE, block=BLOCK,
-                             stride=STRIDE, n_last=N_LAST, chunk=args.chunk),
+                  model=args.model, shape=dict(**asdict(shape), block=BLOCK, stride=STRIDE,
+                                               n_last=N_LAST, chunk=args.chunk),
                   configs=configs, selection_agreement=agreement, sweep=sweep_lines, rows=rows)
     if args.out:
         with open(args.out, "w") as f:
@@ -322,7 +372,8 @@ def run(args) -> int:
         with open(args.best_env, "w") as f:
             f.write(f"export {XATTN_CONFIG}={ops['default'].config.as_text()}\n")
     w = sys.stdout.write
-    w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}\n")
+    w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}, "
+      f"shape {heads}/{kv_heads}/{dim} page {page}\n")
     for v, op in ops.items():
         w(f"config: {v} {op.config}\n")
     w("\n| length | density (achieved) | kernels | repack ms | estimate ms | select ms | sparse attn ms | dense rows ms "
