@@ -154,3 +154,32 @@ def test_ruler_samples_are_generated_without_a_network_fetch(monkeypatch):
     loaded = ruler.load(["niah_single_1"], 1024, tokenizer, max_gen_toks=48)
     assert loaded.tasks == ("niah_single_1",)
     assert nltk.download is fetch  # restored
+
+
+def test_ruler_samples_are_the_same_every_run():
+    """lm-eval draws RULER's needles from unseeded global generators; ``load`` seeds them, so
+    two loads (two runs, or a run against other servers) give the same samples, and the
+    caller's random state is left as it was."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("nltk")
+    import os
+    import random
+
+    from vllm_trianglemix.tools import ruler
+
+    tokenizer = os.path.expanduser("~/.cache/vllm-trianglemix/smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+        pytest.skip("the SmolLM2 folder is not cached (vllm-trianglemix smollm2 makes it)")
+
+    def outputs(loaded):
+        (task,) = loaded.task_dict["tasks"].values()
+        return [doc["outputs"] for doc in list(task.test_docs())[:8]]
+
+    random.seed(1)
+    first = outputs(ruler.load(["niah_multikey_2"], 1024, tokenizer))
+    after = random.random()
+    random.seed(2)
+    second = outputs(ruler.load(["niah_multikey_2"], 1024, tokenizer))
+    assert first == second
+    random.seed(1)
+    assert random.random() == after  # the caller's generator is untouched
