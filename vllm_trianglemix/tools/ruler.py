@@ -37,7 +37,10 @@ logger = logging.getLogger("vllm.trianglemix")
 
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3",
                  "ruler_vt", "ruler_cwe", "ruler_fwe")
-DEFAULT_TASKS = ("niah_single_1", "ruler_vt", "ruler_cwe", "ruler_fwe")
+# The needle tasks: SmolLM2-135M-Instruct retrieves niah_single_1's needle at 1K-4K and
+# finds the right key among needles part of the time (niah_multikey_2/3), while
+# ruler_vt / ruler_cwe / ruler_fwe are near chance for it and the slowest to generate.
+DEFAULT_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")
 
 
 @dataclass
