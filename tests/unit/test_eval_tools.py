@@ -85,6 +85,33 @@ def test_layer_kl_read_back_and_bad_map(calibrated, tmp_path):
     assert (bad.defaults, bad.min_prompt_len) == (base.defaults, base.min_prompt_len)
     only = load_layer_map(paths["dynamic-only"])
     assert not only.layers and sorted(only.dynamic_layers) == list(range(6))
+    assert "triangle-full" not in paths
+
+
+def test_triangle_full_map_is_dense_on_the_plugin_path(calibrated, tmp_path):
+    """The noise-floor map: the calibrated layers, a window reaching the first key of every
+    prompt up to the given length (a dense mask), yet a full-length prompt still has rows past
+    the first sparse row, so the plugin computes the calibrated layers."""
+    import numpy as np
+
+    from vllm_trianglemix.pattern import dense_start, first_sparse_row, visible
+
+    base = load_layer_map(str(calibrated[0]))
+    paths = eval_maps.derived_maps(base, eval_maps.dynamic_map(None, base), [],
+                                   str(tmp_path / "derived"), full_length=512)
+    assert "triangle-bad" not in paths  # no bad layers: --configs without triangle-bad
+    full = load_layer_map(paths["triangle-full"])
+    assert sorted(full.layers) == sorted(base.layers) and not full.match
+    (params,) = full.param_sets
+    assert (params.n_init, params.n_last) == (base.defaults.n_init, base.defaults.n_last)
+    assert first_sparse_row(params) < 512  # routed: not every row is below the first sparse one
+    for prompt in (128, 300, 511, 512):
+        q = np.arange(prompt)
+        d = dense_start(prompt, params.n_last, full.min_prompt_len)
+        mask = visible(q[:, None], q[None, :], d, params.n_init, params.n_local)
+        assert (mask == (q[None, :] <= q[:, None])).all(), prompt
+    with pytest.raises(Exception, match="no room"):
+        eval_maps.derived_maps(base, base, [0], str(tmp_path / "d2"), full_length=16)
 
 
 def test_bad_layers_need_a_calibrated_map(tmp_path):
@@ -115,9 +142,14 @@ def _report(tri_score: float, bad_kl: float) -> dict:
 
 
 @pytest.mark.parametrize("tri_score,bad_kl,passed", [(75.0, 0.01, [True, True]),
+                                                     (100.0, 0.01, [True, True]),
+                                                     (73.5, 0.01, [True, True]),
                                                      (50.0, 0.01, [False, True]),
+                                                     (72.5, 0.01, [False, True]),
                                                      (75.0, 0.0015, [True, False])])
 def test_checks_can_fail(tri_score, bad_kl, passed):
+    """Dense scores 75: the calibrated map passes at or above it, or within 2 points; one
+    answer lost of 4 samples (50), or 2.5 points, fails; so does a bad map not 2x further in KL."""
     report = _report(tri_score, bad_kl)
     assert [c["passed"] for c in checks(report["configs"], 2.0)] == passed
 
@@ -128,6 +160,15 @@ def test_report_table_and_plot(tmp_path):
     text = eval_report.markdown(report)
     assert "| niah_single_1 | 1024 | 75.0 | 75.0 | 50.0 |" in text
     assert "| triangle-bad | 0.9000 |" in text and "PASS" in text
+    # a log-likelihood-only configuration (triangle-full) has no RULER column
+    full = dict(report["configs"]["triangle"], ruler={})
+    report["configs"]["triangle-full"] = full
+    text = eval_report.markdown(report)
+    assert "| task | length | dense | triangle | triangle-bad |\n" in text
+    assert "| triangle-full | 0.9700 |" in text
+    # fewer samples for some configurations (--dynamic-limit) are named in the header
+    report["configs"]["triangle-bad"]["limit"] = 2
+    assert "4 samples per task and length; triangle-bad: the first 2." in eval_report.markdown(report)
     pytest.importorskip("matplotlib")
     assert eval_report.plot(report, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
@@ -154,3 +195,32 @@ def test_ruler_samples_are_generated_without_a_network_fetch(monkeypatch):
     loaded = ruler.load(["niah_single_1"], 1024, tokenizer, max_gen_toks=48)
     assert loaded.tasks == ("niah_single_1",)
     assert nltk.download is fetch  # restored
+
+
+def test_ruler_samples_are_the_same_every_run():
+    """lm-eval draws RULER's needles from unseeded global generators; ``load`` seeds them, so
+    two loads (two runs, or a run against other servers) give the same samples, and the
+    caller's random state is left as it was."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("nltk")
+    import os
+    import random
+
+    from vllm_trianglemix.tools import ruler
+
+    tokenizer = os.path.expanduser("~/.cache/vllm-trianglemix/smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+        pytest.skip("the SmolLM2 folder is not cached (vllm-trianglemix smollm2 makes it)")
+
+    def outputs(loaded):
+        (task,) = loaded.task_dict["tasks"].values()
+        return [doc["outputs"] for doc in list(task.test_docs())[:8]]
+
+    random.seed(1)
+    first = outputs(ruler.load(["niah_multikey_2"], 1024, tokenizer))
+    after = random.random()
+    random.seed(2)
+    second = outputs(ruler.load(["niah_multikey_2"], 1024, tokenizer))
+    assert first == second
+    random.seed(1)
+    assert random.random() == after  # the caller's generator is untouched

@@ -6,7 +6,13 @@
 * ``triangle+dynamic``: the map's dynamic variant (``calibrate --dynamic-out``);
 * ``dynamic-only``: XAttention on every layer the dynamic variant covers (its
   triangle and its dynamic layers), no triangle layer: the baseline TriangleMix
-  is compared with.
+  is compared with;
+* ``triangle-full``: the calibrated map's layers with a window that reaches
+  back to the first key in every prompt of up to ``full_length`` tokens
+  (``n_local = full_length - n_init - n_last``): the mask is dense, and the
+  prompts longer than ``n_init + n_local`` tokens still run the calibrated
+  layers on the plugin's path, so their difference from dense is numerics
+  alone (the noise floor of the log-likelihood comparison).
 """
 
 from __future__ import annotations
@@ -72,8 +78,10 @@ def _without_match(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if k not in ("match", "layer_overrides")}
 
 
-def derived_maps(base: LayerMap, dynamic: LayerMap, bad: list[int], out_dir: str) -> dict[str, str]:
-    """Write the triangle-bad and dynamic-only maps; every map's path by configuration."""
+def derived_maps(base: LayerMap, dynamic: LayerMap, bad: list[int], out_dir: str,
+                 full_length: int | None = None) -> dict[str, str]:
+    """Write the triangle-bad (given ``bad`` layers) and dynamic-only maps (and
+    triangle-full, given ``full_length``); every map's path by configuration."""
     import yaml
 
     os.makedirs(out_dir, exist_ok=True)
@@ -90,8 +98,22 @@ def derived_maps(base: LayerMap, dynamic: LayerMap, bad: list[int], out_dir: str
                  "triangle layer",
     }
     only_raw.pop("triangle_layers", None)
+    derived = [("triangle-bad", bad_raw)] if bad else []  # none: triangle-bad not run
+    derived.append(("dynamic-only", only_raw))
+    if full_length is not None:
+        d = base.defaults
+        n_local = full_length - d.n_init - d.n_last
+        if n_local < 1:
+            raise ToolError(f"triangle-full: a {full_length}-token window has no room for "
+                            f"n_init {d.n_init} + n_last {d.n_last}")
+        derived.append(("triangle-full", _without_match(base.raw) | {
+            "n_local": n_local,
+            "notes": f"noise floor: the layers of {os.path.basename(base.source)} with a window "
+                     f"that covers every prompt of up to {full_length} tokens (a dense mask on "
+                     "the plugin's path)",
+        }))
     paths = {"triangle": base.source, "triangle+dynamic": dynamic.source}
-    for name, raw in (("triangle-bad", bad_raw), ("dynamic-only", only_raw)):
+    for name, raw in derived:
         path = os.path.join(out_dir, f"{stem}-{name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(raw, f, sort_keys=False, width=1000)

@@ -7,21 +7,32 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _samples(report: dict) -> str:
+    """'8 samples per task and length; dynamic-only, triangle+dynamic: the first 2'."""
+    fewer = [c for c, r in report["configs"].items() if r.get("limit", report["limit"]) < report["limit"]]
+    text = f"{report['limit']} samples per task and length"
+    if fewer:
+        n = min(report["configs"][c]["limit"] for c in fewer)
+        text += f"; {', '.join(fewer)}: the first {n}"
+    return text
+
+
 def markdown(report: dict) -> str:
     configs = list(report["configs"])
     res = report["configs"]
+    scored = [c for c in configs if res[c]["ruler"]]  # triangle-full: log-likelihoods only
     lines = [f"Model {report['model']}, vLLM {report.get('vllm') or '?'}, {report['machine']}, "
-             f"{report['date']}; {report['limit']} samples per task and length.", ""]
+             f"{report['date']}; {_samples(report)}.", ""]
     lines += ["RULER score (lm-eval, percent):", "",
-              "| task | length | " + " | ".join(configs) + " |",
-              "|---|---:|" + "---:|" * len(configs)]
+              "| task | length | " + " | ".join(scored) + " |",
+              "|---|---:|" + "---:|" * len(scored)]
     for task in report["tasks"]:
         for length in report["lengths"]:
             cells = [_f(res[c]["ruler"].get(task, {}).get(str(length), {}).get("score"), ".1f")
-                     for c in configs]
+                     for c in scored]
             lines.append(f"| {task} | {length} | " + " | ".join(cells) + " |")
     means = []
-    for c in configs:
+    for c in scored:
         vals = [s["score"] for by_len in res[c]["ruler"].values() for s in by_len.values()]
         means.append(_f(sum(vals) / len(vals) if vals else None, ".1f"))
     lines.append("| mean | | " + " | ".join(means) + " |")
@@ -83,10 +94,12 @@ def plot(report: dict, path: str) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     styles = {"dense": ("black", "o", "-"), "triangle": ("tab:blue", "s", "-"),
               "triangle-bad": ("tab:red", "x", "--"), "dynamic-only": ("tab:green", "^", ":"),
-              "triangle+dynamic": ("tab:purple", "d", "-.")}
+              "triangle+dynamic": ("tab:purple", "d", "-."), "triangle-full": ("tab:gray", "v", ":")}
     for i, task in enumerate(tasks):
         ax = axes[i // cols][i % cols]
         for config, res in report["configs"].items():
+            if not res["ruler"]:
+                continue
             ys = [res["ruler"].get(task, {}).get(str(L), {}).get("score") for L in lengths]
             color, marker, line = styles.get(config, (None, "o", "-"))
             ax.plot(lengths, ys, marker=marker, linestyle=line, color=color, label=config)
@@ -107,6 +120,7 @@ def plot(report: dict, path: str) -> bool:
             ax.plot([b["from"] for b in by_pos], [b["kl"] for b in by_pos], marker=marker,
                     linestyle=line, color=color, label=config)
         ax.set_yscale("log")
+        ax.legend(fontsize=7)  # its configurations may include a log-likelihood-only one
         ax.set_title("KL vs dense on text, by position")
         ax.set_xlabel("position (tokens)")
         ax.set_ylabel("mean KL (nats)")
@@ -114,7 +128,8 @@ def plot(report: dict, path: str) -> bool:
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{report['model']}: accuracy vs dense ({report['limit']} samples per point)")
+    samples = _samples(report).replace(" per task and length", " per point")
+    fig.suptitle(f"{report['model']}: accuracy vs dense, {samples}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,10 @@ from the server's ``/metrics``, and stops the server. Configurations
                     that the comparison can fail)
   dynamic-only      XAttention on every layer of the dynamic variant
   triangle+dynamic  the map's dynamic variant (--dynamic-map)
+  triangle-full     the map's layers with a window that covers the whole
+                    log-likelihood window (a dense mask on the plugin's path):
+                    the numerics' share of the triangle map's KL, the noise
+                    floor (log-likelihoods only, no RULER)
 
 Output in ``--out``: ``results.json`` (everything, per sample answers
 included), ``results.md`` (the tables, printed too), ``scores.png`` (score vs
@@ -48,7 +52,9 @@ import time
 
 from vllm_trianglemix.tools.errors import ToolError, http_url, shown_path
 
-CONFIGS = ("dense", "triangle", "triangle-bad", "dynamic-only", "triangle+dynamic")
+CONFIGS = ("dense", "triangle", "triangle-bad", "dynamic-only", "triangle+dynamic", "triangle-full")
+LOGLIK_ONLY = ("triangle-full",)
+DYNAMIC = ("dynamic-only", "triangle+dynamic")
 DENSITY_INTERVAL_S = 1
 
 
@@ -67,12 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "`vllm-trianglemix smollm2` makes one")
     parser.add_argument("--out", required=True, help="folder for results.json/.md, scores.png")
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help="comma-separated, from: " + ", ".join(CONFIGS))
+                        help="comma-separated, from: " + ", ".join(CONFIGS) + " (triangle-full: "
+                        "log-likelihoods only, the noise floor)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="lm-eval RULER tasks that need no download: " + ", ".join(OFFLINE_TASKS))
     parser.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096],
                         help="prompt lengths in tokens (lm-eval's max_seq_lengths)")
-    parser.add_argument("--limit", type=int, default=3, help="RULER samples per task and length")
+    parser.add_argument("--limit", type=int, default=8, help="RULER samples per task and length")
+    parser.add_argument("--dynamic-limit", type=int, default=2,
+                        help="RULER samples per task and length of the XAttention configurations "
+                        "(the first of --limit's; their CPU estimate makes them the slow ones); "
+                        "0: as --limit")
     parser.add_argument("--max-gen-toks", type=int, default=48,
                         help="cap of each task's generation length (0: the tasks' own, up to 128)")
     parser.add_argument("--map", default=None,
@@ -207,11 +218,14 @@ def run_config(config: str, server, args, ruler_sets, docs, dense_rows) -> dict:
 
     lm = ruler.make_lm(server.url, server.model, args.model, server.max_model_len or
                        args.max_model_len, args.num_concurrent, int(args.timeout))
+    limit = args.dynamic_limit if config in DYNAMIC else args.limit
     result = {"ruler": {}, "density": {}, "seconds": {}}
-    for rset in ruler_sets:
+    if config not in LOGLIK_ONLY:
+        result["limit"] = limit
+    for rset in ([] if config in LOGLIK_ONLY else ruler_sets):
         before = server.metrics()
         t0 = time.monotonic()
-        scores = ruler.evaluate(lm, rset, args.limit)
+        scores = ruler.evaluate(lm, rset, limit)
         result["seconds"][str(rset.length)] = round(time.monotonic() - t0, 1)
         for task, s in scores.items():
             result["ruler"].setdefault(task, {})[str(rset.length)] = s
@@ -276,6 +290,10 @@ def run(args: argparse.Namespace) -> int:
     if "dense" not in configs:
         raise ToolError("--configs: dense is the reference and must be one of them")
     configs = ["dense"] + [c for c in CONFIGS if c in configs and c != "dense"]
+    if args.loglik_docs <= 0 and any(c in LOGLIK_ONLY for c in configs):
+        sys.stderr.write(f"eval: {', '.join(c for c in configs if c in LOGLIK_ONLY)} left out "
+                         "(log-likelihoods only, and --loglik-docs is 0)\n")
+        configs = [c for c in configs if c not in LOGLIK_ONLY]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ToolError("--tasks: no task")
@@ -283,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model):
         raise ToolError(f"--model: give the local model folder (its tokenizer sizes the prompts), "
                         f"not {args.model!r}")
+    if args.limit < 1 or args.dynamic_limit < 0:
+        raise ToolError("--limit: at least 1; --dynamic-limit: 0 or more")
+    args.dynamic_limit = min(args.dynamic_limit or args.limit, args.limit)
     if any(length < 256 or length > args.max_model_len for length in args.lengths):
         raise ToolError(f"--lengths: each in 256..--max-model-len ({args.max_model_len})")
     urls = _urls(args.url, configs)
@@ -297,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
                if {"dynamic-only", "triangle+dynamic"} & set(configs) else base)
         bad = (eval_maps.worst_layers(base, args.bad_layers)
                if "triangle-bad" in configs else [])
-        maps = eval_maps.derived_maps(base, dyn, bad, os.path.join(args.out, "maps"))
+        full = (args.loglik_length or max(args.lengths)) if "triangle-full" in configs else None
+        maps = eval_maps.derived_maps(base, dyn, bad, os.path.join(args.out, "maps"), full)
         too_long = [c for c in configs[1:] if c not in urls and
                     eval_maps.load_layer_map(maps[c]).min_prompt_len > min(args.lengths)]
         if too_long:
@@ -340,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
             shlex.quote(shown_path(a)) for a in sys.argv[sys.argv.index("eval") + 1:])
         if "eval" in sys.argv else None,
         "tasks": tasks, "lengths": args.lengths, "limit": args.limit,
+        "dynamic_limit": args.dynamic_limit,
         "max_gen_toks": args.max_gen_toks or None,
         "loglik": {"docs": args.loglik_docs, "length": args.loglik_length or max(args.lengths),
                    "top_k": args.top_k, "tail": args.loglik_tail, "text": "pydoc_data.topics (Python's reference docs)"},
