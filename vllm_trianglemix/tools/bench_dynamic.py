@@ -59,11 +59,11 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2",  # more columns per key load
     "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3",
     "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2",
     "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4",
-    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2",  # more columns per key load
 ]
 ATTN_SWEEP = [  # the attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=3",

@@ -29,9 +29,9 @@ class XAttnKernelConfig:
     # query blocks of one request (rows: query blocks x query heads x query groups), and loops
     # over (key tile, stride offset).
     est_block_m: int = 128  # rows per program
-    est_block_n: int = 128  # key groups per tile (rounded to whole key blocks)
-    est_num_warps: int = 4
-    est_num_stages: int = 3
+    est_block_n: int = 256  # key groups per tile (rounded to whole key blocks)
+    est_num_warps: int = 8
+    est_num_stages: int = 2
     est_fp8_dot: int = 0  # 1: fp8 query and fp8 cache scored in e4m3 (exact products, float32 sums)
     # 1: a bf16/fp16 query and cache scored on their e4m3 roundings (saturating at +-448; float32
     # sums): half the bytes and twice the tensor-core rate of the estimate, but the selection is
