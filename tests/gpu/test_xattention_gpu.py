@@ -245,12 +245,13 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, ""),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, TMA),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,block_n=128,block_m=128"),
-    ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16, "est_block_m=256,est_num_stages=2"),
+    ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16, "est_block_m=256,est_block_n=128,est_num_stages=2"),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "attn_tma=1"),
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),
     ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),
-    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "est_num_stages=2,block_m=128"),
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16,
+     "est_block_n=128,est_num_warps=4,est_num_stages=3,block_m=128"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
 ]
 
@@ -317,7 +318,7 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-ESTIMATE_KERNELS = ["", "est_block_m=256,est_num_stages=2", "est_block_n=64,est_num_stages=4",
+ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2", "est_block_n=64,est_num_stages=4",
                     "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1"]
 
 
