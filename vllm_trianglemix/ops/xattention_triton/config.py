@@ -53,7 +53,7 @@ class XAttnKernelConfig:
     @classmethod
     def default_for(cls, head_size: int) -> "XAttnKernelConfig":
         if head_size >= 256:  # (shared memory: the smaller tiles tests/gpu runs for head size 256)
-            return cls(est_block_n=64, est_num_stages=1, block_m=64, block_n=32, num_stages=1)
+            return cls(est_block_n=64, est_num_warps=4, est_num_stages=1, block_m=64, block_n=32, num_stages=1)
         return cls()
 
     @classmethod

@@ -1,0 +1,39 @@
+"""`bench dynamic --model DIR --page N`: the attention shape comes from the model's config.json
+(its text part for multimodal configs), and head size 256 sweeps tiles that fit it."""
+
+from pathlib import Path
+
+import pytest
+
+from vllm_trianglemix.ops.xattention_triton.config import XAttnKernelConfig
+from vllm_trianglemix.tools.bench_dynamic import (
+    ATTN_SWEEP,
+    ATTN_SWEEP_256,
+    EST_SWEEP,
+    EST_SWEEP_256,
+    Shape,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "benchmarks" / "models"
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("qwen3.5-4b", Shape(16, 4, 256, 528)),  # multimodal config: the text_config's heads
+    ("llama-3.1-8b-instruct", Shape(32, 8, 128, 528)),
+])
+def test_shape_from_a_models_config(model, expected):
+    assert Shape.from_model(str(MODELS / model), 528) == expected
+
+
+def test_default_shape_is_llama_3_1_8b_on_vllms_page():
+    assert Shape() == Shape(32, 8, 128, 16)
+
+
+@pytest.mark.parametrize("head_dim,sweeps", [(128, (EST_SWEEP, ATTN_SWEEP)), (256, (EST_SWEEP_256, ATTN_SWEEP_256))])
+def test_each_head_size_sweeps_its_defaults_first(head_dim, sweeps):
+    """The first configuration of each sweep is the defaults for that head size, so the sweep's
+    choice can only be as fast as the defaults or faster."""
+    assert Shape(head_dim=head_dim).sweeps() == sweeps
+    default = XAttnKernelConfig.default_for(head_dim)
+    for sweep in sweeps:
+        assert default.with_overrides(sweep[0]) == default, sweep[0]
