@@ -27,6 +27,7 @@ def test_shape_from_a_models_config(model, expected):
 
 def test_default_shape_is_llama_3_1_8b_on_vllms_page():
     assert Shape() == Shape(32, 8, 128, 16)
+    assert Shape.from_model(str(MODELS / "llama-3.1-8b-instruct")) == Shape()  # --model without --page
 
 
 @pytest.mark.parametrize("head_dim,sweeps", [(128, (EST_SWEEP, ATTN_SWEEP)), (256, (EST_SWEEP_256, ATTN_SWEEP_256))])

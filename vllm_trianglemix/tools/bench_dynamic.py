@@ -101,13 +101,13 @@ class Shape:
     page: int = 16  # vLLM's FlashAttention page; hybrid models use larger ones (vLLM logs the size)
 
     @classmethod
-    def from_model(cls, model_dir: str, page: int) -> "Shape":
-        with open(f"{model_dir.rstrip('/')}/config.json") as f:
-            cfg = json.load(f)
-        cfg = cfg.get("text_config") or cfg
-        heads = cfg["num_attention_heads"]
-        return cls(heads, cfg.get("num_key_value_heads") or heads,
-                   cfg.get("head_dim") or cfg["hidden_size"] // heads, page)
+    def from_model(cls, model: str, page: int | None = None) -> "Shape":
+        from vllm_trianglemix.model_info import load_text_config
+
+        cfg = load_text_config(model)
+        heads = cfg.num_attention_heads
+        return cls(heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                   getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, page or cls.page)
 
     def sweeps(self) -> tuple[list[str], list[str]]:
         return (EST_SWEEP_256, ATTN_SWEEP_256) if self.head_dim >= 256 else (EST_SWEEP, ATTN_SWEEP)
@@ -281,7 +281,7 @@ def run(args) -> int:
 
     dev = DEVICE
     torch.manual_seed(0)
-    shape = Shape.from_model(args.model, args.page) if args.model else Shape(page=args.page or 16)
+    shape = Shape.from_model(args.model, args.page) if args.model else Shape(page=args.page or Shape.page)
     heads, kv_heads, dim, page = shape.heads, shape.kv_heads, shape.head_dim, shape.page
     tri = triangle_op(heads, kv_heads, dim)
     base = XAttnKernelConfig.from_env(dim)
