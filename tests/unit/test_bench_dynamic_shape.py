@@ -38,3 +38,15 @@ def test_each_head_size_sweeps_its_defaults_first(head_dim, sweeps):
     default = XAttnKernelConfig.default_for(head_dim)
     for sweep in sweeps:
         assert default.with_overrides(sweep[0]) == default, sweep[0]
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--model", "/no/such/model"], "--model: no such model folder or config.json: /no/such/model"),
+    (["--page", "0"], "--page: a page holds at least one token; got 0"),
+])
+def test_bad_shape_options_are_one_line_before_the_gpu_is_looked_for(capsys, options, expected):
+    from tests.unit.test_cli import one_error_line
+    from vllm_trianglemix.tools.cli import main
+
+    assert main(["bench", "dynamic", *options]) == 2
+    assert expected in one_error_line(capsys, "bench dynamic")

@@ -271,7 +271,23 @@ def _row_line(r: dict) -> str:
             f"{r['keep_all_rel_err']:.1e} |\n")
 
 
+def _shape(args) -> Shape:
+    """The shape ``--model`` / ``--page`` ask for, or one line naming the option that is wrong."""
+    from vllm_trianglemix.model_info import ModelConfigError
+    from vllm_trianglemix.tools.errors import ToolError
+
+    if args.page is not None and args.page < 1:
+        raise ToolError(f"--page: a page holds at least one token; got {args.page}")
+    if not args.model:
+        return Shape(page=args.page or Shape.page)
+    try:
+        return Shape.from_model(args.model, args.page)
+    except ModelConfigError as e:
+        raise ToolError(f"--model: {e}") from None
+
+
 def run(args) -> int:
+    shape = _shape(args)  # (bad options are named before the GPU is looked for)
     require_cuda("bench dynamic")
     import numpy as np  # noqa: F401
     import torch
@@ -281,7 +297,6 @@ def run(args) -> int:
 
     dev = DEVICE
     torch.manual_seed(0)
-    shape = Shape.from_model(args.model, args.page) if args.model else Shape(page=args.page or Shape.page)
     heads, kv_heads, dim, page = shape.heads, shape.kv_heads, shape.head_dim, shape.page
     tri = triangle_op(heads, kv_heads, dim)
     base = XAttnKernelConfig.from_env(dim)
