@@ -4,9 +4,9 @@
 #
 #   bash scripts/gpu.sh prepare      install the plugin and byte-compile the environment (every step
 #                                    does what it needs of this itself; done once, later engines start sooner)
-#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in six pytest processes side
-#                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid,
-#                                    Ray TP=1; Ray is skipped where it is not installed), with per-test
+#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in seven pytest processes side
+#                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid
+#                                    triangle, hybrid dynamic, Ray TP=1; Ray is skipped where it is not installed), with per-test
 #                                    durations per lane
 #   bash scripts/gpu.sh kernel       bench kernel: one triangle layer vs FA3 (+ best kernel config)
 #   bash scripts/gpu.sh ttft BACKENDS [ARGS]   bench ttft on the Llama-3.1-8B shape, e.g.
@@ -100,15 +100,17 @@ case "$1" in
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/gpu.txt" || true
     compile_site
     start=$(date +%s)
-    # Six pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
-    # mostly a new process importing torch and vLLM, 90 s for a hybrid; FlashInfer's first build
-    # about 240 s with the other lanes running). Every GPU test is in exactly one lane
+    # Seven pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
+    # mostly a new process importing torch and vLLM; FlashInfer's first build about 270 s and the
+    # first two hybrid engines about 230 s with the other lanes running, so the hybrid tests are
+    # two lanes of two engines each). Every GPU test is in exactly one lane
     # (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests share one lane (one build).
     lanes=(  # "pytest -k expression|test files"
       "flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_dynamic_backend_gpu.py"
       "not flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_backend_gpu.py"
       "not flashinfer|tests/gpu/test_dynamic_backend_gpu.py"
-      "|tests/gpu/test_hybrid_gpu.py"
+      "not dynamic|tests/gpu/test_hybrid_gpu.py"
+      "dynamic|tests/gpu/test_hybrid_gpu.py"
       "|tests/gpu/test_kernel_gpu.py tests/gpu/test_xattention_gpu.py"
       "|tests/gpu/test_ray_gpu.py tests/gpu/test_tp2_gpu.py"
     )
