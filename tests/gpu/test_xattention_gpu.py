@@ -245,6 +245,8 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, ""),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, TMA),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,block_n=128,block_m=128"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_ws=1"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,attn_ws=1"),
     ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16, "est_block_m=256,est_block_n=128,est_num_stages=2"),
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "attn_tma=1"),
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),

@@ -308,6 +308,8 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
 ATTENTION_VARIANTS = {
     "tma": dict(attn_tma=1),
     "tma_32_keys": dict(attn_tma=1, block_n=32),
+    "warp_specialized": dict(attn_ws=1),
+    "tma_warp_specialized": dict(attn_tma=1, attn_ws=1),
 }
 
 

@@ -56,6 +56,8 @@ VARIANTS = {
     "fp8-score": "est_fp8_score=1",  # the estimate on e4m3 roundings (its selection's agreement reported)
     "fp8-score-fast": "est_fp8_score=1,est_fp8_fast_acc=1",  # the same, the tensor cores' own accumulation
     "tma": "attn_tma=1",  # the attention's K/V tiles by tensor descriptors
+    "ws": "attn_ws=1",  # the attention's kept-block loop warp-specialised
+    "tma-ws": "attn_tma=1,attn_ws=1",  # both
 }
 DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
@@ -70,6 +72,9 @@ ATTN_SWEEP = [  # the attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=4",
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
     "block_m=128,block_n=128,num_warps=8,num_stages=3",
+    # the defaults warp-specialised (by plain loads, by tensor descriptors): not measured yet
+    "block_m=256,block_n=64,num_warps=8,num_stages=3,attn_ws=1",
+    "block_m=256,block_n=64,num_warps=8,num_stages=3,attn_tma=1,attn_ws=1",
 ]
 # Head size 256 (e.g. Qwen3.5's full-attention layers): tiles that fit the shared memory of
 # a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).

@@ -7,7 +7,8 @@ the causal mask; online softmax in float32, exp2. K/V come from the repacked
 contiguous buffers (repack.py): tiles at affine addresses, no block-table
 lookup per key (on the H200 this beat reading the paged cache through the
 block table by a quarter: BENCHMARKS.md), by plain loads or, with
-``attn_tma``, by tensor descriptors.
+``attn_tma``, by tensor descriptors; ``attn_ws`` asks Triton to warp-specialise
+the loop over the kept blocks.
 
 fp8 (e4m3) caches and an fp8 query are read as the triangle kernel reads them:
 converted exactly to bf16/fp16 for ``tl.dot``, ``q_scale * k_scale`` folded
@@ -42,9 +43,11 @@ def _attend_packed_kernel(
     qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
-    """``TMA``: KP/VP are tensor descriptors over ``[kv_heads * keys, HEAD_D]`` (bulk copies)."""
+    """``TMA``: KP/VP are tensor descriptors over ``[kv_heads * keys, HEAD_D]`` (bulk copies).
+    ``WS``: the kept-block loop warp-specialised by Triton (loads in producer warps, the GEMMs
+    and the softmax in consumer warps)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
     i_lo = rt * BLOCK_Q
@@ -75,7 +78,7 @@ def _attend_packed_kernel(
         sel = (item * num_kv_heads + kv_head).to(tl.int64)
         kept_row = kept + sel * stride_ki
         # Kept blocks before the diagonal: every key is visible to every row.
-        for u in range(tl.load(n_kept + sel) * TILES_PER_BLOCK):
+        for u in tl.range(0, tl.load(n_kept + sel) * TILES_PER_BLOCK, warp_specialize=WS):
             j = tl.load(kept_row + u // TILES_PER_BLOCK)
             k0 = j * block_size + (u % TILES_PER_BLOCK) * BLOCK_N
             if TMA:
@@ -165,5 +168,5 @@ def attend(op, query, prepared, params, scale: float, output, blocks, fp8, packe
         kp.shape[1], kept.stride(0), op.num_kv_heads, B, scale * LOG2E, *fp8.pointers, *fp8.strides,
         GROUP=op.group, GROUP_P=op.group_p, BLOCK_Q=block_q, ROW_TILES=row_tiles, BLOCK_N=block_n,
         TILES_PER_BLOCK=B // block_n, HEAD_D=op.head_size, Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8,
-        TMA=bool(cfg.attn_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=bool(cfg.attn_tma), WS=bool(cfg.attn_ws), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

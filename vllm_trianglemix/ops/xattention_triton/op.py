@@ -214,8 +214,8 @@ class TritonXAttentionOp:
         def run():
             attend_stage.attend(self, query, prepared, params, scale, output, blocks, fp8, packed)
 
-        self._built(run, "the attention kernel", ("attn_tma", "block_m", "block_n", "num_warps",
-                                                  "num_stages"))
+        self._built(run, "the attention kernel", ("attn_tma", "attn_ws", "block_m", "block_n",
+                                                  "num_warps", "num_stages"))
 
     def run(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
             params: DynamicParams, scale: float, output, select=select_key_blocks,
