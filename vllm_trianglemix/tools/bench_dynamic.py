@@ -72,9 +72,6 @@ ATTN_SWEEP = [  # the attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=4",
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
     "block_m=128,block_n=128,num_warps=8,num_stages=3",
-    # the defaults warp-specialised (by plain loads, by tensor descriptors): not measured yet
-    "block_m=256,block_n=64,num_warps=8,num_stages=3,attn_ws=1",
-    "block_m=256,block_n=64,num_warps=8,num_stages=3,attn_tma=1,attn_ws=1",
 ]
 # Head size 256 (e.g. Qwen3.5's full-attention layers): tiles that fit the shared memory of
 # a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).

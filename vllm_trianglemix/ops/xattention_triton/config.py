@@ -47,8 +47,8 @@ class XAttnKernelConfig:
     attn_tma: int = 0  # 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later; not faster on the H200)
     # 1: the loop over the kept blocks warp-specialised (Triton's tl.range(warp_specialize=True):
     # producer warps load K/V, consumer warps run the GEMMs and the softmax; Hopper and later,
-    # best with attn_tma). Off by default until bench dynamic shows it faster; a GPU or Triton
-    # that cannot build it falls back to the default with one warning.
+    # with or without attn_tma). Off: on the H200 (Triton 3.8) it was not faster (BENCHMARKS.md
+    # section 3); a GPU or Triton that cannot build it falls back to the default with one warning.
     attn_ws: int = 0
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
