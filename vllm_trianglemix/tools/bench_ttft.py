@@ -400,6 +400,7 @@ def run(args) -> int:
         fast_start=args.fast_start,
         gdn_prefill_backend=args.gdn_prefill_backend,
         kernel_config=settings.env_setting(settings.KERNEL_CONFIG) or "default",
+        xattn_config=settings.env_setting(settings.XATTN_CONFIG) or "default",
         model=args.model,
     )
     try:
