@@ -4,6 +4,8 @@
 #
 #   bash scripts/gpu.sh prepare      install the plugin and byte-compile the environment (every step
 #                                    does what it needs of this itself; done once, later engines start sooner)
+#   bash scripts/gpu.sh prepare-flashinfer   build FlashInfer's kernels for the suite's engines once (the
+#                                    suite's longest lane is otherwise FlashInfer's first build)
 #   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in seven pytest processes side
 #                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid
 #                                    triangle, hybrid dynamic, Ray TP=1; Ray is skipped where it is not installed), with per-test
@@ -73,6 +75,17 @@ case "$1" in
   prepare)
     install_plugin
     compile_site
+    ;;
+  prepare-flashinfer)
+    # FlashInfer's kernels for the suite's engines, built once (FlashInfer also publishes them
+    # prebuilt, flashinfer-jit-cache; a plain pip install builds them on first use): the suite
+    # run after this finds them cached
+    install_plugin
+    compile_site
+    start=$(date +%s)
+    python3 -m pytest -q -p no:cacheprovider -k flashinfer_is_the_stock_delegate tests/gpu/test_breadth_gpu.py \
+      > "$OUT/prepare_flashinfer.log" 2>&1 || true
+    echo "FlashInfer kernels built in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/prepare_flashinfer.log")"
     ;;
   pair)
     install_plugin
@@ -285,5 +298,5 @@ for k, v in r.items():
 PY
     tail -13 "$OUT/breadth_$2.log"
     ;;
-  *) echo "usage: $0 pair STEPS STEPS | prepare | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
+  *) echo "usage: $0 pair STEPS STEPS | prepare | prepare-flashinfer | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
 esac
