@@ -75,8 +75,10 @@ ATTN_SWEEP = [  # the attention (the defaults first)
 ]
 # Head size 256 (e.g. Qwen3.5's full-attention layers): tiles that fit the shared memory of
 # a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).
-EST_SWEEP_256 = [  # measured on the H200 (BENCHMARKS.md): 7.35 / 7.78 / 8.90 / 9.99 / 14.21 ms;
-    # 128 x 128 with 8 warps and 2 stages needs 260 KiB of shared memory (more than an H200 has)
+# On the H200 (BENCHMARKS.md section 5), ms on the last 128K chunk: estimate 64/64/4/3 7.35,
+# 64/128/4/2 7.78, 128/128/8/1 8.90, 128/64/8/2 9.99 (128/128/8/2 needs 260 KiB of shared memory);
+# attention 128/64/8/2 6.07, 64/64/4/2 8.57, 128/32/8/2 8.93. The other entries are untried.
+EST_SWEEP_256 = [
     "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3",
     "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=2",
     "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=4",
@@ -84,7 +86,7 @@ EST_SWEEP_256 = [  # measured on the H200 (BENCHMARKS.md): 7.35 / 7.78 / 8.90 / 
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=1",
     "est_block_m=128,est_block_n=64,est_num_warps=8,est_num_stages=2",
 ]
-ATTN_SWEEP_256 = [  # measured: 6.07 / 8.57 / 8.93 / 11.84 / 12.09 / 19.18 ms (64 x 32, 8 warps, 1 stage)
+ATTN_SWEEP_256 = [
     "block_m=128,block_n=64,num_warps=8,num_stages=2",
     "block_m=128,block_n=64,num_warps=8,num_stages=3",
     "block_m=128,block_n=64,num_warps=4,num_stages=2",
