@@ -9,7 +9,7 @@
 #   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in seven pytest processes side
 #                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid
 #                                    triangle, hybrid dynamic, Ray TP=1; Ray is skipped where it is not installed), with per-test
-#                                    durations per lane
+#                                    durations per lane (gpu_suite_laneN.log) and in gpu_suite.json
 #   bash scripts/gpu.sh kernel       bench kernel: one triangle layer vs FA3 (+ best kernel config)
 #   bash scripts/gpu.sh ttft BACKENDS [ARGS]   bench ttft on the Llama-3.1-8B shape, e.g.
 #                                    ttft dense,trianglemix,dynamic@0.1 --fast-start
@@ -134,7 +134,10 @@ case "$1" in
         > "$OUT/gpu_suite_lane$i.log" 2>&1 &
     done
     wait
-    echo "GPU suite: $(( $(date +%s) - start )) s (${#lanes[@]} lanes side by side)" | tee "$OUT/gpu_suite.txt"
+    total=$(( $(date +%s) - start ))
+    echo "GPU suite: $total s (${#lanes[@]} lanes side by side)" | tee "$OUT/gpu_suite.txt"
+    # each lane's result and slowest steps, as JSON (benchmarks/results-gpu-suite-*.json)
+    python3 scripts/gpu_suite_summary.py "$OUT" "$total" > "$OUT/gpu_suite.json" || true
     for i in "${!lanes[@]}"; do
       grep -E "^(FAILED|ERROR)|^BREADTH:" "$OUT/gpu_suite_lane$i.log" | sed 's/^.*BREADTH: /  /' | tail -12 || true
       echo "lane $i (${lanes[$i]}): $(grep -E "(passed|failed|error).* in " "$OUT/gpu_suite_lane$i.log" | tail -1)" \

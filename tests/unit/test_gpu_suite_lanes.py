@@ -3,6 +3,7 @@ tests/gpu is in exactly one lane (a test missing from every lane would never run
 lanes would run twice and start its engines twice)."""
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
 
@@ -10,13 +11,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lanes() -> list[tuple[str, list[str]]]:
-    text = (ROOT / "scripts" / "gpu.sh").read_text()
-    block = re.search(r"\n\s*lanes=\(.*?\n(.*?)\n\s*\)\n", text, re.S).group(1)
-    lanes = []
-    for line in block.splitlines():
-        k, _, files = line.strip().strip('"').partition("|")
-        lanes.append((k, files.split()))
-    return lanes
+    """The lanes as scripts/gpu.sh defines them (read by the suite's JSON summary too)."""
+    spec = importlib.util.spec_from_file_location("gpu_suite_summary", ROOT / "scripts" / "gpu_suite_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.lanes()
 
 
 def _selected(k: str, name: str) -> bool:
@@ -49,3 +48,21 @@ def test_lanes_name_existing_files():
     for _, files in _lanes():
         for f in files:
             assert (ROOT / f).is_file(), f
+
+
+def test_the_suite_summary_reads_each_lanes_result_and_slowest_steps(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_suite_summary", ROOT / "scripts" / "gpu_suite_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "gpu_suite_lane0.log").write_text(
+        "============================= slowest 10 durations =============================\n"
+        "251.68s setup    tests/gpu/test_breadth_gpu.py::test_flashinfer_is_the_stock_delegate\n"
+        "0.85s call     tests/gpu/test_breadth_gpu.py::test_flashinfer_long_prompts_match_exact_reference\n"
+        "5 passed, 7 deselected in 339.00s (0:05:39)\n")
+    out = module.summary(tmp_path, 348.0)
+    assert out["total_s"] == 348.0 and len(out["lanes"]) == len(_lanes())
+    first = out["lanes"][0]
+    assert first["result"] == "5 passed, 7 deselected in 339.00s (0:05:39)"
+    assert first["slowest"][0] == {"s": 251.68, "phase": "setup",
+                                   "test": "tests/gpu/test_breadth_gpu.py::test_flashinfer_is_the_stock_delegate"}
+    assert out["lanes"][1]["result"] is None  # no log: reported as such, not guessed
