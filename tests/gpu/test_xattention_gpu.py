@@ -255,6 +255,9 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16,
      "est_block_n=128,est_num_warps=4,est_num_stages=3,block_m=128"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64,
+     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "est_block_d=64,est_num_stages=3"),
 ]
 
 
@@ -321,6 +324,7 @@ def test_keep_everything_equals_fa3():
 
 
 ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2", "est_block_n=64,est_num_stages=4",
+                    "est_block_d=64,est_num_stages=3",
                     "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1"]
 
 

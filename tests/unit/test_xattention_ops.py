@@ -331,6 +331,8 @@ def test_triton_interpreted_attention_variants_match_reference(variant):
 ESTIMATE_KERNELS = {
     "one_block_per_program": dict(est_block_m=32),
     "several_stages": dict(est_num_stages=3),
+    "head_dimension_steps": dict(est_block_d=16),  # four 16-wide steps of the 64-wide head
+    "head_dimension_steps_pipelined": dict(est_block_d=32, est_num_stages=3),
 }
 
 
@@ -352,6 +354,16 @@ def test_triton_interpreted_masses_match_torch_op(kernel):
                                          params.block_size, params.stride, batch.scale)
         torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
         assert not mass[i, :, b + 1:].any()
+
+
+@pytest.mark.parametrize("block_d", [8, 48, 128])
+def test_a_head_dimension_step_that_cannot_work_is_refused_naming_the_field(block_d):
+    """``est_block_d`` must divide the head (a power of two >= 16): refused when the op is built
+    (the engine's start), not when a long prompt reaches the kernel."""
+    xt = pytest.importorskip("vllm_trianglemix.ops.xattention_triton")
+    with pytest.raises(ValueError, match=f"TRIANGLEMIX_XATTN_CONFIG: est_block_d={block_d}: .*head size 64"):
+        xt.TritonXAttentionOp(8, 2, 64, config=xt.XAttnKernelConfig(est_block_d=block_d))
+    assert xt.TritonXAttentionOp(8, 2, 64, config=xt.XAttnKernelConfig(est_block_d=64)).config.est_block_d == 64
 
 
 def _e4m3(x):

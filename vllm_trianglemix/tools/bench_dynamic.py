@@ -77,9 +77,13 @@ ATTN_SWEEP = [  # the attention (the defaults first)
 # a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).
 # On the H200 (BENCHMARKS.md section 5), ms on the last 128K chunk: estimate 64/64/4/3 7.35,
 # 64/128/4/2 7.78, 128/128/8/1 8.90, 128/64/8/2 9.99 (128/128/8/2 needs 260 KiB of shared memory);
-# attention 128/64/8/2 6.07, 64/64/4/2 8.57, 128/32/8/2 8.93. The other entries are untried.
+# attention 128/64/8/2 6.07, 64/64/4/2 8.57, 128/32/8/2 8.93. The other entries are untried; those
+# with est_block_d=128 take each 256-wide dot in two steps (128 x 128 tiles with three stages fit).
 EST_SWEEP_256 = [
     "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128",
+    "est_block_m=128,est_block_n=64,est_num_warps=8,est_num_stages=3,est_block_d=128",
+    "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=3,est_block_d=128",
     "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=2",
     "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=4",
     "est_block_m=64,est_block_n=64,est_num_warps=8,est_num_stages=3",

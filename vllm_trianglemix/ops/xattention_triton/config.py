@@ -42,6 +42,10 @@ class XAttnKernelConfig:
     # (Hopper: fewer bits than float32 between promotions) instead of promoting to float32 after
     # every instruction: faster, the scores rounded further. Off by default.
     est_fp8_fast_acc: int = 0
+    # Head-dimension step of the estimate's dots (0: the whole head at once; else a power of two
+    # >= 16 dividing the head size): smaller query and key tiles per pipeline stage, so that larger
+    # row and column tiles fit in shared memory with several stages (head size 256). Same scores.
+    est_block_d: int = 0
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
     attn_tma: int = 0  # 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later; not faster on the H200)

@@ -79,7 +79,7 @@ def _estimate_kernel(
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
-    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
+    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, FP8_PRECISE_ACC: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
@@ -88,8 +88,9 @@ def _estimate_kernel(
     in float32 and the accumulation is kept float32 (``max_num_imprecise_acc=0``; not with
     ``est_fp8_fast_acc``), so with an fp8 query the scores equal the fp16 path's. (``est_fp8_score``: the query and the keys arrive
     already rounded to e4m3, see op.py; the scores are those of the rounded values.)
-    One loop over (key tile, stride offset), so that loads are pipelined across tile
-    boundaries; a tile's epilogue runs on its last offset.
+    One loop over (key tile, stride offset, head-dimension step of ``BLOCK_D``), so that loads
+    are pipelined across tile boundaries; a tile's epilogue runs on its last step. (``BLOCK_D``
+    below the head size: smaller operand tiles per pipeline stage, the same sums.)
     """
     pid = tl.program_id(0)
     rt = pid % ROW_TILES
@@ -125,7 +126,8 @@ def _estimate_kernel(
     diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
                            S, HALF, BLOCK_M, HEAD_D)
 
-    offs_d = tl.arange(0, HEAD_D)
+    DC: tl.constexpr = HEAD_D // BLOCK_D  # head-dimension steps per stride offset
+    offs_dc = tl.arange(0, BLOCK_D)
     N: tl.constexpr = KB * G_P
     cols = tl.arange(0, N)
     n_tiles = tl.cdiv(nb, KB)
@@ -135,9 +137,18 @@ def _estimate_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-    for ts in range(n_tiles * S):  # (key tile, stride offset): loads pipelined across tiles
-        t = ts // S
-        s = ts % S
+    for ts in range(n_tiles * S * DC):  # (key tile, stride offset, d step): loads pipelined across tiles
+        if DC == 1:  # (resolved when compiling: the whole head, the loop as it always was)
+            t = ts // S
+            s = ts % S
+            last_step = s == S - 1
+            offs_d = offs_dc
+        else:
+            t = ts // (S * DC)
+            s = (ts // DC) % S
+            dc = ts % DC
+            last_step = (s == S - 1) & (dc == DC - 1)
+            offs_d = dc * BLOCK_D + offs_dc
         j_col = t * KB + cols // G_P
         h = j_col * G + cols % G_P  # absolute key group
         col_ok = (cols % G_P < G) & (j_col < nb)
@@ -157,7 +168,7 @@ def _estimate_kernel(
             acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
         else:
             acc = tl.dot(q_s, k_s, acc)
-        if s == S - 1:  # the tile's last offset: its scores are complete
+        if last_step:  # the tile's last step: its scores are complete
             m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
                                       m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
             acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
@@ -177,6 +188,17 @@ def _estimate_kernel(
                 mass = tl.sum(tl.where((qb == q)[:, None], weighted, 0.0), 0)
                 out = MASS + ((item_q.to(tl.int64) * num_kv_heads + kv_head) * ROW_TILES + rt) * max_blocks
                 tl.store(out + j, mass, mask=j <= b_q)
+
+
+def estimate_block_d(config, head_size: int) -> int:
+    """The head-dimension step of the estimate's dots (``est_block_d``; 0: the whole head)."""
+    d = config.est_block_d
+    if d == 0 or d == head_size:
+        return head_size
+    if d < 16 or d > head_size or d & (d - 1) or head_size % d:
+        raise ValueError(f"est_block_d={d}: must be 0 (the whole head) or a power of two >= 16 "
+                         f"that divides the head size {head_size}")
+    return d
 
 
 def estimate_shape(config, group_p: int, block_size: int, stride: int):
@@ -221,6 +243,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
+            BLOCK_D=estimate_block_d(cfg, op.head_size),
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )

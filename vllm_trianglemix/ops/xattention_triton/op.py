@@ -55,6 +55,10 @@ class TritonXAttentionOp:
         self.group = num_heads // num_kv_heads
         self.group_p = _next_pow2(self.group)
         self.config = config if config is not None else XAttnKernelConfig.from_env(head_size)
+        try:  # a setting that cannot work is refused when the engine starts, naming the field
+            estimate_stage.estimate_block_d(self.config, head_size)
+        except ValueError as e:
+            raise ValueError(f"{CONFIG_ENV}: {e}") from None
         self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
         self._select_params: dict = {}
         self.warmed: set = set()
@@ -127,9 +131,9 @@ class TritonXAttentionOp:
                 q, keys = round_e4m3(query), round_e4m3(p.keys)
             return estimate_stage.estimate(self, q, keys, prepared, p.groups, params, scale, fp8)
 
-        return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_num_warps",
-                                                        "est_num_stages", "est_fp8_dot", "est_fp8_score",
-                                                        "est_fp8_fast_acc"))
+        return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_block_d",
+                                                        "est_num_warps", "est_num_stages", "est_fp8_dot",
+                                                        "est_fp8_score", "est_fp8_fast_acc"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
