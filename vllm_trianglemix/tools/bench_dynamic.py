@@ -62,6 +62,7 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
     "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2",  # more columns per key load
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=4,est_block_d=64",  # deeper pipeline (untried)
     "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3",
     "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2",
