@@ -506,6 +506,7 @@ def test_triton_interpreted_fused_selection_is_the_rule():
 FP8_CASES = [  # kernel config, per-head K/V scales, fp8 query, seed (no near ties)
     ("attn_tma=0", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
     ("attn_tma=1", False, False, 3),
+    ("est_block_d=32", True, True, 3),  # the estimate's dots in head-dimension steps, fp8 query
 ]
 
 
