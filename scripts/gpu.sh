@@ -138,7 +138,7 @@ case "$1" in
     wait
     total=$(( $(date +%s) - start ))
     echo "GPU suite: $total s (${#lanes[@]} lanes side by side)" | tee "$OUT/gpu_suite.txt"
-    # each lane's result and slowest steps, as JSON (benchmarks/results-gpu-suite-*.json)
+    # each lane's result and slowest steps, as JSON (as benchmarks/results-gpu-suite-h200.json)
     python3 scripts/gpu_suite_summary.py "$OUT" "$total" > "$OUT/gpu_suite.json" || true
     for i in "${!lanes[@]}"; do
       grep -E "^(FAILED|ERROR)|^BREADTH:" "$OUT/gpu_suite_lane$i.log" | sed 's/^.*BREADTH: /  /' | tail -12 || true
