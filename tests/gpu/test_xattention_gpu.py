@@ -258,6 +258,9 @@ CASES = [  # the kernels' defaults, and the other variants
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64,
      "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "est_block_d=64,est_num_stages=3"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_fa3=1"),  # FA3 on page tables
+    ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_fa3=1"),
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, "attn_fa3=1"),
 ]
 
 
@@ -266,6 +269,13 @@ def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_di
     params = PARAMS[params_name]
     with _vllm_config():
         batch = flash_batch(BATCHES[batch_name], *heads, head_dim, page, dtype, seed=len(batch_name))
+        if "attn_fa3=1" in overrides:  # the FA3 attention itself runs, not the Triton fallback
+            from types import SimpleNamespace
+
+            from vllm_trianglemix.ops.xattention_triton import attend_fa3
+
+            assert attend_fa3.usable(None, batch.query, batch.key_cache,
+                                     SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size) is None
         out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim, overrides=overrides)
     assert not torch.isnan(out).any(), "unwritten or NaN rows"
     compared, total = _compare_selection(batch, params, plan, keep)

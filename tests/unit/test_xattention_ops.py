@@ -658,3 +658,71 @@ def test_kernel_config_from_the_environment(monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, "blok_n=32")
     with pytest.raises(ValueError, match=f"{CONFIG_ENV}: unknown field 'blok_n'"):
         XAttnKernelConfig.from_env(128)
+
+
+@pytest.mark.parametrize("params_name,heads,seed", [("tau", "gqa4", 17), ("block_48_stride_3", "gqa2", 3)])
+def test_fa3_page_tables_give_each_row_its_kept_blocks_and_the_causal_diagonal(params_name, heads, seed):
+    """``attn_fa3``: FA3 reads each item's kept blocks (then the diagonal block) through a page
+    table and masks causally from the end of the keys. Emulated here in float64 from the page
+    tables, it equals attention over exactly the kept blocks and the diagonal block's keys up to
+    each row (a random selection with the rule's forced blocks; chunks cut inside blocks; blocks
+    of several cache pages)."""
+    from vllm_trianglemix.ops.xattention_triton import attend_fa3
+    from vllm_trianglemix.ops.xattention_triton.op import TritonXAttentionOp
+    from vllm_trianglemix.ops.xattention_triton.plan import kept_blocks_from_mask
+
+    params = PARAMS[params_name]
+    B, (hq, hkv) = params.block_size, HEADS[heads]
+    group = hq // hkv
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], hq, hkv, 64, 16, dtype=torch.float64, seed=seed)
+    dense_from, _, plan = _plans(batch, params)
+    op = TritonXAttentionOp(hq, hkv, 64)
+    prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
+    gen = torch.Generator().manual_seed(seed)
+    n = prepared.num_blocks
+    j = torch.arange(n)
+    b = prepared.q_block[:, None, None]
+    keep = (torch.rand(plan.num_items, hkv, n, generator=gen) < 0.4) | (j == 0) | (j == b)
+    blocks = kept_blocks_from_mask(keep & (j <= b), prepared.q_block)
+    seqs = attend_fa3.fa3_rows(prepared, B)
+    assert seqs.cu_seqlens_q[-1] == seqs.rows.numel() == int(plan.n_q.sum())
+    page_size = batch.key_cache.shape[1]
+    checked = 0
+    for h in range(hkv):
+        pages, seqused = attend_fa3.page_table(blocks, seqs, batch.block_table, h, B, page_size)
+        for i in range(plan.num_items):
+            req, q_tok, q_pos, n_q, qb = (int(x) for x in prepared.host_items[i])
+            used = int(seqused[i])
+            slot = torch.arange(used)
+            phys = pages[i, slot // page_size].long()
+            k = batch.key_cache[phys, slot % page_size, h]  # FA3's view of the sequence
+            v = batch.value_cache[phys, slot % page_size, h]
+            allowed = [p for jj in range(qb) if keep[i, h, jj] for p in range(jj * B, (jj + 1) * B)]
+            for r in range(n_q):
+                pos = q_pos + r
+                q = batch.query[q_tok + r, h * group:(h + 1) * group]
+                visible = used - (n_q - 1 - r)  # FA3's causal mask, aligned to the end of the keys
+                fa3 = torch.softmax(q @ k[:visible].T * batch.scale, -1) @ v[:visible]
+                ref_pos = torch.tensor(allowed + list(range(qb * B, pos + 1)))
+                kr, vr = batch.keys[req][ref_pos, h], batch.values[req][ref_pos, h]
+                ref = torch.softmax(q @ kr.T * batch.scale, -1) @ vr
+                torch.testing.assert_close(fa3, ref, rtol=1e-12, atol=1e-12)
+                checked += 1
+    assert checked == hkv * int(plan.n_q.sum())
+
+
+def test_fa3_attention_is_refused_where_it_cannot_run():
+    """``attn_fa3`` needs vLLM's FA3, a CUDA bf16/fp16 query and cache and pages that tile the
+    blocks; elsewhere the Triton attention runs (op.uses_fa3 warns once)."""
+    from types import SimpleNamespace
+
+    from vllm_trianglemix.ops.xattention_triton import attend_fa3
+
+    no_fp8 = SimpleNamespace(q_fp8=False, kv_fp8=False)
+    q, cache = torch.zeros(4, 8, 64, dtype=torch.bfloat16), torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16)
+    assert "fp8" in attend_fa3.usable(None, q, cache, SimpleNamespace(q_fp8=True, kv_fp8=False), 128)
+    assert "float32" in attend_fa3.usable(None, q.float(), cache.float(), no_fp8, 128)
+    assert "do not tile" in attend_fa3.usable(None, q, torch.zeros(2, 528, 2, 64, dtype=torch.bfloat16),
+                                              no_fp8, 128)
+    if not torch.cuda.is_available():
+        assert attend_fa3.usable(None, q, cache, no_fp8, 128) == "not a CUDA tensor"

@@ -58,6 +58,7 @@ VARIANTS = {
     "tma": "attn_tma=1",  # the attention's K/V tiles by tensor descriptors
     "ws": "attn_ws=1",  # the attention's kept-block loop warp-specialised
     "tma-ws": "attn_tma=1,attn_ws=1",  # both
+    "fa3": "attn_fa3=1",  # the attention by FA3 on the paged cache, the kept blocks as page tables
 }
 DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
@@ -193,10 +194,12 @@ class _Step:
         r = dict(repack_ms=0.0, est_ms=0.0, select_ms=0.0, attn_ms=0.0, kept=0, causal=0)
         if prep.num_items:
             fp8 = dyn._fp8(self.q, self.kc, self.vc, prep, None)
-            packed = dyn.pack(self.q, self.kc, self.vc, prep, params, fp8)
+            values = not dyn.uses_fa3(self.q, self.kc, fp8, params)  # (FA3 reads the paged values)
+            packed = dyn.pack(self.q, self.kc, self.vc, prep, params, fp8, with_values=values)
             mass = dyn.estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None, packed)
             blocks = dyn.select(mass, prep, params)
-            r["repack_ms"] = _time_ms(lambda: dyn.pack(self.q, self.kc, self.vc, prep, params, fp8), reps)
+            r["repack_ms"] = _time_ms(lambda: dyn.pack(self.q, self.kc, self.vc, prep, params, fp8,
+                                                       with_values=values), reps)
             r["est_ms"] = _time_ms(
                 lambda: dyn.estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None, packed), reps)
             r["select_ms"] = _time_ms(lambda: dyn.select(mass, prep, params), reps)

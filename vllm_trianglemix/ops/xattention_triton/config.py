@@ -54,6 +54,10 @@ class XAttnKernelConfig:
     # with or without attn_tma). Off: on the H200 (Triton 3.8) it was not faster (BENCHMARKS.md
     # section 3); a GPU or Triton that cannot build it falls back to the default with one warning.
     attn_ws: int = 0
+    # 1: the attention by vLLM's FlashAttention 3 on the paged cache, the kept blocks given to it
+    # as a page table per KV head (attend_fa3.py; bf16/fp16, cache pages that tile the blocks;
+    # elsewhere the Triton attention runs, with one warning). Not measured yet: off by default.
+    attn_fa3: int = 0
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
     num_warps: int = 8

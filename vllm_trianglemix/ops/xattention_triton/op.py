@@ -14,6 +14,7 @@ from vllm.logger import init_logger
 from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args, round_e4m3
 from vllm_trianglemix.ops.triangle_triton import _next_pow2
 from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
+from vllm_trianglemix.ops.xattention_triton import attend_fa3
 from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 from vllm_trianglemix.ops.xattention_triton import select as select_stage
 from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig
@@ -62,6 +63,7 @@ class TritonXAttentionOp:
         self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
         self._select_params: dict = {}
         self.warmed: set = set()
+        self._fa3_refusal: str | None = None  # why attn_fa3 did not run (warned once)
 
     # 0.
     def prepare(self, plan: QueryBlockPlan, dense_from: np.ndarray, cam) -> TritonDynamicPlan:
@@ -208,10 +210,27 @@ class TritonXAttentionOp:
                           torch.ones((n, kv), dtype=torch.int32, device=dev))
 
     # 3.
+    def uses_fa3(self, query, key_cache, fp8, params: DynamicParams) -> bool:
+        """Whether the attention runs through FA3 (``attn_fa3``, where it can: attend_fa3.py)."""
+        if not self.config.attn_fa3:
+            return False
+        why = attend_fa3.usable(self, query, key_cache, fp8, params.block_size)
+        if why is not None and why != self._fa3_refusal:
+            self._fa3_refusal = why
+            logger.warning("TriangleMix dynamic layers: attn_fa3 cannot run here (%s); the Triton "
+                           "attention runs instead", why)
+        return why is None
+
     def attend(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
                params: DynamicParams, scale: float, output, blocks: KeptBlocks,
-               scales: Fp8Scales | None = None, packed: Packed | None = None) -> None:
+               scales: Fp8Scales | None = None, packed: Packed | None = None,
+               fa3: bool | None = None) -> None:
+        """The attention over ``blocks``; ``fa3`` (default: ``uses_fa3``) needs the diagonal block
+        kept, as the selection rule keeps it."""
         fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
+        if self.uses_fa3(query, key_cache, fp8, params) if fa3 is None else fa3:
+            attend_fa3.attend(self, query, key_cache, value_cache, prepared, params, scale, output, blocks)
+            return
         if packed is None or packed.values is None or packed.groups is not self.groups(prepared, params):
             packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
 
@@ -235,7 +254,9 @@ class TritonXAttentionOp:
             return
         everything = params.keeps_everything and select is select_key_blocks
         fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
-        packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
+        # (FA3 reads the values from the paged cache; a caller's select may drop the diagonal block)
+        fa3 = select is select_key_blocks and self.uses_fa3(query, key_cache, fp8, params)
+        packed = self.pack(query, key_cache, value_cache, prepared, params, fp8, with_values=not fa3)
         if everything:
             blocks = self.all_blocks(prepared)
         else:
@@ -244,4 +265,5 @@ class TritonXAttentionOp:
         if stats is not None:
             stats[0] += (blocks.n_kept.sum() + blocks.diag_kept.sum()).to(stats.dtype)
             stats[1] += ((prepared.q_block + 1).sum() * blocks.n_kept.shape[1]).to(stats.dtype)
-        self.attend(query, key_cache, value_cache, prepared, params, scale, output, blocks, scales, packed)
+        self.attend(query, key_cache, value_cache, prepared, params, scale, output, blocks, scales, packed,
+                    fa3=fa3)
