@@ -93,8 +93,11 @@ def usable(op, query, key_cache, fp8, block_size: int) -> str | None:
         return "not a CUDA tensor"
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
     except ImportError:
-        return "vLLM's FlashAttention 3 is not installed"
+        return "vLLM's FlashAttention is not installed"
+    if torch.cuda.get_device_capability(query.device)[0] != 9 or not is_fa_version_supported(3):
+        return "FlashAttention 3 runs on Hopper GPUs only"
     return None
 
 
@@ -112,9 +115,12 @@ def attend(op, query, key_cache, value_cache, prepared, params, scale: float, ou
     G = op.group
     for h in range(op.num_kv_heads):
         pages, seqused_k = page_table(blocks, seqs, prepared.block_table, h, B, page_size)
+        q_h = q[:, h * G:(h + 1) * G].contiguous()  # (the cache's head is a strided view)
+        out_h = torch.empty_like(q_h)
         flash_attn_varlen_func(
-            q=q[:, h * G:(h + 1) * G], k=key_cache[:, :, h:h + 1], v=value_cache[:, :, h:h + 1],
-            out=out[:, h * G:(h + 1) * G], cu_seqlens_q=seqs.cu_seqlens_q, max_seqlen_q=seqs.max_seqlen_q,
-            seqused_k=seqused_k, max_seqlen_k=seqs.max_seqlen_k, softmax_scale=scale, causal=True,
-            block_table=pages, fa_version=3)
+            q=q_h, k=key_cache[:, :, h:h + 1], v=value_cache[:, :, h:h + 1], out=out_h,
+            cu_seqlens_q=seqs.cu_seqlens_q, max_seqlen_q=seqs.max_seqlen_q, seqused_k=seqused_k,
+            max_seqlen_k=seqs.max_seqlen_k, softmax_scale=scale, causal=True, block_table=pages,
+            fa_version=3)
+        out[:, h * G:(h + 1) * G] = out_h
     output.index_copy_(0, seqs.rows, out.to(output.dtype))
