@@ -726,3 +726,30 @@ def test_fa3_attention_is_refused_where_it_cannot_run():
                                               no_fp8, 128)
     if not torch.cuda.is_available():
         assert attend_fa3.usable(None, q, cache, no_fp8, 128) == "not a CUDA tensor"
+
+
+def test_triton_interpreted_fa3_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog):
+    """If FA3 refuses a step (its own checks raise before launching), the Triton attention runs it
+    and every later step, with one warning naming the setting; the output is still exact."""
+    from vllm_trianglemix.ops.xattention_triton import attend_fa3
+
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64, attn_fa3=1)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("page size not supported\ndetails")
+
+    monkeypatch.setattr(attend_fa3, "usable", lambda *args: None)
+    monkeypatch.setattr(attend_fa3, "attend", refuse)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
+    with caplog.at_level("WARNING", logger="vllm.trianglemix"):
+        out = _run_layer(dyn, tri, tri.block_q, batch, params)
+        again = _run_layer(dyn, tri, tri.block_q, batch, params)
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5 and torch.equal(out, again)
+    assert len(calls) == 1 and dyn.config.attn_fa3 == 0
+    warned = [r.getMessage() for r in caplog.records if "attn_fa3" in r.getMessage()]
+    assert len(warned) == 1 and "page size not supported" in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]

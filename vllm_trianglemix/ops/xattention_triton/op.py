@@ -229,8 +229,15 @@ class TritonXAttentionOp:
         kept, as the selection rule keeps it."""
         fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
         if self.uses_fa3(query, key_cache, fp8, params) if fa3 is None else fa3:
-            attend_fa3.attend(self, query, key_cache, value_cache, prepared, params, scale, output, blocks)
-            return
+            try:
+                attend_fa3.attend(self, query, key_cache, value_cache, prepared, params, scale, output,
+                                  blocks)
+                return
+            except RuntimeError as e:  # FA3's own checks (before it launches): the Triton attention
+                logger.warning("TriangleMix dynamic layers: attn_fa3: FlashAttention 3 refused this "
+                               "step (%s); the Triton attention runs from now on (%s sets it)",
+                               str(e).splitlines()[0][:160] if str(e) else type(e).__name__, CONFIG_ENV)
+                self.config = dataclasses.replace(self.config, attn_fa3=0)
         if packed is None or packed.values is None or packed.groups is not self.groups(prepared, params):
             packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
 
