@@ -10,12 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _lanes() -> list[tuple[str, list[str]]]:
-    """The lanes as scripts/gpu.sh defines them (read by the suite's JSON summary too)."""
+def _summary_module():
+    """scripts/gpu_suite_summary.py (a script, not a package module)."""
     spec = importlib.util.spec_from_file_location("gpu_suite_summary", ROOT / "scripts" / "gpu_suite_summary.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.lanes()
+    return module
+
+
+def _lanes() -> list[tuple[str, list[str]]]:
+    """The lanes as scripts/gpu.sh defines them (read by the suite's JSON summary too)."""
+    return _summary_module().lanes()
 
 
 def _selected(k: str, name: str) -> bool:
@@ -51,9 +56,7 @@ def test_lanes_name_existing_files():
 
 
 def test_the_suite_summary_reads_each_lanes_result_and_slowest_steps(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_suite_summary", ROOT / "scripts" / "gpu_suite_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _summary_module()
     (tmp_path / "gpu_suite_lane0.log").write_text(
         "============================= slowest 10 durations =============================\n"
         "251.68s setup    tests/gpu/test_breadth_gpu.py::test_flashinfer_is_the_stock_delegate\n"

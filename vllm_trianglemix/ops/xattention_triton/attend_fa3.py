@@ -10,7 +10,7 @@ block's causal mask: row ``p`` sees the kept blocks whole and the diagonal block
 
 Needs: vLLM's FA3 (``vllm.vllm_flash_attn``), a bf16/fp16 cache and query, and cache pages that
 tile the blocks (``block_size % page_size == 0``); op.py falls back to the Triton attention
-otherwise. The queries of the items are gathered into one packed buffer and the outputs
+otherwise. Per KV head, the items' queries are gathered into one packed buffer and the outputs
 scattered back (FA3 takes each sequence's rows contiguous); everything stays on the device.
 """
 
@@ -32,7 +32,7 @@ class Fa3Rows:
     max_seqlen_k: int  # an upper bound: the diagonal blocks' ends
     diag_keys: torch.Tensor  # int32 [items]: keys of the diagonal block up to the item's last row
     req: torch.Tensor  # int64 [items]
-    q_block: torch.Tensor  # int64 [items]
+    q_block: torch.Tensor  # int64 [items]: the plan's own (prepared.q_block)
 
 
 def fa3_rows(prepared, block_size: int) -> Fa3Rows:
@@ -53,7 +53,7 @@ def fa3_rows(prepared, block_size: int) -> Fa3Rows:
             max_seqlen_k=int((last + 1).max()) if len(items) else 0,
             diag_keys=torch.from_numpy((last - b * block_size + 1).astype(np.int32)).to(dev, non_blocking=True),
             req=torch.from_numpy(req.astype(np.int64)).to(dev, non_blocking=True),
-            q_block=torch.from_numpy(b.astype(np.int64)).to(dev, non_blocking=True),
+            q_block=prepared.q_block,
         )
     return prepared.groups[key]
 
@@ -110,17 +110,15 @@ def attend(op, query, key_cache, value_cache, prepared, params, scale: float, ou
     if seqs.rows.numel() == 0:
         return
     page_size = key_cache.shape[1]
-    q = query.index_select(0, seqs.rows)
-    out = torch.empty_like(q)
     G = op.group
     for h in range(op.num_kv_heads):
         pages, seqused_k = page_table(blocks, seqs, prepared.block_table, h, B, page_size)
-        q_h = q[:, h * G:(h + 1) * G].contiguous()  # (the cache's head is a strided view)
+        heads = slice(h * G, (h + 1) * G)
+        q_h = query[seqs.rows, heads]  # a packed copy (the cache's head stays a strided view)
         out_h = torch.empty_like(q_h)
         flash_attn_varlen_func(
             q=q_h, k=key_cache[:, :, h:h + 1], v=value_cache[:, :, h:h + 1], out=out_h,
             cu_seqlens_q=seqs.cu_seqlens_q, max_seqlen_q=seqs.max_seqlen_q, seqused_k=seqused_k,
             max_seqlen_k=seqs.max_seqlen_k, softmax_scale=scale, causal=True, block_table=pages,
             fa_version=3)
-        out[:, h * G:(h + 1) * G] = out_h
-    output.index_copy_(0, seqs.rows, out.to(output.dtype))
+        output[seqs.rows, heads] = out_h.to(output.dtype)
