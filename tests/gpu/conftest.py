@@ -29,6 +29,13 @@ ENGINE_ARGS = dict(dtype="float16", enforce_eager=True, max_model_len=4096,
 """The tiny Llama's engine settings in every GPU test (overrides per test)."""
 
 
+@pytest.fixture(autouse=True)
+def _needs_vllm():
+    """Every GPU test runs vLLM's kernels, cache layout or engine: skipped where vLLM is not
+    installed (a GPU machine without it), not failed on an import inside the test."""
+    pytest.importorskip("vllm")
+
+
 def engine(model_dir, backend, **overrides):
     """A vLLM engine of ``model_dir`` with ``--attention-backend backend`` (None: stock)."""
     pytest.importorskip("vllm")

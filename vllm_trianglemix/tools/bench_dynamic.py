@@ -62,12 +62,16 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
-    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2",  # more columns per key load
-    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=4,est_block_d=64",  # deeper pipeline (untried)
-    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
+    # On the H200 (BENCHMARKS.md section 3), ms on the last 128K chunk: 128/256/8/4 with the head in
+    # 64-wide steps 5.13, 128/256/8/2 5.65, 128/128/8/3 5.61, 128/128/4/3 6.09, 256/128/8/2 7.12,
+    # 128/64/4/4 7.79. The entries after the second are untried.
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=4,est_block_d=64",
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2",  # whole-head dots
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=3,est_block_d=64",
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=5,est_block_d=32",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3",
+    "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
     "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2",
-    "est_block_m=128,est_block_n=64,est_num_warps=4,est_num_stages=4",
 ]
 ATTN_SWEEP = [  # the attention (the defaults first)
     "block_m=256,block_n=64,num_warps=8,num_stages=3",
@@ -77,25 +81,20 @@ ATTN_SWEEP = [  # the attention (the defaults first)
 ]
 # Head size 256 (e.g. Qwen3.5's full-attention layers): tiles that fit the shared memory of
 # a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).
-# On the H200 (BENCHMARKS.md section 5), ms on the last 128K chunk: estimate 64/64/4/3 7.35,
-# 64/128/4/2 7.78, 128/128/8/1 8.90, 128/64/8/2 9.99 (128/128/8/2 needs 260 KiB of shared memory);
-# attention 128/64/8/2 6.07, 64/64/4/2 8.57, 128/32/8/2 8.93. The other entries are untried; those
-# with est_block_d=128 take each 256-wide dot in two steps (128 x 128 tiles with three stages fit).
+# On the H200 (BENCHMARKS.md section 5), ms on the last 128K chunk: estimate 128/128/8/3 with the
+# head in 128-wide steps 5.53, 64/128/4/3 stepped 6.37, 64/64/4/3 7.43, 64/128/4/2 7.84,
+# 64/64/8/3 7.85, 128/64/8/3 stepped 8.37, 128/128/8/1 9.19, 128/64/8/2 9.97 (64/64/4/4 does not
+# build); attention 128/64/8/2 5.89, 64/64/4/2 8.67, 128/32/8/2 8.88, 128/64/4/2 16.73 (128/64/8/3
+# does not build). The entries after the first two are untried.
 EST_SWEEP_256 = [
-    "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128",
-    "est_block_m=128,est_block_n=64,est_num_warps=8,est_num_stages=3,est_block_d=128",
     "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=3,est_block_d=128",
-    "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=2",
-    "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=4",
-    "est_block_m=64,est_block_n=64,est_num_warps=8,est_num_stages=3",
-    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=1",
-    "est_block_m=128,est_block_n=64,est_num_warps=8,est_num_stages=2",
+    "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=4,est_block_d=64",
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=3,est_block_d=64",
+    "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3",
 ]
 ATTN_SWEEP_256 = [
     "block_m=128,block_n=64,num_warps=8,num_stages=2",
-    "block_m=128,block_n=64,num_warps=8,num_stages=3",
-    "block_m=128,block_n=64,num_warps=4,num_stages=2",
     "block_m=64,block_n=64,num_warps=4,num_stages=2",
     "block_m=128,block_n=32,num_warps=8,num_stages=2",
 ]

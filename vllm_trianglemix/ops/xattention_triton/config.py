@@ -44,7 +44,8 @@ class XAttnKernelConfig:
     est_fp8_fast_acc: int = 0
     # Head-dimension step of the estimate's dots (0: the whole head at once; else a power of two
     # >= 16 dividing the head size): smaller query and key tiles per pipeline stage, so that larger
-    # row and column tiles fit in shared memory with several stages (head size 256). Same scores.
+    # row and column tiles fit in shared memory with more stages. Same scores. The defaults for
+    # head sizes 128 and 256 use it (default_for).
     est_block_d: int = 0
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
@@ -56,7 +57,8 @@ class XAttnKernelConfig:
     attn_ws: int = 0
     # 1: the attention by vLLM's FlashAttention 3 on the paged cache, the kept blocks given to it
     # as a page table per KV head (attend_fa3.py; bf16/fp16, cache pages that tile the blocks;
-    # elsewhere the Triton attention runs, with one warning). Not measured yet: off by default.
+    # elsewhere the Triton attention runs, with one warning). On the H200 it was slower than the
+    # Triton attention at 10% density (BENCHMARKS.md section 3): off by default.
     attn_fa3: int = 0
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
@@ -66,8 +68,10 @@ class XAttnKernelConfig:
     @classmethod
     def default_for(cls, head_size: int) -> "XAttnKernelConfig":
         if head_size >= 256:  # bench dynamic's choice on the Qwen3.5-4B shape (16/4 heads, page 528)
-            return cls(est_block_m=64, est_block_n=64, est_num_warps=4, est_num_stages=3,
-                       block_m=128, block_n=64, num_warps=8, num_stages=2)
+            return cls(est_block_m=128, est_block_n=128, est_num_warps=8, est_num_stages=3,
+                       est_block_d=128, block_m=128, block_n=64, num_warps=8, num_stages=2)
+        if head_size == 128:  # bench dynamic's choice on the Llama-3.1-8B shape (32/8 heads)
+            return cls(est_num_stages=4, est_block_d=64)
         return cls()
 
     @classmethod
