@@ -85,7 +85,7 @@ ATTN_SWEEP = [  # the attention (the defaults first)
 # head in 128-wide steps 5.53, 64/128/4/3 stepped 6.37, 64/64/4/3 7.43, 64/128/4/2 7.84,
 # 64/64/8/3 7.85, 128/64/8/3 stepped 8.37, 128/128/8/1 9.19, 128/64/8/2 9.97 (64/64/4/4 does not
 # build); attention 128/64/8/2 5.89, 64/64/4/2 8.67, 128/32/8/2 8.88, 128/64/4/2 16.73 (128/64/8/3
-# does not build). The estimate entries after the first two are untried.
+# does not build). The third and fourth estimate entries are untried.
 EST_SWEEP_256 = [
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128",
     "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=3,est_block_d=128",
