@@ -247,7 +247,8 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,block_n=128,block_m=128"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_ws=1"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,attn_ws=1"),
-    ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16, "est_block_m=256,est_block_n=128,est_num_stages=2"),
+    ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16,
+     "est_block_m=256,est_block_n=128,est_num_stages=2,est_block_d=0"),  # whole-head dots
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "attn_tma=1"),
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),
     ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),
@@ -255,8 +256,8 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16,
      "est_block_n=128,est_num_warps=4,est_num_stages=3,block_m=128"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
-    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64,
-     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128"),
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64,  # whole-head dots (the default steps them)
+     "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3,est_block_d=0"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "est_block_d=64,est_num_stages=3"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_fa3=1"),  # FA3 on page tables
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_fa3=1"),
@@ -333,7 +334,8 @@ def test_keep_everything_equals_fa3():
     assert relative_error(out, fa) < 1e-2
 
 
-ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2", "est_block_n=64,est_num_stages=4",
+ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2,est_block_d=0",
+                    "est_block_n=64,est_num_stages=4",
                     "est_block_d=64,est_num_stages=3",
                     "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1"]
 

@@ -138,17 +138,11 @@ def _estimate_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
     for ts in range(n_tiles * S * DC):  # (key tile, stride offset, d step): loads pipelined across tiles
-        if DC == 1:  # (resolved when compiling: the whole head, the loop as it always was)
-            t = ts // S
-            s = ts % S
-            last_step = s == S - 1
-            offs_d = offs_dc
-        else:
-            t = ts // (S * DC)
-            s = (ts // DC) % S
-            dc = ts % DC
-            last_step = (s == S - 1) & (dc == DC - 1)
-            offs_d = dc * BLOCK_D + offs_dc
+        t = ts // (S * DC)  # (DC == 1, the whole head: the divisions by 1 fold when compiling)
+        s = (ts // DC) % S
+        dc = ts % DC
+        last_step = (s == S - 1) & (dc == DC - 1)
+        offs_d = dc * BLOCK_D + offs_dc
         j_col = t * KB + cols // G_P
         h = j_col * G + cols % G_P  # absolute key group
         col_ok = (cols % G_P < G) & (j_col < nb)
