@@ -45,6 +45,12 @@
 # into a folder). Logs and results go to $OUT (default /tmp/tmx-out); /tmp/tmx keeps them between steps.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+# An environment installed into a folder (PIP_TARGET on PYTHONPATH) has its .pth files unread:
+# nvidia-cutlass-dsl's puts its packages on the path (vLLM's CuTe-DSL FlashAttention imports them).
+cutlass_dsl=${PIP_TARGET:-/nonexistent}/nvidia_cutlass_dsl/dsl_packages
+if [ -d "$cutlass_dsl" ] && [[ ":${PYTHONPATH:-}:" != *":$cutlass_dsl:"* ]]; then
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$cutlass_dsl"
+fi
 OUT=${OUT:-/tmp/tmx-out}
 mkdir -p /tmp/tmx "$OUT"
 gpu_test() {  # tests/gpu/test_$1_gpu.py, log to $OUT, print failures and the summary

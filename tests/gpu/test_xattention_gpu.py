@@ -262,13 +262,17 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_fa3=1"),  # FA3 on page tables
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_fa3=1"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, "attn_fa3=1"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_cute=1"),  # FA4's block-sparse forward
+    ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_cute=1"),
+    ("mixed", "default", (16, 2), 64, torch.bfloat16, 16, "attn_cute=1"),
 ]
 
 
 @pytest.mark.parametrize("batch_name,params_name,heads,head_dim,dtype,page,overrides", CASES)
-def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_dim, dtype, page, overrides):
+def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_dim, dtype, page, overrides,
+                                        caplog):
     params = PARAMS[params_name]
-    with _vllm_config():
+    with _vllm_config(), caplog.at_level("WARNING", logger="vllm.trianglemix"):
         batch = flash_batch(BATCHES[batch_name], *heads, head_dim, page, dtype, seed=len(batch_name))
         if "attn_fa3=1" in overrides:  # the FA3 attention itself runs, not the Triton fallback
             from types import SimpleNamespace
@@ -277,7 +281,19 @@ def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_di
 
             assert attend_fa3.usable(None, batch.query, batch.key_cache,
                                      SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size) is None
+        if "attn_cute=1" in overrides:  # FA4's attention itself runs (where vLLM ships it usable)
+            from types import SimpleNamespace
+
+            from vllm_trianglemix.ops.xattention_triton import attend_cute
+
+            why = attend_cute.usable(SimpleNamespace(head_size=head_dim), batch.query, batch.key_cache,
+                                     SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size)
+            if why is not None:
+                pytest.skip(f"attn_cute: {why}")
         out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim, overrides=overrides)
+    fallbacks = [r.getMessage() for r in caplog.records if "cannot run here" in r.getMessage()
+                 or "refused this step" in r.getMessage()]
+    assert not fallbacks, fallbacks
     assert not torch.isnan(out).any(), "unwritten or NaN rows"
     compared, total = _compare_selection(batch, params, plan, keep)
     # Random inputs put many decisions within 1e-4 of flipping (on the H100, 38-63% of them were

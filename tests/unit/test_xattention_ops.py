@@ -711,6 +711,122 @@ def test_fa3_page_tables_give_each_row_its_kept_blocks_and_the_causal_diagonal(p
     assert checked == hkv * int(plan.n_q.sum())
 
 
+@pytest.mark.parametrize("params_name,heads,seed", [("tau", "gqa4", 17), ("block_48_stride_3", "gqa2", 3)])
+def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params_name, heads, seed):
+    """``attn_cute``: FA4's block-sparse forward, given each request's query (the KV heads as the
+    batch, zero rows in front where a chunk starts inside a block), the repacked keys and the
+    full / masked tile lists, attends each padded row's tile to its full tiles whole and to its
+    masked tile causally from the end of the keys. Emulated here in float64 from exactly what
+    attend_cute hands FA4, every real row equals attention over its kept blocks and the diagonal
+    block's keys up to the row (a random selection with the rule's forced blocks; chunks cut
+    inside blocks)."""
+    from vllm_trianglemix.ops.xattention_triton import attend_cute
+    from vllm_trianglemix.ops.xattention_triton.op import Packed, TritonXAttentionOp
+    from vllm_trianglemix.ops.xattention_triton.plan import kept_blocks_from_mask
+
+    params = PARAMS[params_name]
+    B, (hq, hkv) = params.block_size, HEADS[heads]
+    group = hq // hkv
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], hq, hkv, 64, 16, dtype=torch.float64, seed=seed)
+    dense_from, _, plan = _plans(batch, params)
+    op = TritonXAttentionOp(hq, hkv, 64)
+    prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
+    groups = op.groups(prepared, params)
+    keys = torch.zeros(hkv, groups.total_keys, 64, dtype=torch.float64)
+    values = torch.zeros_like(keys)
+    for req, off, n_keys, _ in groups.host_reqs:  # the repacked layout (repack.py)
+        keys[:, off:off + n_keys] = batch.keys[req][:n_keys].transpose(0, 1)
+        values[:, off:off + n_keys] = batch.values[req][:n_keys].transpose(0, 1)
+    packed = Packed(keys, values, groups)
+    gen = torch.Generator().manual_seed(seed)
+    n = prepared.num_blocks
+    j = torch.arange(n)
+    b = prepared.q_block[:, None, None]
+    keep = (torch.rand(plan.num_items, hkv, n, generator=gen) < 0.4) | (j == 0) | (j == b)
+    keep &= j <= b
+    blocks = kept_blocks_from_mask(keep, prepared.q_block)
+    requests = attend_cute.cute_requests(prepared, B)
+    assert requests is not None and sum(r.rows for r in requests) == int(plan.n_q.sum())
+    output = torch.full_like(batch.query, float("nan"))
+    checked = 0
+    for r in requests:
+        q, k, v, out = attend_cute.request_inputs(op, batch.query, output, packed, r)
+        mask_cnt, mask_idx, full_cnt, full_idx = (
+            t.expand(hkv, *t.shape[1:]) for t in attend_cute.sparse_tiles(blocks, r, -(-r.keys // B)))
+        assert q.shape == (hkv, r.pad + r.rows, group, 64) and k.shape == v.shape == (hkv, r.keys, 1, 64)
+        assert (out is None) == (r.pad > 0)
+        assert torch.equal(q[:, :r.pad], torch.zeros_like(q[:, :r.pad]))
+        for h in range(hkv):
+            for i in range(r.pad, r.pad + r.rows):
+                t = i // B  # FA4's query tile
+                pos = r.keys - (r.pad + r.rows) + i  # causal, aligned to the end of the keys
+                full = [int(x) for x in full_idx[h, 0, t, :int(full_cnt[h, 0, t])]]
+                masked = [int(x) for x in mask_idx[h, 0, t, :int(mask_cnt[h, 0, t])]]
+                seen = [p for jj in full for p in range(jj * B, min((jj + 1) * B, r.keys))]
+                seen += [p for jj in masked for p in range(jj * B, min((jj + 1) * B, pos + 1))]
+                kk, vv = k[h, seen, 0], v[h, seen, 0]
+                tok = r.tok + i - r.pad
+                qq = q[h, i]  # [group, D]
+                torch.testing.assert_close(qq, batch.query[tok, h * group:(h + 1) * group])
+                fa4 = torch.softmax(qq @ kk.T * batch.scale, -1) @ vv
+                item = int(np.nonzero((prepared.host_items[:, 1] <= tok)
+                                      & (tok < prepared.host_items[:, 1] + prepared.host_items[:, 3]))[0][0])
+                qb = int(prepared.host_items[item, 4])
+                assert qb == t + int(r.q_block[0, 0, 0, 0])
+                allowed = [p for jj in range(qb) if keep[item, h, jj] for p in range(jj * B, (jj + 1) * B)]
+                ref_pos = torch.tensor(allowed + list(range(qb * B, pos + 1)))
+                kr, vr = batch.keys[r.req][ref_pos, h], batch.values[r.req][ref_pos, h]
+                ref = torch.softmax(qq @ kr.T * batch.scale, -1) @ vr
+                torch.testing.assert_close(fa4, ref, rtol=1e-12, atol=1e-12)
+                checked += 1
+    assert checked == hkv * int(plan.n_q.sum())
+
+
+def test_cute_attention_is_refused_where_it_cannot_run():
+    """``attn_cute`` needs a CUDA bf16/fp16 query and cache, blocks of 128 and head sizes up to 128
+    (the Hopper kernel's tiles); elsewhere the Triton attention runs (op.uses_cute warns once)."""
+    from types import SimpleNamespace
+
+    from vllm_trianglemix.ops.xattention_triton import attend_cute
+
+    no_fp8 = SimpleNamespace(q_fp8=False, kv_fp8=False)
+    op = SimpleNamespace(head_size=128)
+    q, cache = torch.zeros(4, 8, 128, dtype=torch.bfloat16), torch.zeros(2, 16, 2, 128, dtype=torch.bfloat16)
+    assert "fp8" in attend_cute.usable(op, q, cache, SimpleNamespace(q_fp8=False, kv_fp8=True), 128)
+    assert "float32" in attend_cute.usable(op, q.float(), cache.float(), no_fp8, 128)
+    assert "blocks of 64" in attend_cute.usable(op, q, cache, no_fp8, 64)
+    assert "head size 256" in attend_cute.usable(SimpleNamespace(head_size=256), q, cache, no_fp8, 128)
+    if not torch.cuda.is_available():
+        assert attend_cute.usable(op, q, cache, no_fp8, 128) == "not a CUDA tensor"
+
+
+def test_triton_interpreted_cute_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog):
+    """If the CuTe-DSL forward refuses a step (its checks or its compiler raise before it writes),
+    the Triton attention runs it and every later step, with one warning naming the setting."""
+    from vllm_trianglemix.ops.xattention_triton import attend_cute
+
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64, attn_cute=1)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("Block sparsity requires sparse_block_size[1] to match tile_n\ndetails")
+
+    monkeypatch.setattr(attend_cute, "usable", lambda *args: None)
+    monkeypatch.setattr(attend_cute, "attend", refuse)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
+    with caplog.at_level("WARNING", logger="vllm.trianglemix"):
+        out = _run_layer(dyn, tri, tri.block_q, batch, params)
+        again = _run_layer(dyn, tri, tri.block_q, batch, params)
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5 and torch.equal(out, again)
+    assert len(calls) == 1 and dyn.config.attn_cute == 0
+    warned = [r.getMessage() for r in caplog.records if "attn_cute" in r.getMessage()]
+    assert len(warned) == 1 and "sparse_block_size" in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]
+
+
 def test_fa3_attention_is_refused_where_it_cannot_run():
     """``attn_fa3`` needs vLLM's FA3, a CUDA bf16/fp16 query and cache and pages that tile the
     blocks; elsewhere the Triton attention runs (op.uses_fa3 warns once)."""

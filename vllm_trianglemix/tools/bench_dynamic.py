@@ -12,9 +12,11 @@ K/V in vLLM's FlashAttention paged cache (page 16):
   repack of the step's keys and values, the estimate, the selection, the
   block-sparse attention and the dense last rows (triangle kernel), each timed,
   and the whole layer timed as the backend runs it; once per kernel set
-  (``--variants``): ``default`` (the kernels' defaults, or the sweep's choice)
-  and ``tma`` (the same with the attention's K/V tiles by tensor descriptors,
-  ``attn_tma=1``), on the same cache and queries, FA3 in the same run.
+  (``--variants``, VARIANTS below): ``default`` (the kernels' defaults, or the
+  sweep's choice) and others (``tma``: the attention's K/V tiles by tensor
+  descriptors; ``fa3``: the attention by FA3 over page tables; ``cute``: by
+  FA4's CuTe-DSL block-sparse forward; ...), on the same cache and queries,
+  FA3 in the same run.
 
 Random data gives diffuse attention (a threshold would keep nearly every
 block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
@@ -59,6 +61,7 @@ VARIANTS = {
     "ws": "attn_ws=1",  # the attention's kept-block loop warp-specialised
     "tma-ws": "attn_tma=1,attn_ws=1",  # both
     "fa3": "attn_fa3=1",  # the attention by FA3 on the paged cache, the kept blocks as page tables
+    "cute": "attn_cute=1",  # the attention by FA4's CuTe-DSL block-sparse forward on the repacked K/V
 }
 DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)

@@ -14,7 +14,7 @@ from vllm.logger import init_logger
 from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args, round_e4m3
 from vllm_trianglemix.ops.triangle_triton import _next_pow2
 from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
-from vllm_trianglemix.ops.xattention_triton import attend_fa3
+from vllm_trianglemix.ops.xattention_triton import attend_cute, attend_fa3
 from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 from vllm_trianglemix.ops.xattention_triton import select as select_stage
 from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig
@@ -63,7 +63,7 @@ class TritonXAttentionOp:
         self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
         self._select_params: dict = {}
         self.warmed: set = set()
-        self._fa3_refusal: str | None = None  # why attn_fa3 did not run (warned once)
+        self._refusals: dict[str, str] = {}  # why attn_fa3 / attn_cute did not run (each warned once)
 
     # 0.
     def prepare(self, plan: QueryBlockPlan, dense_from: np.ndarray, cam) -> TritonDynamicPlan:
@@ -210,16 +210,33 @@ class TritonXAttentionOp:
                           torch.ones((n, kv), dtype=torch.int32, device=dev))
 
     # 3.
+    def _usable(self, field: str, why: str | None) -> bool:
+        """Whether an opt-in attention (``field``) runs; a new reason it cannot is warned once."""
+        if why is not None and why != self._refusals.get(field):
+            self._refusals[field] = why
+            logger.warning("TriangleMix dynamic layers: %s cannot run here (%s); the Triton "
+                           "attention runs instead", field, why)
+        return why is None
+
     def uses_fa3(self, query, key_cache, fp8, params: DynamicParams) -> bool:
         """Whether the attention runs through FA3 (``attn_fa3``, where it can: attend_fa3.py)."""
         if not self.config.attn_fa3:
             return False
-        why = attend_fa3.usable(self, query, key_cache, fp8, params.block_size)
-        if why is not None and why != self._fa3_refusal:
-            self._fa3_refusal = why
-            logger.warning("TriangleMix dynamic layers: attn_fa3 cannot run here (%s); the Triton "
-                           "attention runs instead", why)
-        return why is None
+        return self._usable("attn_fa3", attend_fa3.usable(self, query, key_cache, fp8, params.block_size))
+
+    def uses_cute(self, query, key_cache, fp8, params: DynamicParams) -> bool:
+        """Whether the attention runs through the CuTe-DSL forward (``attn_cute``: attend_cute.py)."""
+        if not self.config.attn_cute:
+            return False
+        return self._usable("attn_cute", attend_cute.usable(self, query, key_cache, fp8, params.block_size))
+
+    def _refused(self, field: str, e: Exception) -> None:
+        """A library kernel refused a step before writing (its own checks, its compiler): the Triton
+        attention from now on, with one warning."""
+        logger.warning("TriangleMix dynamic layers: %s: the library kernel refused this step (%s: %s); "
+                       "the Triton attention runs from now on (%s sets it)", field, type(e).__name__,
+                       str(e).splitlines()[0][:160] if str(e) else "", CONFIG_ENV)
+        self.config = dataclasses.replace(self.config, **{field: 0})
 
     def attend(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
                params: DynamicParams, scale: float, output, blocks: KeptBlocks,
@@ -234,12 +251,15 @@ class TritonXAttentionOp:
                                   blocks)
                 return
             except RuntimeError as e:  # FA3's own checks (before it launches): the Triton attention
-                logger.warning("TriangleMix dynamic layers: attn_fa3: FlashAttention 3 refused this "
-                               "step (%s); the Triton attention runs from now on (%s sets it)",
-                               str(e).splitlines()[0][:160] if str(e) else type(e).__name__, CONFIG_ENV)
-                self.config = dataclasses.replace(self.config, attn_fa3=0)
+                self._refused("attn_fa3", e)
         if packed is None or packed.values is None or packed.groups is not self.groups(prepared, params):
             packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
+        if self.uses_cute(query, key_cache, fp8, params):
+            try:
+                if attend_cute.attend(self, query, prepared, params, scale, output, blocks, packed):
+                    return
+            except Exception as e:  # noqa: BLE001 (its checks and its DSL compiler raise their own types)
+                self._refused("attn_cute", e)
 
         def run():
             attend_stage.attend(self, query, prepared, params, scale, output, blocks, fp8, packed)

@@ -38,6 +38,7 @@ class Groups:
     num_supers: int
     total_keys: int  # rows of the repacked buffers
     max_pad: int  # largest padded key count of one request
+    host_reqs: np.ndarray | None = None  # int64 [r, 4]: reqs on the host
 
 
 @dataclass
@@ -111,5 +112,5 @@ def build_groups(host_items: np.ndarray, blocks_per_group: int, block_size: int,
         reqs=torch.from_numpy(reqs.astype(np.int32)).to(device, non_blocking=True),
         req_offset=torch.from_numpy(req_offset).to(device, non_blocking=True),
         num_supers=int(supers.shape[0]), total_keys=int(total),
-        max_pad=int(reqs[:, 3].max()) if reqs.shape[0] else 0,
+        max_pad=int(reqs[:, 3].max()) if reqs.shape[0] else 0, host_reqs=reqs,
     )
