@@ -309,6 +309,37 @@ def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_di
         assert torch.equal(keep.sum(-1), expect[:, None].expand(-1, keep.shape[1]))
 
 
+def test_cute_attention_compiles_once_for_every_step_shape(caplog):
+    """``attn_cute``: the engine's warm-up prompt (warmup.py: one step of at most 1400 rows from
+    position 0) compiles FA4's block-sparse forward; longer steps, chunks that start inside a
+    block and several requests in a step reuse that kernel, so a user's first long prompt
+    compiles nothing."""
+    from types import SimpleNamespace
+
+    from vllm_trianglemix.ops.xattention_triton import attend_cute
+
+    params = PARAMS["budget"]
+    with _vllm_config(), caplog.at_level("WARNING", logger="vllm.trianglemix"):
+        warm = flash_batch([(1400, 0, 1400)], 32, 8, 128, 16, torch.bfloat16, seed=1)
+        why = attend_cute.usable(SimpleNamespace(head_size=128), warm.query, warm.key_cache,
+                                 SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size)
+        if why is not None:
+            pytest.skip(f"attn_cute: {why}")
+        from vllm.vllm_flash_attn.cute.interface import _flash_attn_fwd
+
+        cache = _flash_attn_fwd.compile_cache
+        assert hasattr(cache, "cache"), "FA4's compile cache changed shape"
+        _run_layer(warm, params, 32, 8, 128, overrides="attn_cute=1")
+        compiled = set(cache.cache)
+        long = flash_batch([(40000, 23000, 16384), (3000, 1000, 777)], 32, 8, 128, 16, torch.bfloat16,
+                           seed=2)
+        out, _, _, _ = _run_layer(long, params, 32, 8, 128, overrides="attn_cute=1")
+    assert compiled and not [r.getMessage() for r in caplog.records if "attn_cute" in r.getMessage()]
+    assert not torch.isnan(out).any()
+    new = set(cache.cache) - compiled
+    assert not new, f"FA4 compiled again for a longer step: {new}"
+
+
 def test_wrong_selection_is_detected_on_gpu():
     params = PARAMS["default"]
 
