@@ -265,6 +265,8 @@ CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_cute=1"),  # FA4's block-sparse forward
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_cute=1"),
     ("mixed", "default", (16, 2), 64, torch.bfloat16, 16, "attn_cute=1"),
+    ("mixed", "default", (16, 4), 256, torch.bfloat16, 16, "attn_cute=1"),  # two 64-key tiles per block
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, "attn_cute=1"),
 ]
 
 

@@ -711,15 +711,18 @@ def test_fa3_page_tables_give_each_row_its_kept_blocks_and_the_causal_diagonal(p
     assert checked == hkv * int(plan.n_q.sum())
 
 
-@pytest.mark.parametrize("params_name,heads,seed", [("tau", "gqa4", 17), ("block_48_stride_3", "gqa2", 3)])
-def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params_name, heads, seed):
+@pytest.mark.parametrize("params_name,heads,seed,tiles_per_block", [
+    ("tau", "gqa4", 17, 1), ("block_48_stride_3", "gqa2", 3, 1), ("tau", "gqa4", 5, 2),
+    ("block_48_stride_3", "mha", 3, 2)])
+def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params_name, heads, seed,
+                                                                          tiles_per_block):
     """``attn_cute``: FA4's block-sparse forward, given each request's query (the KV heads as the
     batch, zero rows in front where a chunk starts inside a block), the repacked keys and the
     full / masked tile lists, attends each padded row's tile to its full tiles whole and to its
     masked tile causally from the end of the keys. Emulated here in float64 from exactly what
     attend_cute hands FA4, every real row equals attention over its kept blocks and the diagonal
     block's keys up to the row (a random selection with the rule's forced blocks; chunks cut
-    inside blocks)."""
+    inside blocks; one key tile per block, as for head sizes up to 128, and two, as for 256)."""
     from vllm_trianglemix.ops.xattention_triton import attend_cute
     from vllm_trianglemix.ops.xattention_triton.op import Packed, TritonXAttentionOp
     from vllm_trianglemix.ops.xattention_triton.plan import kept_blocks_from_mask
@@ -745,14 +748,16 @@ def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params
     keep = (torch.rand(plan.num_items, hkv, n, generator=gen) < 0.4) | (j == 0) | (j == b)
     keep &= j <= b
     blocks = kept_blocks_from_mask(keep, prepared.q_block)
-    requests = attend_cute.cute_requests(prepared, B)
+    tn = B // tiles_per_block  # FA4's key tile
+    requests = attend_cute.cute_requests(prepared, B, tn)
     assert requests is not None and sum(r.rows for r in requests) == int(plan.n_q.sum())
     output = torch.full_like(batch.query, float("nan"))
     checked = 0
     for r in requests:
         q, k, v, out = attend_cute.request_inputs(op, batch.query, output, packed, r)
         mask_cnt, mask_idx, full_cnt, full_idx = (
-            t.expand(hkv, *t.shape[1:]) for t in attend_cute.sparse_tiles(blocks, r, -(-r.keys // B)))
+            t.expand(hkv, *t.shape[1:]) for t in attend_cute.sparse_tiles(blocks, r, tn))
+        assert full_idx.shape[-1] <= -(-r.keys // tn)  # FA4's bound on the lists' width
         assert q.shape == (hkv, r.pad + r.rows, group, 64) and k.shape == v.shape == (hkv, r.keys, 1, 64)
         assert (out is None) == (r.pad > 0)
         assert torch.equal(q[:, :r.pad], torch.zeros_like(q[:, :r.pad]))
@@ -762,8 +767,9 @@ def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params
                 pos = r.keys - (r.pad + r.rows) + i  # causal, aligned to the end of the keys
                 full = [int(x) for x in full_idx[h, 0, t, :int(full_cnt[h, 0, t])]]
                 masked = [int(x) for x in mask_idx[h, 0, t, :int(mask_cnt[h, 0, t])]]
-                seen = [p for jj in full for p in range(jj * B, min((jj + 1) * B, r.keys))]
-                seen += [p for jj in masked for p in range(jj * B, min((jj + 1) * B, pos + 1))]
+                assert all(jj * tn < r.keys for jj in full + masked)  # FA4 reads no tile past the keys
+                seen = [p for jj in full for p in range(jj * tn, min((jj + 1) * tn, r.keys))]
+                seen += [p for jj in masked for p in range(jj * tn, min((jj + 1) * tn, pos + 1))]
                 kk, vv = k[h, seen, 0], v[h, seen, 0]
                 tok = r.tok + i - r.pad
                 qq = q[h, i]  # [group, D]
@@ -772,7 +778,7 @@ def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params
                 item = int(np.nonzero((prepared.host_items[:, 1] <= tok)
                                       & (tok < prepared.host_items[:, 1] + prepared.host_items[:, 3]))[0][0])
                 qb = int(prepared.host_items[item, 4])
-                assert qb == t + int(r.q_block[0, 0, 0, 0])
+                assert qb == t + int(r.diag_tiles[0, 0, 0, 0]) // tiles_per_block
                 allowed = [p for jj in range(qb) if keep[item, h, jj] for p in range(jj * B, (jj + 1) * B)]
                 ref_pos = torch.tensor(allowed + list(range(qb * B, pos + 1)))
                 kr, vr = batch.keys[r.req][ref_pos, h], batch.values[r.req][ref_pos, h]
@@ -783,7 +789,7 @@ def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params
 
 
 def test_cute_attention_is_refused_where_it_cannot_run():
-    """``attn_cute`` needs a CUDA bf16/fp16 query and cache, blocks of 128 and head sizes up to 128
+    """``attn_cute`` needs a CUDA bf16/fp16 query and cache, blocks of 128 and head sizes up to 256
     (the Hopper kernel's tiles); elsewhere the Triton attention runs (op.uses_cute warns once)."""
     from types import SimpleNamespace
 
@@ -795,7 +801,7 @@ def test_cute_attention_is_refused_where_it_cannot_run():
     assert "fp8" in attend_cute.usable(op, q, cache, SimpleNamespace(q_fp8=False, kv_fp8=True), 128)
     assert "float32" in attend_cute.usable(op, q.float(), cache.float(), no_fp8, 128)
     assert "blocks of 64" in attend_cute.usable(op, q, cache, no_fp8, 64)
-    assert "head size 256" in attend_cute.usable(SimpleNamespace(head_size=256), q, cache, no_fp8, 128)
+    assert "head size 512" in attend_cute.usable(SimpleNamespace(head_size=512), q, cache, no_fp8, 128)
     if not torch.cuda.is_available():
         assert attend_cute.usable(op, q, cache, no_fp8, 128) == "not a CUDA tensor"
 

@@ -3,23 +3,26 @@
 The same attention as attend.py, by the Hopper forward vLLM ships in ``vllm.vllm_flash_attn.cute``
 (FlashAttention 4's CuTe-DSL kernels: TMA loads, warp-specialised producer and consumers, the
 softmax overlapped with the GEMMs). Its block-sparse mode takes, per (batch, head, 128-row query
-tile), a list of key tiles to attend in full and a list to attend under the mask; the selection
-maps onto it as it stands:
+tile), a list of key tiles to attend in full and a list to attend under the causal mask; the
+selection maps onto it as it stands:
 
 * one call per request of the step, the KV heads as the batch: the query ``[kv_heads, rows,
   group, head_size]`` (a strided view of the step's query), the repacked keys and values
-  ``[kv_heads, keys, 1, head_size]`` (repack.py: contiguous, read by TMA in 128-key tiles);
-* the kept blocks before the diagonal as the full tiles, the diagonal block as the masked tile
-  (FA4's causal mask, aligned to the end of the keys, is the diagonal block's causal mask);
-  their lists have one head (the KV head's selection holds for its query heads);
+  ``[kv_heads, keys, 1, head_size]`` (repack.py: contiguous, read by TMA);
+* the kept blocks before the diagonal as full tiles, the diagonal block as masked tiles (FA4's
+  causal mask, aligned to the end of the keys, is the diagonal block's causal mask); the lists
+  have one head (a KV head's selection holds for its query heads). Key tiles are 128 keys for
+  head sizes up to 128 (one tile per block) and 64 for larger heads (two per block: the kernel's
+  shared memory holds no wider tile of a 256-wide head);
 * FA4's query tiles are 128 rows from the first row it is given: a request whose first row is
   not at a block boundary gets that many rows of zeros in front (a copy; their outputs are
   dropped), so that each tile is one query block.
 
-Needs: vLLM's CuTe-DSL FlashAttention (``nvidia-cutlass-dsl``), a Hopper GPU, a bf16/fp16 query
-and cache, blocks of 128 keys (the kernel's key tile) and head sizes up to 128 (the head sizes
-whose Hopper tile is 128 keys wide). op.py falls back to the Triton attention otherwise, with
-one warning.
+Needs: vLLM's CuTe-DSL FlashAttention (``nvidia-cutlass-dsl``, ``quack-kernels``), a Hopper GPU,
+a bf16/fp16 query and cache, blocks of 128 keys and head sizes up to 256. op.py falls back to
+the Triton attention otherwise, with one warning. The tile size is FA4's forward entry argument
+(``_flash_attn_fwd``; ``flash_attn_func`` does not take it): a release that changes that entry
+is refused at its first step and the Triton attention runs, with one warning.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TILE = 128
-"""The CuTe-DSL Hopper forward's query and key tile for head sizes up to 128."""
+BLOCK = 128
+"""The selection's block (``block_size``) this path takes: one 128-row query tile per block."""
+
+
+def kv_tile(head_size: int) -> int:
+    """FA4's key tile on Hopper: 128 keys up to head size 128, 64 above (two per block)."""
+    return 128 if head_size <= 128 else 64
 
 
 @dataclass
@@ -43,16 +51,18 @@ class CuteRequest:
     keys: int  # keys it attends: up to its last row
     req: int  # the request (its offset in the repacked buffers: Groups.host_reqs)
     items: torch.Tensor  # int64 [tiles]: its items in block order (one per query tile)
-    q_block: torch.Tensor  # int32 [1, 1, tiles, 1]: each tile's diagonal block
+    diag_tiles: torch.Tensor  # int32 [1, 1, tiles, key tiles per block]: the diagonal block's key tiles
+    diag_count: torch.Tensor  # int32 [tiles]: those below the request's last key (all but in the last)
 
 
-def cute_requests(prepared, block_size: int) -> list[CuteRequest] | None:
+def cute_requests(prepared, block_size: int, tile_n: int) -> list[CuteRequest] | None:
     """Built once per plan from the host copy of the items; None where a request's items are not
     one run of consecutive blocks and rows (the plan always builds them so)."""
-    key = ("cute", block_size)
+    key = ("cute", block_size, tile_n)
     if key not in prepared.groups:
         items = prepared.host_items  # req, q_tok, q_pos, n_q, q_block
         dev = prepared.items.device
+        per_block = block_size // tile_n
         out: list[CuteRequest] | None = []
         for r in np.unique(items[:, 0]) if len(items) else []:
             idx = np.nonzero(items[:, 0] == r)[0]
@@ -62,11 +72,15 @@ def cute_requests(prepared, block_size: int) -> list[CuteRequest] | None:
                     or np.any(pos[1:] != pos[:-1] + n[:-1]) or pos[0] // block_size != blk[0]):
                 out = None
                 break
+            keys = int(pos[-1] + n[-1])
+            count = np.full(len(idx), per_block)
+            count[-1] = min(per_block, -(-(keys - int(blk[-1]) * block_size) // tile_n))
+            tiles = blk[:, None] * per_block + np.arange(per_block)
             out.append(CuteRequest(
-                tok=int(tok[0]), rows=int(n.sum()), pad=int(pos[0] - blk[0] * block_size),
-                keys=int(pos[-1] + n[-1]), req=int(r),
-                items=torch.from_numpy(idx.astype(np.int64)).to(dev, non_blocking=True),
-                q_block=torch.from_numpy(blk.astype(np.int32)).to(dev, non_blocking=True).view(1, 1, -1, 1),
+                tok=int(tok[0]), rows=int(n.sum()), pad=int(pos[0] - blk[0] * block_size), keys=keys,
+                req=int(r), items=torch.from_numpy(idx.astype(np.int64)).to(dev, non_blocking=True),
+                diag_tiles=torch.from_numpy(tiles.astype(np.int32)).to(dev, non_blocking=True)[None, None],
+                diag_count=torch.from_numpy(count.astype(np.int32)).to(dev, non_blocking=True),
             ))
         prepared.groups[key] = out
     return prepared.groups[key]
@@ -78,30 +92,37 @@ def usable(op, query, key_cache, fp8, block_size: int) -> str | None:
         return "an fp8 query or cache"
     if query.dtype not in (torch.bfloat16, torch.float16) or key_cache.dtype != query.dtype:
         return f"dtype {query.dtype} (bf16/fp16 only)"
-    if block_size != TILE:
-        return f"blocks of {block_size} keys (the kernel's key tile is {TILE})"
-    if op.head_size > 128 or op.head_size % 8:
-        return f"head size {op.head_size} (up to 128, a multiple of 8)"
+    if block_size != BLOCK:
+        return f"blocks of {block_size} keys (its query tile is {BLOCK} rows, one block)"
+    if op.head_size > 256 or op.head_size % 8:
+        return f"head size {op.head_size} (up to 256, a multiple of 8)"
     if not query.is_cuda:
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(query.device)[0] != 9:
         return "its block-sparse tiles match the selection's blocks on Hopper GPUs only"
     try:
-        from vllm.vllm_flash_attn.cute import flash_attn_func  # noqa: F401
+        from vllm.vllm_flash_attn.cute.block_sparsity import BlockSparseTensorsTorch  # noqa: F401
+        from vllm.vllm_flash_attn.cute.interface import _flash_attn_fwd  # noqa: F401
     except ImportError as e:
-        return f"vLLM's CuTe-DSL FlashAttention cannot be imported ({e}; it needs nvidia-cutlass-dsl)"
+        return f"vLLM's CuTe-DSL FlashAttention cannot be imported ({e}; it needs nvidia-cutlass-dsl and quack-kernels)"
     return None
 
 
-def sparse_tiles(blocks, request: CuteRequest, num_key_blocks: int):
-    """FA4's block-sparse lists of one request, ``(mask count, mask blocks, full count, full
-    blocks)``: ``[kv_heads, 1, tiles]`` counts, ``[kv_heads or 1, 1, tiles, width]`` blocks. The
-    full tiles are the kept blocks before the diagonal, the masked tile the diagonal block."""
-    items = request.items
-    full_cnt = blocks.n_kept[items].t().unsqueeze(1).contiguous()
-    full_idx = blocks.kept[items][:, :, :num_key_blocks].permute(1, 0, 2).unsqueeze(1).contiguous()
-    mask_cnt = blocks.diag_kept[items].t().unsqueeze(1).contiguous()
-    return mask_cnt, request.q_block, full_cnt, full_idx
+def sparse_tiles(blocks, request: CuteRequest, tile_n: int):
+    """FA4's block-sparse lists of one request, ``(mask count, mask tiles, full count, full
+    tiles)``: ``[kv_heads, 1, tiles]`` counts, ``[kv_heads or 1, 1, tiles, width]`` key tiles.
+    The full tiles are those of the kept blocks before the diagonal, the masked ones the diagonal
+    block's (up to the request's last key)."""
+    items, per_block = request.items, request.diag_tiles.shape[-1]
+    blocks_below = -(-request.keys // (tile_n * per_block))
+    kept = blocks.kept[items][:, :, :blocks_below]  # [tiles, kv, width] (unread past each count)
+    if per_block > 1:
+        kept = (kept[..., None] * per_block + torch.arange(per_block, dtype=kept.dtype,
+                                                           device=kept.device)).flatten(2)
+    full_idx = kept[:, :, :-(-request.keys // tile_n)].permute(1, 0, 2).unsqueeze(1).contiguous()
+    full_cnt = (blocks.n_kept[items] * per_block).t().unsqueeze(1).contiguous()
+    mask_cnt = (blocks.diag_kept[items] * request.diag_count[:, None]).t().unsqueeze(1).contiguous()
+    return mask_cnt, request.diag_tiles, full_cnt, full_idx
 
 
 def request_inputs(op, query, output, packed, request: CuteRequest):
@@ -128,18 +149,18 @@ def request_inputs(op, query, output, packed, request: CuteRequest):
 def attend(op, query, prepared, params, scale: float, output, blocks, packed) -> bool:
     """Block-sparse attention of every item's rows over its kept blocks into ``output``, by
     FA4's CuTe-DSL forward; False (nothing written) where the plan's items do not map onto it."""
-    from vllm.vllm_flash_attn.cute import flash_attn_func
     from vllm.vllm_flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from vllm.vllm_flash_attn.cute.interface import _flash_attn_fwd
 
-    B = params.block_size
-    requests = cute_requests(prepared, B)
+    B, tile_n = params.block_size, kv_tile(op.head_size)
+    requests = cute_requests(prepared, B, tile_n)
     if requests is None:
         return False
     for r in requests:
         q, k, v, out = request_inputs(op, query, output, packed, r)
-        tiles = BlockSparseTensorsTorch(*sparse_tiles(blocks, r, -(-r.keys // B)), block_size=(B, B))
-        o = flash_attn_func(q, k, v, softmax_scale=scale, causal=True, block_sparse_tensors=tiles, out=out)
-        o = o[0] if isinstance(o, tuple) else o
+        tiles = BlockSparseTensorsTorch(*sparse_tiles(blocks, r, tile_n), block_size=(B, tile_n))
+        o = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, tile_mn=(B, tile_n),
+                            block_sparse_tensors=tiles, out=out)[0]
         if out is None or o.data_ptr() != out.data_ptr():
             output[r.tok:r.tok + r.rows] = o[:, r.pad:].permute(1, 0, 2, 3).flatten(1, 2).to(output.dtype)
     return True

@@ -61,9 +61,9 @@ class XAttnKernelConfig:
     # Triton attention at 10% density (BENCHMARKS.md section 3): off by default.
     attn_fa3: int = 0
     # 1: the attention by FlashAttention's CuTe-DSL Hopper forward that vLLM ships
-    # (vllm.vllm_flash_attn.cute, needs nvidia-cutlass-dsl) in its block-sparse mode, on the
-    # repacked keys and values (attend_cute.py; bf16/fp16, blocks of 128, head sizes up to 128,
-    # Hopper; elsewhere the Triton attention runs, with one warning). Opt-in until measured.
+    # (vllm.vllm_flash_attn.cute, needs nvidia-cutlass-dsl and quack-kernels) in its block-sparse
+    # mode, on the repacked keys and values (attend_cute.py; bf16/fp16, blocks of 128, head sizes
+    # up to 256, Hopper; elsewhere the Triton attention runs, with one warning). Opt-in until measured.
     attn_cute: int = 0
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
