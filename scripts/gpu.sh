@@ -6,9 +6,9 @@
 #                                    does what it needs of this itself; done once, later engines start sooner)
 #   bash scripts/gpu.sh prepare-flashinfer   build FlashInfer's kernels for the suite's engines once (the
 #                                    suite's longest lane is otherwise FlashInfer's first build)
-#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in seven pytest processes side
-#                                    by side (kernels, backend, dynamic layers, fp8, FlashInfer, hybrid
-#                                    triangle, hybrid dynamic, Ray TP=1; Ray is skipped where it is not installed), with per-test
+#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in eight pytest processes side
+#                                    by side (kernels, the CuTe-DSL attention, backend, dynamic layers, fp8,
+#                                    FlashInfer, hybrid triangle, hybrid dynamic, Ray TP=1; Ray is skipped where it is not installed), with per-test
 #                                    durations per lane (gpu_suite_laneN.log) and in gpu_suite.json
 #   bash scripts/gpu.sh kernel       bench kernel: one triangle layer vs FA3 (+ best kernel config)
 #   bash scripts/gpu.sh ttft BACKENDS [ARGS]   bench ttft on the Llama-3.1-8B shape, e.g.
@@ -121,18 +121,20 @@ case "$1" in
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/gpu.txt" || true
     compile_site
     start=$(date +%s)
-    # Seven pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
+    # Eight pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
     # mostly a new process importing torch and vLLM; FlashInfer's first build about 270 s and the
     # first two hybrid engines about 230 s with the other lanes running, so the hybrid tests are
     # two lanes of two engines each). Every GPU test is in exactly one lane
-    # (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests share one lane (one build).
+    # (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests share one lane (one build), and so do
+    # the CuTe-DSL attention's (attn_cute: FlashAttention 4's kernels compiling).
     lanes=(  # "pytest -k expression|test files"
       "flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_dynamic_backend_gpu.py"
       "not flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_backend_gpu.py"
       "not flashinfer|tests/gpu/test_dynamic_backend_gpu.py"
       "not dynamic|tests/gpu/test_hybrid_gpu.py"
       "dynamic|tests/gpu/test_hybrid_gpu.py"
-      "|tests/gpu/test_kernel_gpu.py tests/gpu/test_xattention_gpu.py"
+      "not cute|tests/gpu/test_kernel_gpu.py tests/gpu/test_xattention_gpu.py"
+      "cute|tests/gpu/test_xattention_gpu.py"
       "|tests/gpu/test_ray_gpu.py tests/gpu/test_tp2_gpu.py"
     )
     for i in "${!lanes[@]}"; do
