@@ -829,6 +829,7 @@ def test_triton_interpreted_cute_refusal_falls_back_to_the_triton_attention(monk
     assert margin > MARGIN
     assert relative_error(out, ref) < 1e-5 and torch.equal(out, again)
     assert len(calls) == 1 and dyn.config.attn_cute == 0
+    assert dyn.not_run()["attn_cute"].startswith("refused: ValueError")  # what bench dynamic reports
     warned = [r.getMessage() for r in caplog.records if "attn_cute" in r.getMessage()]
     assert len(warned) == 1 and "sparse_block_size" in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]
 

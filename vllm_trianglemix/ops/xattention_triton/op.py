@@ -233,10 +233,15 @@ class TritonXAttentionOp:
     def _refused(self, field: str, e: Exception) -> None:
         """A library kernel refused a step before writing (its own checks, its compiler): the Triton
         attention from now on, with one warning."""
-        logger.warning("TriangleMix dynamic layers: %s: the library kernel refused this step (%s: %s); "
-                       "the Triton attention runs from now on (%s sets it)", field, type(e).__name__,
-                       str(e).splitlines()[0][:160] if str(e) else "", CONFIG_ENV)
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        logger.warning("TriangleMix dynamic layers: %s: the library kernel refused this step (%s); "
+                       "the Triton attention runs from now on (%s sets it)", field, why, CONFIG_ENV)
         self.config = dataclasses.replace(self.config, **{field: 0})
+        self._refusals[field] = f"refused: {why}"
+
+    def not_run(self) -> dict[str, str]:
+        """The opt-in attentions (``attn_fa3``, ``attn_cute``) that could not run, and why (as warned)."""
+        return dict(self._refusals)
 
     def attend(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
                params: DynamicParams, scale: float, output, blocks: KeptBlocks,
