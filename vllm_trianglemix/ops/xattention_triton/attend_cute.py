@@ -79,7 +79,7 @@ def cute_requests(prepared, block_size: int, tile_n: int) -> list[CuteRequest] |
             out.append(CuteRequest(
                 tok=int(tok[0]), rows=int(n.sum()), pad=int(pos[0] - blk[0] * block_size), keys=keys,
                 req=int(r), items=torch.from_numpy(idx.astype(np.int64)).to(dev, non_blocking=True),
-                diag_tiles=torch.from_numpy(tiles.astype(np.int32)).to(dev, non_blocking=True)[None, None],
+                diag_tiles=torch.from_numpy(tiles.astype(np.int32)).to(dev, non_blocking=True).unsqueeze(0).unsqueeze(0),
                 diag_count=torch.from_numpy(count.astype(np.int32)).to(dev, non_blocking=True),
             ))
         prepared.groups[key] = out
@@ -117,7 +117,7 @@ def sparse_tiles(blocks, request: CuteRequest, tile_n: int):
     blocks_below = -(-request.keys // (tile_n * per_block))
     kept = blocks.kept[items][:, :, :blocks_below]  # [tiles, kv, width] (unread past each count)
     if per_block > 1:
-        kept = (kept[..., None] * per_block + torch.arange(per_block, dtype=kept.dtype,
+        kept = (kept.unsqueeze(-1) * per_block + torch.arange(per_block, dtype=kept.dtype,
                                                            device=kept.device)).flatten(2)
     full_idx = kept[:, :, :-(-request.keys // tile_n)].permute(1, 0, 2).unsqueeze(1).contiguous()
     full_cnt = (blocks.n_kept[items] * per_block).t().unsqueeze(1).contiguous()
