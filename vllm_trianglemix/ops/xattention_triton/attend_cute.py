@@ -75,11 +75,11 @@ def cute_requests(prepared, block_size: int, tile_n: int) -> list[CuteRequest] |
             keys = int(pos[-1] + n[-1])
             count = np.full(len(idx), per_block)
             count[-1] = min(per_block, -(-(keys - int(blk[-1]) * block_size) // tile_n))
-            tiles = blk[:, None] * per_block + np.arange(per_block)
+            tiles = (blk[:, None] * per_block + np.arange(per_block))[None, None]
             out.append(CuteRequest(
                 tok=int(tok[0]), rows=int(n.sum()), pad=int(pos[0] - blk[0] * block_size), keys=keys,
                 req=int(r), items=torch.from_numpy(idx.astype(np.int64)).to(dev, non_blocking=True),
-                diag_tiles=torch.from_numpy(tiles.astype(np.int32)).to(dev, non_blocking=True).unsqueeze(0).unsqueeze(0),
+                diag_tiles=torch.from_numpy(tiles.astype(np.int32)).to(dev, non_blocking=True),
                 diag_count=torch.from_numpy(count.astype(np.int32)).to(dev, non_blocking=True),
             ))
         prepared.groups[key] = out
