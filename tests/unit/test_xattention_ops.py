@@ -806,34 +806,6 @@ def test_cute_attention_is_refused_where_it_cannot_run():
         assert attend_cute.usable(op, q, cache, no_fp8, 128) == "not a CUDA tensor"
 
 
-def test_triton_interpreted_cute_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog):
-    """If the CuTe-DSL forward refuses a step (its checks or its compiler raise before it writes),
-    the Triton attention runs it and every later step, with one warning naming the setting."""
-    from vllm_trianglemix.ops.xattention_triton import attend_cute
-
-    params = PARAMS["tau"]
-    dyn, tri = _triton_ops(8, 2, 64, attn_cute=1)
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(1)
-        raise ValueError("Block sparsity requires sparse_block_size[1] to match tile_n\ndetails")
-
-    monkeypatch.setattr(attend_cute, "usable", lambda *args: None)
-    monkeypatch.setattr(attend_cute, "attend", refuse)
-    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
-    with caplog.at_level("WARNING", logger="vllm.trianglemix"):
-        out = _run_layer(dyn, tri, tri.block_q, batch, params)
-        again = _run_layer(dyn, tri, tri.block_q, batch, params)
-    ref, margin = _reference(batch, params)
-    assert margin > MARGIN
-    assert relative_error(out, ref) < 1e-5 and torch.equal(out, again)
-    assert len(calls) == 1 and dyn.config.attn_cute == 0
-    assert dyn.not_run()["attn_cute"].startswith("refused: ValueError")  # what bench dynamic reports
-    warned = [r.getMessage() for r in caplog.records if "attn_cute" in r.getMessage()]
-    assert len(warned) == 1 and "sparse_block_size" in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]
-
-
 def test_fa3_attention_is_refused_where_it_cannot_run():
     """``attn_fa3`` needs vLLM's FA3, a CUDA bf16/fp16 query and cache and pages that tile the
     blocks; elsewhere the Triton attention runs (op.uses_fa3 warns once)."""
@@ -851,21 +823,29 @@ def test_fa3_attention_is_refused_where_it_cannot_run():
         assert attend_fa3.usable(None, q, cache, no_fp8, 128) == "not a CUDA tensor"
 
 
-def test_triton_interpreted_fa3_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog):
-    """If FA3 refuses a step (its own checks raise before launching), the Triton attention runs it
-    and every later step, with one warning naming the setting; the output is still exact."""
-    from vllm_trianglemix.ops.xattention_triton import attend_fa3
+@pytest.mark.parametrize("field,module,error,shown", [
+    ("attn_fa3", "attend_fa3", RuntimeError("page size not supported\ndetails"), "page size not supported"),
+    ("attn_cute", "attend_cute",
+     ValueError("Block sparsity requires sparse_block_size[1] to match tile_n\ndetails"), "sparse_block_size"),
+])
+def test_triton_interpreted_library_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog, field,
+                                                                                module, error, shown):
+    """If a library attention (FA3, FA4's CuTe-DSL forward) refuses a step (its checks or its
+    compiler raise before it writes), the Triton attention runs it and every later step, with one
+    warning naming the setting; the output is still exact, and bench dynamic's report names it."""
+    import importlib
 
+    lib = importlib.import_module(f"vllm_trianglemix.ops.xattention_triton.{module}")
     params = PARAMS["tau"]
-    dyn, tri = _triton_ops(8, 2, 64, attn_fa3=1)
+    dyn, tri = _triton_ops(8, 2, 64, **{field: 1})
     calls = []
 
     def refuse(*args, **kwargs):
         calls.append(1)
-        raise RuntimeError("page size not supported\ndetails")
+        raise error
 
-    monkeypatch.setattr(attend_fa3, "usable", lambda *args: None)
-    monkeypatch.setattr(attend_fa3, "attend", refuse)
+    monkeypatch.setattr(lib, "usable", lambda *args: None)
+    monkeypatch.setattr(lib, "attend", refuse)
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
     with caplog.at_level("WARNING", logger="vllm.trianglemix"):
         out = _run_layer(dyn, tri, tri.block_q, batch, params)
@@ -873,6 +853,7 @@ def test_triton_interpreted_fa3_refusal_falls_back_to_the_triton_attention(monke
     ref, margin = _reference(batch, params)
     assert margin > MARGIN
     assert relative_error(out, ref) < 1e-5 and torch.equal(out, again)
-    assert len(calls) == 1 and dyn.config.attn_fa3 == 0
-    warned = [r.getMessage() for r in caplog.records if "attn_fa3" in r.getMessage()]
-    assert len(warned) == 1 and "page size not supported" in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]
+    assert len(calls) == 1 and getattr(dyn.config, field) == 0
+    assert dyn.not_run()[field].startswith(f"refused: {type(error).__name__}")  # what bench dynamic reports
+    warned = [r.getMessage() for r in caplog.records if field in r.getMessage()]
+    assert len(warned) == 1 and shown in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]
