@@ -14,6 +14,7 @@ rows, the dynamic op on the others, into a NaN-poisoned output. Checked:
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ import torch
 from tests.paged import FakeCommonMetadata, PagedBatch, relative_error
 from tests.xattention_reference import block_masses, keep_rule
 from vllm_trianglemix import compat
+from vllm_trianglemix.ops.xattention_triton import attend_cute
 from vllm_trianglemix.pattern import (
     DynamicParams,
     dense_row_params,
@@ -124,7 +126,7 @@ def _query(batch):
 
 
 def _ops(heads, kv_heads, d, overrides=""):
-    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("attn_tma=1,block_n=128")."""
+    """The backend's ops; ``overrides``: XAttnKernelConfig fields ("attn_cute=0,block_n=128")."""
     from vllm_trianglemix.backends.cuda import dynamic_op, triangle_op
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
 
@@ -143,13 +145,15 @@ class _Recorder:
         return self.keep
 
 
-def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", scales=None):
+def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", scales=None, ran=None):
     """The layer as the backend runs it; returns (output, plan, dense starts, kept blocks).
 
     ``select`` None: the op's own selection (the fused kernel), its kept-block mask returned;
-    else that function through ``run`` (recorded).
+    else that function through ``run`` (recorded). ``ran``: a list the dynamic op is appended to.
     """
     dyn, tri = _ops(heads, kv_heads, d, overrides)
+    if ran is not None:
+        ran.append(dyn)
     dense_from = dense_start(batch.prompt_lens, params.n_last, MIN_PROMPT_LEN)
     reqs = np.arange(len(batch.seq_lens))
     block_plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
@@ -240,28 +244,24 @@ def _compare_selection(batch, params, block_plan, keep):
     return compared, total
 
 
-TMA = "attn_tma=1"  # the attention's K/V tiles by tensor descriptors
+TRITON = "attn_cute=0"  # the Triton attention (on Hopper the default is FA4's where it can run)
 CASES = [  # the kernels' defaults, and the other variants
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, ""),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, TMA),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,block_n=128,block_m=128"),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_ws=1"),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_tma=1,attn_ws=1"),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, TRITON),
+    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, TRITON + ",block_n=128,block_m=128"),
     ("mixed", "budget", (32, 8), 128, torch.bfloat16, 16,
      "est_block_m=256,est_block_n=128,est_num_stages=2,est_block_d=0"),  # whole-head dots
-    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, "attn_tma=1"),
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, ""),
-    ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),
-    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),
+    ("mixed", "budget", (32, 32), 128, torch.float16, 16, TRITON),
+    ("whole", "tau_budget_stride16", (28, 4), 128, torch.bfloat16, 32, ""),  # blocks of 64: Triton's
+    ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16, ""),  # blocks of 48: Triton's
     ("mixed", "block48_stride3", (16, 2), 64, torch.bfloat16, 16,
      "est_block_n=128,est_num_warps=4,est_num_stages=3,block_m=128"),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, ""),
+    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, TRITON),
     ("whole", "budget", (16, 2), 256, torch.bfloat16, 64,  # whole-head dots (the default steps them)
      "est_block_m=64,est_block_n=64,est_num_warps=4,est_num_stages=3,est_block_d=0"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "est_block_d=64,est_num_stages=3"),
-    ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_fa3=1"),  # FA3 on page tables
-    ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_fa3=1"),
-    ("whole", "budget", (16, 2), 256, torch.bfloat16, 64, "attn_fa3=1"),
     ("mixed", "default", (32, 8), 128, torch.bfloat16, 16, "attn_cute=1"),  # FA4's block-sparse forward
     ("mixed", "budget", (32, 32), 128, torch.float16, 16, "attn_cute=1"),
     ("mixed", "default", (16, 2), 64, torch.bfloat16, 16, "attn_cute=1"),
@@ -276,23 +276,14 @@ def test_dynamic_layer_matches_reference(batch_name, params_name, heads, head_di
     params = PARAMS[params_name]
     with _vllm_config(), caplog.at_level("WARNING", logger="vllm.trianglemix"):
         batch = flash_batch(BATCHES[batch_name], *heads, head_dim, page, dtype, seed=len(batch_name))
-        if "attn_fa3=1" in overrides:  # the FA3 attention itself runs, not the Triton fallback
-            from types import SimpleNamespace
-
-            from vllm_trianglemix.ops.xattention_triton import attend_fa3
-
-            assert attend_fa3.usable(None, batch.query, batch.key_cache,
-                                     SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size) is None
-        if "attn_cute=1" in overrides:  # FA4's attention itself runs (where vLLM ships it usable)
-            from types import SimpleNamespace
-
-            from vllm_trianglemix.ops.xattention_triton import attend_cute
-
-            why = attend_cute.usable(SimpleNamespace(head_size=head_dim), batch.query, batch.key_cache,
-                                     SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size)
-            if why is not None:
-                pytest.skip(f"attn_cute: {why}")
-        out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim, overrides=overrides)
+        why = attend_cute.usable(SimpleNamespace(head_size=head_dim), batch.query, batch.key_cache,
+                                 SimpleNamespace(q_fp8=False, kv_fp8=False), params.block_size)
+        if "attn_cute=1" in overrides and why is not None:  # FA4's attention itself runs, where usable
+            pytest.skip(f"attn_cute: {why}")
+        ran = []
+        out, plan, dense_from, keep = _run_layer(batch, params, *heads, head_dim, overrides=overrides, ran=ran)
+    # FA4's attention wherever it can run (the default and attn_cute=1), else the Triton attention
+    assert ran[0].last_attention == ("triton" if why is not None or "attn_cute=0" in overrides else "cute")
     fallbacks = [r.getMessage() for r in caplog.records if "cannot run here" in r.getMessage()
                  or "refused this step" in r.getMessage()]
     assert not fallbacks, fallbacks
@@ -316,10 +307,6 @@ def test_cute_attention_compiles_once_for_every_step_shape(caplog):
     position 0) compiles FA4's block-sparse forward; longer steps, chunks that start inside a
     block and several requests in a step reuse that kernel, so a user's first long prompt
     compiles nothing."""
-    from types import SimpleNamespace
-
-    from vllm_trianglemix.ops.xattention_triton import attend_cute
-
     params = PARAMS["budget"]
     with _vllm_config(), caplog.at_level("WARNING", logger="vllm.trianglemix"):
         warm = flash_batch([(1400, 0, 1400)], 32, 8, 128, 16, torch.bfloat16, seed=1)
@@ -461,7 +448,7 @@ FP8_CASES = [  # params, overrides, fp8 query
     ("default", "", True),
     ("default", "est_fp8_dot=1", True),
     ("budget", "", False),
-    ("default", TMA, True),
+    ("default", "block_n=128,block_m=128", True),  # the Triton attention's other tiles
 ]
 
 

@@ -265,7 +265,7 @@ def test_torch_op_refuses_an_fp8_cache_without_scales():
 # -- The Triton kernels, interpreted on the CPU ----------------------------------
 
 def _triton_ops(num_heads, num_kv_heads, head_dim, **config):
-    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (attn_tma, ...)."""
+    """Interpreted ops with small tiles; ``config``: XAttnKernelConfig fields (block_n, ...)."""
     if torch.cuda.is_available():
         pytest.skip("compiled on the GPU by tests/gpu instead")
     triton = pytest.importorskip("triton")
@@ -306,17 +306,15 @@ def test_triton_interpreted_matches_reference(batch_name, params_name, heads, se
 
 
 ATTENTION_VARIANTS = {
-    "tma": dict(attn_tma=1),
-    "tma_32_keys": dict(attn_tma=1, block_n=32),
-    "warp_specialized": dict(attn_ws=1),
-    "tma_warp_specialized": dict(attn_tma=1, attn_ws=1),
+    "32_keys": dict(block_n=32),
+    "64_rows": dict(block_m=64),
 }
 
 
 @pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
 def test_triton_interpreted_attention_variants_match_reference(variant):
-    """The attention's K/V tiles by tensor descriptors against the float64 reference, chunks cut
-    inside blocks (the tiles past a diagonal block's last key: other rows of the buffer, masked)."""
+    """The Triton attention's other tiles against the float64 reference, chunks cut inside blocks
+    (a diagonal block's keys past its last row masked)."""
     params = PARAMS["tau"]
     dyn, tri = _triton_ops(8, 2, 64, **ATTENTION_VARIANTS[variant])
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
@@ -504,8 +502,8 @@ def test_triton_interpreted_fused_selection_is_the_rule():
 
 
 FP8_CASES = [  # kernel config, per-head K/V scales, fp8 query, seed (no near ties)
-    ("attn_tma=0", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
-    ("attn_tma=1", False, False, 3),
+    ("attn_cute=0", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
+    ("attn_cute=1", False, False, 3),  # FA4's attention asked for: not on an fp8 cache (the Triton one)
     ("est_block_d=32", True, True, 3),  # the estimate's dots in head-dimension steps, fp8 query
 ]
 
@@ -569,9 +567,9 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, c
 
     params = PARAMS["tau"]
     default = XAttnKernelConfig()
-    dyn, tri = _triton_ops(8, 2, 64, est_num_stages=default.est_num_stages + 1, attn_tma=1)
+    dyn, tri = _triton_ops(8, 2, 64, est_num_stages=default.est_num_stages + 1, num_stages=default.num_stages + 1)
     batch = make_batch(BATCHES["whole_odd"], 8, 2, 64, 16, seed=1)
-    for module, name, field in ((estimate_stage, "estimate", "est_num_stages"), (attend_stage, "attend", "attn_tma")):
+    for module, name, field in ((estimate_stage, "estimate", "est_num_stages"), (attend_stage, "attend", "num_stages")):
         real = getattr(module, name)
 
         def refusing(op, *args, _real=real, _field=field, **kwargs):
@@ -581,14 +579,14 @@ def test_triton_interpreted_kernel_that_does_not_build_falls_back(monkeypatch, c
 
         monkeypatch.setattr(module, name, refusing)
     out = _run_layer(dyn, tri, tri.block_q, batch, params)
-    assert (dyn.config.est_num_stages, dyn.config.attn_tma) == (default.est_num_stages, 0)
+    assert (dyn.config.est_num_stages, dyn.config.num_stages) == (default.est_num_stages, default.num_stages)
     assert sum("does not build on this GPU" in r.getMessage() for r in caplog.records) == 2
     ref, margin = _reference(batch, params)
     assert margin > MARGIN
     assert relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("config", [dict(attn_tma=0), dict(attn_tma=1)])
+@pytest.mark.parametrize("config", [dict(), dict(block_n=32)])
 def test_density_counts_agree_between_triton_and_torch_ops(config):
     """The density report's counts (kept, causal key blocks per query block and KV head):
     the Triton op (in the interpreter) adds the same numbers as the CPU op, for the same
@@ -649,7 +647,7 @@ def test_kernel_config_from_the_environment(monkeypatch):
     logger = logging.getLogger("vllm.trianglemix")
     logger.addHandler(handler)
     try:
-        monkeypatch.setenv(CONFIG_ENV, "est_kernel=2,select_kernel=1,block_n=32")
+        monkeypatch.setenv(CONFIG_ENV, "est_kernel=2,select_kernel=1,attn_tma=1,attn_ws=1,attn_fa3=1,block_n=32")
         config = XAttnKernelConfig.from_env(128)
     finally:
         logger.removeHandler(handler)
@@ -658,57 +656,6 @@ def test_kernel_config_from_the_environment(monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, "blok_n=32")
     with pytest.raises(ValueError, match=f"{CONFIG_ENV}: unknown field 'blok_n'"):
         XAttnKernelConfig.from_env(128)
-
-
-@pytest.mark.parametrize("params_name,heads,seed", [("tau", "gqa4", 17), ("block_48_stride_3", "gqa2", 3)])
-def test_fa3_page_tables_give_each_row_its_kept_blocks_and_the_causal_diagonal(params_name, heads, seed):
-    """``attn_fa3``: FA3 reads each item's kept blocks (then the diagonal block) through a page
-    table and masks causally from the end of the keys. Emulated here in float64 from the page
-    tables, it equals attention over exactly the kept blocks and the diagonal block's keys up to
-    each row (a random selection with the rule's forced blocks; chunks cut inside blocks; blocks
-    of several cache pages)."""
-    from vllm_trianglemix.ops.xattention_triton import attend_fa3
-    from vllm_trianglemix.ops.xattention_triton.op import TritonXAttentionOp
-    from vllm_trianglemix.ops.xattention_triton.plan import kept_blocks_from_mask
-
-    params = PARAMS[params_name]
-    B, (hq, hkv) = params.block_size, HEADS[heads]
-    group = hq // hkv
-    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], hq, hkv, 64, 16, dtype=torch.float64, seed=seed)
-    dense_from, _, plan = _plans(batch, params)
-    op = TritonXAttentionOp(hq, hkv, 64)
-    prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
-    gen = torch.Generator().manual_seed(seed)
-    n = prepared.num_blocks
-    j = torch.arange(n)
-    b = prepared.q_block[:, None, None]
-    keep = (torch.rand(plan.num_items, hkv, n, generator=gen) < 0.4) | (j == 0) | (j == b)
-    blocks = kept_blocks_from_mask(keep & (j <= b), prepared.q_block)
-    seqs = attend_fa3.fa3_rows(prepared, B)
-    assert seqs.cu_seqlens_q[-1] == seqs.rows.numel() == int(plan.n_q.sum())
-    page_size = batch.key_cache.shape[1]
-    checked = 0
-    for h in range(hkv):
-        pages, seqused = attend_fa3.page_table(blocks, seqs, batch.block_table, h, B, page_size)
-        for i in range(plan.num_items):
-            req, q_tok, q_pos, n_q, qb = (int(x) for x in prepared.host_items[i])
-            used = int(seqused[i])
-            slot = torch.arange(used)
-            phys = pages[i, slot // page_size].long()
-            k = batch.key_cache[phys, slot % page_size, h]  # FA3's view of the sequence
-            v = batch.value_cache[phys, slot % page_size, h]
-            allowed = [p for jj in range(qb) if keep[i, h, jj] for p in range(jj * B, (jj + 1) * B)]
-            for r in range(n_q):
-                pos = q_pos + r
-                q = batch.query[q_tok + r, h * group:(h + 1) * group]
-                visible = used - (n_q - 1 - r)  # FA3's causal mask, aligned to the end of the keys
-                fa3 = torch.softmax(q @ k[:visible].T * batch.scale, -1) @ v[:visible]
-                ref_pos = torch.tensor(allowed + list(range(qb * B, pos + 1)))
-                kr, vr = batch.keys[req][ref_pos, h], batch.values[req][ref_pos, h]
-                ref = torch.softmax(q @ kr.T * batch.scale, -1) @ vr
-                torch.testing.assert_close(fa3, ref, rtol=1e-12, atol=1e-12)
-                checked += 1
-    assert checked == hkv * int(plan.n_q.sum())
 
 
 @pytest.mark.parametrize("params_name,heads,seed,tiles_per_block", [
@@ -790,7 +737,7 @@ def test_cute_tiles_give_each_row_its_kept_blocks_and_the_causal_diagonal(params
 
 def test_cute_attention_is_refused_where_it_cannot_run():
     """``attn_cute`` needs a CUDA bf16/fp16 query and cache, blocks of 128 and head sizes up to 256
-    (the Hopper kernel's tiles); elsewhere the Triton attention runs (op.uses_cute warns once)."""
+    (the Hopper kernel's tiles); elsewhere the Triton attention runs (op.uses_cute)."""
     from types import SimpleNamespace
 
     from vllm_trianglemix.ops.xattention_triton import attend_cute
@@ -806,38 +753,18 @@ def test_cute_attention_is_refused_where_it_cannot_run():
         assert attend_cute.usable(op, q, cache, no_fp8, 128) == "not a CUDA tensor"
 
 
-def test_fa3_attention_is_refused_where_it_cannot_run():
-    """``attn_fa3`` needs vLLM's FA3, a CUDA bf16/fp16 query and cache and pages that tile the
-    blocks; elsewhere the Triton attention runs (op.uses_fa3 warns once)."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize("asked", [-1, 1])
+def test_triton_interpreted_library_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog, asked):
+    """If FA4's CuTe-DSL forward refuses a step (its checks or its compiler raise before it
+    writes), the Triton attention runs it and every later step, with one warning naming the
+    setting (by default too: a refusal is not expected where it can run); the output is still
+    exact, and bench dynamic's report names it."""
+    from vllm_trianglemix.ops.xattention_triton import attend_cute as lib
 
-    from vllm_trianglemix.ops.xattention_triton import attend_fa3
-
-    no_fp8 = SimpleNamespace(q_fp8=False, kv_fp8=False)
-    q, cache = torch.zeros(4, 8, 64, dtype=torch.bfloat16), torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16)
-    assert "fp8" in attend_fa3.usable(None, q, cache, SimpleNamespace(q_fp8=True, kv_fp8=False), 128)
-    assert "float32" in attend_fa3.usable(None, q.float(), cache.float(), no_fp8, 128)
-    assert "do not tile" in attend_fa3.usable(None, q, torch.zeros(2, 528, 2, 64, dtype=torch.bfloat16),
-                                              no_fp8, 128)
-    if not torch.cuda.is_available():
-        assert attend_fa3.usable(None, q, cache, no_fp8, 128) == "not a CUDA tensor"
-
-
-@pytest.mark.parametrize("field,module,error,shown", [
-    ("attn_fa3", "attend_fa3", RuntimeError("page size not supported\ndetails"), "page size not supported"),
-    ("attn_cute", "attend_cute",
-     ValueError("Block sparsity requires sparse_block_size[1] to match tile_n\ndetails"), "sparse_block_size"),
-])
-def test_triton_interpreted_library_refusal_falls_back_to_the_triton_attention(monkeypatch, caplog, field,
-                                                                                module, error, shown):
-    """If a library attention (FA3, FA4's CuTe-DSL forward) refuses a step (its checks or its
-    compiler raise before it writes), the Triton attention runs it and every later step, with one
-    warning naming the setting; the output is still exact, and bench dynamic's report names it."""
-    import importlib
-
-    lib = importlib.import_module(f"vllm_trianglemix.ops.xattention_triton.{module}")
+    field, error, shown = ("attn_cute", ValueError("Block sparsity requires sparse_block_size[1] to match "
+                                                   "tile_n\ndetails"), "sparse_block_size")
     params = PARAMS["tau"]
-    dyn, tri = _triton_ops(8, 2, 64, **{field: 1})
+    dyn, tri = _triton_ops(8, 2, 64, attn_cute=asked)
     calls = []
 
     def refuse(*args, **kwargs):
@@ -857,3 +784,31 @@ def test_triton_interpreted_library_refusal_falls_back_to_the_triton_attention(m
     assert dyn.not_run()[field].startswith(f"refused: {type(error).__name__}")  # what bench dynamic reports
     warned = [r.getMessage() for r in caplog.records if field in r.getMessage()]
     assert len(warned) == 1 and shown in warned[0] and "TRIANGLEMIX_XATTN_CONFIG" in warned[0]
+    assert dyn.last_attention == "triton"
+
+
+@pytest.mark.parametrize("asked", [-1, 1, 0])
+def test_triton_interpreted_cute_attention_where_it_cannot_run(caplog, asked):
+    """Where FA4's CuTe-DSL forward cannot run (here: a float32 CPU query), the Triton attention runs,
+    exact: silently for the default (-1), with one warning naming the reason when ``attn_cute=1``
+    asked for it (and bench dynamic names it then), and without a check at all for 0."""
+    params = PARAMS["tau"]
+    dyn, tri = _triton_ops(8, 2, 64, attn_cute=asked)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=17)
+    with caplog.at_level("DEBUG", logger="vllm.trianglemix"):
+        out = _run_layer(dyn, tri, tri.block_q, batch, params)
+        _run_layer(dyn, tri, tri.block_q, batch, params)
+    ref, margin = _reference(batch, params)
+    assert margin > MARGIN
+    assert relative_error(out, ref) < 1e-5 and dyn.last_attention == "triton"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "attn_cute" in r.getMessage()]
+    want = {-1: "DEBUG", 1: "WARNING"}.get(asked)
+    assert [level for level, _ in said] == ([want] if want else [])
+    from types import SimpleNamespace
+
+    from vllm_trianglemix.ops.xattention_triton import attend_cute
+
+    why = attend_cute.usable(dyn, batch.query, batch.key_cache, SimpleNamespace(q_fp8=False, kv_fp8=False),
+                             params.block_size)
+    assert why and all(why in m for _, m in said)
+    assert dyn.not_run() == ({"attn_cute": why} if asked == 1 else {})

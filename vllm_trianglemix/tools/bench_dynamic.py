@@ -13,10 +13,10 @@ K/V in vLLM's FlashAttention paged cache (page 16):
   block-sparse attention and the dense last rows (triangle kernel), each timed,
   and the whole layer timed as the backend runs it; once per kernel set
   (``--variants``, VARIANTS below): ``default`` (the kernels' defaults, or the
-  sweep's choice) and others (``tma``: the attention's K/V tiles by tensor
-  descriptors; ``fa3``: the attention by FA3 over page tables; ``cute``: by
-  FA4's CuTe-DSL block-sparse forward; ...), on the same cache and queries,
-  FA3 in the same run.
+  sweep's choice; on Hopper the attention is FA4's CuTe-DSL block-sparse
+  forward) and others (``triton``: the Triton attention, which runs where FA4's
+  cannot; ``fp8-score``: the estimate on e4m3 roundings; ...), on the same
+  cache and queries, FA3 in the same run.
 
 Random data gives diffuse attention (a threshold would keep nearly every
 block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
@@ -24,7 +24,7 @@ block), so densities are FIXED: threshold 1.0 with ``max_density`` 0.1 and
 kernel-2 estimate and attention configurations on the longest length's last
 step picks the ``default`` configuration (``--no-sweep``: defaults). Before
 timing, keeping every block is checked against FA3's output at full scale
-(each kernel set; an opt-in attention that could not run is named), and
+(each kernel set; the attention that ran is named: ``cute`` or ``triton``), and
 the two kernel sets' selections on the longest length's last step are
 compared (share of identical (query block, KV head) decisions; near ties of
 two bf16 estimates may differ). Every kernel is compiled before it is timed.
@@ -58,13 +58,10 @@ VARIANTS = {
     "default": "",  # the defaults (with the sweep's choice)
     "fp8-score": "est_fp8_score=1",  # the estimate on e4m3 roundings (its selection's agreement reported)
     "fp8-score-fast": "est_fp8_score=1,est_fp8_fast_acc=1",  # the same, the tensor cores' own accumulation
-    "tma": "attn_tma=1",  # the attention's K/V tiles by tensor descriptors
-    "ws": "attn_ws=1",  # the attention's kept-block loop warp-specialised
-    "tma-ws": "attn_tma=1,attn_ws=1",  # both
-    "fa3": "attn_fa3=1",  # the attention by FA3 on the paged cache, the kept blocks as page tables
-    "cute": "attn_cute=1",  # the attention by FA4's CuTe-DSL block-sparse forward on the repacked K/V
+    "triton": "attn_cute=0",  # the Triton attention (the default where FA4's cannot run)
+    "cute": "attn_cute=1",  # FA4's CuTe-DSL block-sparse forward asked for (named where it cannot run)
 }
-DEFAULT_VARIANTS = ["default", "fp8-score", "fp8-score-fast"]
+DEFAULT_VARIANTS = ["default", "triton", "fp8-score"]
 EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCHMARKS.md)
     # On the H200 (BENCHMARKS.md section 3), ms on the last 128K chunk: 128/256/8/4 with the head in
     # 64-wide steps 5.13, 128/256/8/2 5.65, 128/128/8/3 5.61, 128/128/4/3 6.09, 256/128/8/2 7.12,
@@ -77,7 +74,7 @@ EST_SWEEP = [  # the defaults first, then the runners-up of a wider sweep (BENCH
     "est_block_m=128,est_block_n=128,est_num_warps=4,est_num_stages=3",
     "est_block_m=256,est_block_n=128,est_num_warps=8,est_num_stages=2",
 ]
-ATTN_SWEEP = [  # the attention (the defaults first)
+ATTN_SWEEP = [  # the Triton attention's tiles (the defaults first; swept with attn_cute=0)
     "block_m=256,block_n=64,num_warps=8,num_stages=3",
     "block_m=256,block_n=64,num_warps=8,num_stages=4",
     "block_m=256,block_n=64,num_warps=8,num_stages=2",
@@ -199,12 +196,10 @@ class _Step:
         r = dict(repack_ms=0.0, est_ms=0.0, select_ms=0.0, attn_ms=0.0, kept=0, causal=0)
         if prep.num_items:
             fp8 = dyn._fp8(self.q, self.kc, self.vc, prep, None)
-            values = not dyn.uses_fa3(self.q, self.kc, fp8, params)  # (FA3 reads the paged values)
-            packed = dyn.pack(self.q, self.kc, self.vc, prep, params, fp8, with_values=values)
+            packed = dyn.pack(self.q, self.kc, self.vc, prep, params, fp8)
             mass = dyn.estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None, packed)
             blocks = dyn.select(mass, prep, params)
-            r["repack_ms"] = _time_ms(lambda: dyn.pack(self.q, self.kc, self.vc, prep, params, fp8,
-                                                       with_values=values), reps)
+            r["repack_ms"] = _time_ms(lambda: dyn.pack(self.q, self.kc, self.vc, prep, params, fp8), reps)
             r["est_ms"] = _time_ms(
                 lambda: dyn.estimate_row_tiles(self.q, self.kc, prep, params, self.scale, None, packed), reps)
             r["select_ms"] = _time_ms(lambda: dyn.select(mass, prep, params), reps)
@@ -240,8 +235,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="kernel sets to time (default: %(default)s): default (the defaults, or the sweep's "
                          "choice), fp8-score (the same, the estimate scoring e4m3 roundings of the query "
                          "and keys; its selection's agreement with the first set is reported), "
-                         "fp8-score-fast (fp8-score with the tensor cores' own fp8 accumulation), tma (the "
-                         "same, the attention's K/V by tensor descriptors)")
+                         "fp8-score-fast (fp8-score with the tensor cores' own fp8 accumulation), triton "
+                         "(the Triton attention instead of FA4's CuTe-DSL forward), cute (FA4's asked for)")
     ap.add_argument("--no-sweep", action="store_true", help="default kernel configurations only")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--best-env", default=None,
@@ -256,8 +251,8 @@ def _sweep(step: _Step, densities, reps, base, shape: Shape) -> tuple[str | None
     lines, best = [], {}
     for kind, sweep in zip(("est", "attn"), shape.sweeps()):
         for text in sweep:
-            try:
-                cfg = base.with_overrides(text)
+            try:  # (the attention's tiles are the Triton attention's: FA4's forward has its own)
+                cfg = base.with_overrides(text + (",attn_cute=0" if kind == "attn" else ""))
                 op = TritonXAttentionOp(shape.heads, shape.kv_heads, shape.head_dim, config=cfg)
                 fp8 = op._fp8(step.q, step.kc, step.vc, step.prep, None)
                 packed = op.pack(step.q, step.kc, step.vc, step.prep, params, fp8)
@@ -281,7 +276,7 @@ def _sweep(step: _Step, densities, reps, base, shape: Shape) -> tuple[str | None
 
 
 def _row_line(r: dict) -> str:
-    return (f"| {r['length']} | {r['max_density']} ({r['achieved_density']:.3f}) | {r['variant']} | "
+    return (f"| {r['length']} | {r['max_density']} ({r['achieved_density']:.3f}) | {r['variant']} ({r.get('attention')}) | "
             f"{r['repack_ms']:.2f} | {r['est_ms']:.2f} | {r['select_ms']:.2f} | {r['attn_ms']:.2f} | {r['dense_rows_ms']:.2f} | "
             f"{r['layer_ms']:.2f} | {r['fa3_ms']:.2f} | {r['layer_ms'] / r['fa3_ms']:.3f} | "
             f"{'ok' if r['keep_all_ok'] and r['keep_all_rel_err'] < 1e-2 else 'FAIL'} "
@@ -382,7 +377,8 @@ def run(args) -> int:
                     dense_rows_ms=total["dense_rows_ms"], layer_ms=total["layer_ms"], fa3_ms=fa3_ms,
                     plan_ms=sum(s.plan_ms for s in steps), keep_all_ok=checks[variant][0],
                     keep_all_rel_err=checks[variant][1],
-                    # an opt-in attention that could not run here (the Triton attention ran instead)
+                    attention=op.last_attention,  # "cute" (FA4's CuTe-DSL forward) or "triton"
+                    # an attention asked for that could not run here (the Triton attention ran instead)
                     not_run=op.not_run(),
                 ))
                 sys.stdout.write("row " + _row_line(rows[-1]))  # progress (the table comes last)
@@ -413,7 +409,7 @@ def run(args) -> int:
       f"shape {heads}/{kv_heads}/{dim} page {page}\n")
     for v, op in ops.items():
         w(f"config: {v} {op.config}\n")
-    w("\n| length | density (achieved) | kernels | repack ms | estimate ms | select ms | sparse attn ms | dense rows ms "
+    w("\n| length | density (achieved) | kernels (attention) | repack ms | estimate ms | select ms | sparse attn ms | dense rows ms "
       "| layer ms | FA3 dense ms | layer / FA3 | keep-all vs FA3 |\n")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:

@@ -6,9 +6,9 @@ only (every key visible to every row: no mask), then the diagonal block with
 the causal mask; online softmax in float32, exp2. K/V come from the repacked
 contiguous buffers (repack.py): tiles at affine addresses, no block-table
 lookup per key (on the H200 this beat reading the paged cache through the
-block table by a quarter: BENCHMARKS.md), by plain loads or, with
-``attn_tma``, by tensor descriptors; ``attn_ws`` asks Triton to warp-specialise
-the loop over the kept blocks.
+block table by a quarter: BENCHMARKS.md). On Hopper, FlashAttention's
+CuTe-DSL forward takes this stage where it can (attend_cute.py); this kernel
+runs elsewhere (other GPUs, fp8 caches, other block sizes).
 
 fp8 (e4m3) caches and an fp8 query are read as the triangle kernel reads them:
 converted exactly to bf16/fp16 for ``tl.dot``, ``q_scale * k_scale`` folded
@@ -43,11 +43,8 @@ def _attend_packed_kernel(
     qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, ROW_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr,
 ):
-    """``TMA``: KP/VP are tensor descriptors over ``[kv_heads * keys, HEAD_D]`` (bulk copies).
-    ``WS``: the kept-block loop warp-specialised by Triton (loads in producer warps, the GEMMs
-    and the softmax in consumer warps)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     rt, kv_head, item, req, q_tok, q_pos0, n_q, b = _program_item(items, num_kv_heads, ROW_TILES)
     i_lo = rt * BLOCK_Q
@@ -67,25 +64,19 @@ def _attend_packed_kernel(
         qk_scale, out_scale = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
                                           stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
         row0 = kv_head * rows_per_head + tl.load(req_offset + req)  # the request's first row
-        k_base = KP
-        v_base = VP
-        if not TMA:
-            k_base = KP + row0.to(tl.int64) * HEAD_D
-            v_base = VP + row0.to(tl.int64) * HEAD_D
+        k_base = KP + row0.to(tl.int64) * HEAD_D
+        v_base = VP + row0.to(tl.int64) * HEAD_D
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
         sel = (item * num_kv_heads + kv_head).to(tl.int64)
         kept_row = kept + sel * stride_ki
         # Kept blocks before the diagonal: every key is visible to every row.
-        for u in tl.range(0, tl.load(n_kept + sel) * TILES_PER_BLOCK, warp_specialize=WS):
+        for u in range(0, tl.load(n_kept + sel) * TILES_PER_BLOCK):
             j = tl.load(kept_row + u // TILES_PER_BLOCK)
             k0 = j * block_size + (u % TILES_PER_BLOCK) * BLOCK_N
-            if TMA:
-                k = k_base.load([row0 + k0, 0]).T
-            else:
-                k_idx = (k0 + offs_n).to(tl.int64)
-                k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None])
+            k_idx = (k0 + offs_n).to(tl.int64)
+            k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None])
             if KV_FP8:
                 k = k.to(q.dtype)
             s = tl.dot(q, k) * qk_scale
@@ -93,10 +84,7 @@ def _attend_packed_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if TMA:
-                v = v_base.load([row0 + k0, 0])
-            else:
-                v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :])
+            v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :])
             if KV_FP8:
                 v = v.to(q.dtype)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -110,11 +98,8 @@ def _attend_packed_kernel(
                 k_pos = lo + t * BLOCK_N + offs_n
                 in_range = k_pos < hi
                 k_idx = k_pos.to(tl.int64)
-                if TMA:  # rows past hi: the buffer's zeros or other keys, masked below
-                    k = k_base.load([row0 + lo + t * BLOCK_N, 0]).T
-                else:
-                    k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None], mask=in_range[None, :],
-                                other=0.0)
+                k = tl.load(k_base + k_idx[None, :] * HEAD_D + offs_d[:, None], mask=in_range[None, :],
+                            other=0.0)
                 if KV_FP8:
                     k = k.to(q.dtype)
                 s = tl.dot(q, k) * qk_scale
@@ -124,11 +109,8 @@ def _attend_packed_kernel(
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                if TMA:
-                    v = v_base.load([row0 + lo + t * BLOCK_N, 0])
-                else:
-                    v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :], mask=in_range[:, None],
-                                other=0.0)
+                v = tl.load(v_base + k_idx[:, None] * HEAD_D + offs_d[None, :], mask=in_range[:, None],
+                            other=0.0)
                 if KV_FP8:
                     v = v.to(q.dtype)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -156,17 +138,11 @@ def attend(op, query, prepared, params, scale: float, output, blocks, fp8, packe
     kept = blocks.kept.reshape(-1, blocks.kept.shape[-1])  # row item * kv_heads + kv_head
     assert blocks.n_kept.is_contiguous() and blocks.diag_kept.is_contiguous() and kept.stride(1) == 1
     kp, vp = packed.keys, packed.values
-    k_arg, v_arg = kp, vp
-    if cfg.attn_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_arg, v_arg = (TensorDescriptor.from_tensor(x.view(-1, op.head_size), [block_n, op.head_size])
-                        for x in (kp, vp))
     _attend_packed_kernel[(prepared.num_items * op.num_kv_heads * row_tiles,)](
-        query, k_arg, v_arg, output, prepared.items, packed.groups.req_offset, kept, blocks.n_kept,
+        query, kp, vp, output, prepared.items, packed.groups.req_offset, kept, blocks.n_kept,
         blocks.diag_kept, query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         kp.shape[1], kept.stride(0), op.num_kv_heads, B, scale * LOG2E, *fp8.pointers, *fp8.strides,
         GROUP=op.group, GROUP_P=op.group_p, BLOCK_Q=block_q, ROW_TILES=row_tiles, BLOCK_N=block_n,
         TILES_PER_BLOCK=B // block_n, HEAD_D=op.head_size, Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8,
-        TMA=bool(cfg.attn_tma), WS=bool(cfg.attn_ws), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -17,8 +17,9 @@ from vllm_trianglemix.ops.triangle_triton import with_overrides
 from vllm_trianglemix.settings import XATTN_CONFIG, env_setting
 
 CONFIG_ENV = XATTN_CONFIG
-RETIRED_FIELDS = ("est_kernel", "select_kernel")
-"""Fields of the previous release that chose between kernels now removed (one kernel each): ignored."""
+RETIRED_FIELDS = ("est_kernel", "select_kernel", "attn_tma", "attn_ws", "attn_fa3")
+"""Fields of earlier releases that chose kernels now removed (each measured slower than what
+replaced it): ignored, with one warning."""
 
 logger = init_logger("vllm.trianglemix")
 
@@ -49,22 +50,15 @@ class XAttnKernelConfig:
     est_block_d: int = 0
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
-    attn_tma: int = 0  # 1: K/V tiles by tensor descriptors (bulk copies, Hopper and later; not faster on the H200)
-    # 1: the loop over the kept blocks warp-specialised (Triton's tl.range(warp_specialize=True):
-    # producer warps load K/V, consumer warps run the GEMMs and the softmax; Hopper and later,
-    # with or without attn_tma). Off: on the H200 (Triton 3.8) it was not faster (BENCHMARKS.md
-    # section 3); a GPU or Triton that cannot build it falls back to the default with one warning.
-    attn_ws: int = 0
-    # 1: the attention by vLLM's FlashAttention 3 on the paged cache, the kept blocks given to it
-    # as a page table per KV head (attend_fa3.py; bf16/fp16, cache pages that tile the blocks;
-    # elsewhere the Triton attention runs, with one warning). On the H200 it was slower than the
-    # Triton attention at 10% density (BENCHMARKS.md section 3): off by default.
-    attn_fa3: int = 0
-    # 1: the attention by FlashAttention's CuTe-DSL Hopper forward that vLLM ships
-    # (vllm.vllm_flash_attn.cute, needs nvidia-cutlass-dsl and quack-kernels) in its block-sparse
-    # mode, on the repacked keys and values (attend_cute.py; bf16/fp16, blocks of 128, head sizes
-    # up to 256, Hopper; elsewhere the Triton attention runs, with one warning). Opt-in until measured.
-    attn_cute: int = 0
+    # FlashAttention's CuTe-DSL Hopper forward that vLLM ships (vllm.vllm_flash_attn.cute: TMA
+    # loads, warp-specialised producer and consumers) in its block-sparse mode, on the repacked
+    # keys and values (attend_cute.py). -1 (default): where it can run (Hopper, a bf16/fp16 query
+    # and cache, blocks of 128 keys, head sizes up to 256, nvidia-cutlass-dsl and quack-kernels
+    # installed), else the Triton attention below, silently; 1: asked for, a warning where it
+    # cannot run; 0: the Triton attention. On the H200 it took 23.8 against 32.6 ms at 128K / 10%
+    # and 45.0 against 63.8 ms at 20% (BENCHMARKS.md section 3).
+    attn_cute: int = -1
+    # The Triton attention (attend.py): its tiles.
     block_m: int = 256  # rows (query rows x heads of a KV head) per program
     block_n: int = 64  # keys per tile (a divisor of the block size)
     num_warps: int = 8
@@ -91,7 +85,7 @@ class XAttnKernelConfig:
         for part in text.split(","):
             (retired if part.partition("=")[0].strip() in RETIRED_FIELDS else kept).append(part)
         if retired:
-            logger.warning("%s: %s no longer choose anything (one kernel per stage now); ignored",
+            logger.warning("%s: %s no longer choose anything (their kernels were removed); ignored",
                            source, ", ".join(p.strip() for p in retired))
         return with_overrides(self, ",".join(kept), source) if kept else self
 

@@ -14,7 +14,7 @@ from vllm.logger import init_logger
 from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args, round_e4m3
 from vllm_trianglemix.ops.triangle_triton import _next_pow2
 from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
-from vllm_trianglemix.ops.xattention_triton import attend_cute, attend_fa3
+from vllm_trianglemix.ops.xattention_triton import attend_cute
 from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 from vllm_trianglemix.ops.xattention_triton import select as select_stage
 from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig
@@ -63,7 +63,8 @@ class TritonXAttentionOp:
         self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
         self._select_params: dict = {}
         self.warmed: set = set()
-        self._refusals: dict[str, str] = {}  # why attn_fa3 / attn_cute did not run (each warned once)
+        self._refusals: dict[str, str] = {}  # why attn_cute did not run (each reason logged once)
+        self.last_attention: str | None = None  # "cute" or "triton": the attention of the last step
 
     # 0.
     def prepare(self, plan: QueryBlockPlan, dense_from: np.ndarray, cam) -> TritonDynamicPlan:
@@ -210,25 +211,20 @@ class TritonXAttentionOp:
                           torch.ones((n, kv), dtype=torch.int32, device=dev))
 
     # 3.
-    def _usable(self, field: str, why: str | None) -> bool:
-        """Whether an opt-in attention (``field``) runs; a new reason it cannot is warned once."""
-        if why is not None and why != self._refusals.get(field):
-            self._refusals[field] = why
-            logger.warning("TriangleMix dynamic layers: %s cannot run here (%s); the Triton "
-                           "attention runs instead", field, why)
-        return why is None
-
-    def uses_fa3(self, query, key_cache, fp8, params: DynamicParams) -> bool:
-        """Whether the attention runs through FA3 (``attn_fa3``, where it can: attend_fa3.py)."""
-        if not self.config.attn_fa3:
-            return False
-        return self._usable("attn_fa3", attend_fa3.usable(self, query, key_cache, fp8, params.block_size))
-
     def uses_cute(self, query, key_cache, fp8, params: DynamicParams) -> bool:
-        """Whether the attention runs through the CuTe-DSL forward (``attn_cute``: attend_cute.py)."""
+        """Whether the attention runs through the CuTe-DSL forward (``attn_cute``: attend_cute.py).
+
+        Where it cannot run, the Triton attention does; a new reason is logged once: a warning
+        where ``attn_cute=1`` asked for it, a debug line for the default (-1)."""
         if not self.config.attn_cute:
             return False
-        return self._usable("attn_cute", attend_cute.usable(self, query, key_cache, fp8, params.block_size))
+        why = attend_cute.usable(self, query, key_cache, fp8, params.block_size)
+        if why is not None and why != self._refusals.get("attn_cute"):
+            self._refusals["attn_cute"] = why
+            log = logger.warning if self.config.attn_cute > 0 else logger.debug
+            log("TriangleMix dynamic layers: attn_cute cannot run here (%s); the Triton attention runs "
+                "instead", why)
+        return why is None
 
     def _refused(self, field: str, e: Exception) -> None:
         """A library kernel refused a step before writing (its own checks, its compiler): the Triton
@@ -240,28 +236,22 @@ class TritonXAttentionOp:
         self._refusals[field] = f"refused: {why}"
 
     def not_run(self) -> dict[str, str]:
-        """The opt-in attentions (``attn_fa3``, ``attn_cute``) that could not run, and why (as warned)."""
-        return dict(self._refusals)
+        """The attention asked for (``attn_cute=1``) where it could not run, and why (as warned);
+        also where the default's library attention refused a step."""
+        return {f: why for f, why in self._refusals.items()
+                if self.config.attn_cute > 0 or why.startswith("refused")}
 
     def attend(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
                params: DynamicParams, scale: float, output, blocks: KeptBlocks,
-               scales: Fp8Scales | None = None, packed: Packed | None = None,
-               fa3: bool | None = None) -> None:
-        """The attention over ``blocks``; ``fa3`` (default: ``uses_fa3``) needs the diagonal block
-        kept, as the selection rule keeps it."""
+               scales: Fp8Scales | None = None, packed: Packed | None = None) -> None:
+        """The attention over ``blocks``: FA4's CuTe-DSL forward where it can run, else Triton's."""
         fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
-        if self.uses_fa3(query, key_cache, fp8, params) if fa3 is None else fa3:
-            try:
-                attend_fa3.attend(self, query, key_cache, value_cache, prepared, params, scale, output,
-                                  blocks)
-                return
-            except RuntimeError as e:  # FA3's own checks (before it launches): the Triton attention
-                self._refused("attn_fa3", e)
         if packed is None or packed.values is None or packed.groups is not self.groups(prepared, params):
             packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
         if self.uses_cute(query, key_cache, fp8, params):
             try:
                 if attend_cute.attend(self, query, prepared, params, scale, output, blocks, packed):
+                    self.last_attention = "cute"
                     return
             except Exception as e:  # noqa: BLE001 (its checks and its DSL compiler raise their own types)
                 self._refused("attn_cute", e)
@@ -269,8 +259,8 @@ class TritonXAttentionOp:
         def run():
             attend_stage.attend(self, query, prepared, params, scale, output, blocks, fp8, packed)
 
-        self._built(run, "the attention kernel", ("attn_tma", "attn_ws", "block_m", "block_n",
-                                                  "num_warps", "num_stages"))
+        self._built(run, "the attention kernel", ("block_m", "block_n", "num_warps", "num_stages"))
+        self.last_attention = "triton"
 
     def run(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
             params: DynamicParams, scale: float, output, select=select_key_blocks,
@@ -286,9 +276,7 @@ class TritonXAttentionOp:
             return
         everything = params.keeps_everything and select is select_key_blocks
         fp8 = self._fp8(query, key_cache, value_cache, prepared, scales)
-        # (FA3 reads the values from the paged cache; a caller's select may drop the diagonal block)
-        fa3 = select is select_key_blocks and self.uses_fa3(query, key_cache, fp8, params)
-        packed = self.pack(query, key_cache, value_cache, prepared, params, fp8, with_values=not fa3)
+        packed = self.pack(query, key_cache, value_cache, prepared, params, fp8)
         if everything:
             blocks = self.all_blocks(prepared)
         else:
@@ -297,5 +285,4 @@ class TritonXAttentionOp:
         if stats is not None:
             stats[0] += (blocks.n_kept.sum() + blocks.diag_kept.sum()).to(stats.dtype)
             stats[1] += ((prepared.q_block + 1).sum() * blocks.n_kept.shape[1]).to(stats.dtype)
-        self.attend(query, key_cache, value_cache, prepared, params, scale, output, blocks, scales, packed,
-                    fa3=fa3)
+        self.attend(query, key_cache, value_cache, prepared, params, scale, output, blocks, scales, packed)
