@@ -63,7 +63,7 @@ class TritonXAttentionOp:
         self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
         self._select_params: dict = {}
         self.warmed: set = set()
-        self._refusals: dict[str, str] = {}  # why attn_cute did not run (each reason logged once)
+        self._cute_not_run: str | None = None  # why the CuTe-DSL attention did not run (logged once each)
         self.last_attention: str | None = None  # "cute" or "triton": the attention of the last step
 
     # 0.
@@ -219,27 +219,27 @@ class TritonXAttentionOp:
         if not self.config.attn_cute:
             return False
         why = attend_cute.usable(self, query, key_cache, fp8, params.block_size)
-        if why is not None and why != self._refusals.get("attn_cute"):
-            self._refusals["attn_cute"] = why
+        if why is not None and why != self._cute_not_run:
+            self._cute_not_run = why
             log = logger.warning if self.config.attn_cute > 0 else logger.debug
             log("TriangleMix dynamic layers: attn_cute cannot run here (%s); the Triton attention runs "
                 "instead", why)
         return why is None
 
-    def _refused(self, field: str, e: Exception) -> None:
-        """A library kernel refused a step before writing (its own checks, its compiler): the Triton
+    def _cute_refused(self, e: Exception) -> None:
+        """FA4's forward refused a step before writing (its own checks, its compiler): the Triton
         attention from now on, with one warning."""
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        logger.warning("TriangleMix dynamic layers: %s: the library kernel refused this step (%s); "
-                       "the Triton attention runs from now on (%s sets it)", field, why, CONFIG_ENV)
-        self.config = dataclasses.replace(self.config, **{field: 0})
-        self._refusals[field] = f"refused: {why}"
+        logger.warning("TriangleMix dynamic layers: attn_cute: the library kernel refused this step (%s); "
+                       "the Triton attention runs from now on (%s sets it)", why, CONFIG_ENV)
+        self.config = dataclasses.replace(self.config, attn_cute=0)
+        self._cute_not_run = f"refused: {why}"
 
     def not_run(self) -> dict[str, str]:
-        """The attention asked for (``attn_cute=1``) where it could not run, and why (as warned);
-        also where the default's library attention refused a step."""
-        return {f: why for f, why in self._refusals.items()
-                if self.config.attn_cute > 0 or why.startswith("refused")}
+        """``{"attn_cute": why}`` where the CuTe-DSL attention was asked for (``attn_cute=1``) and
+        could not run, or refused a step (as warned); else empty."""
+        why = self._cute_not_run
+        return {"attn_cute": why} if why and (self.config.attn_cute > 0 or why.startswith("refused")) else {}
 
     def attend(self, query, key_cache, value_cache, prepared: TritonDynamicPlan,
                params: DynamicParams, scale: float, output, blocks: KeptBlocks,
@@ -254,7 +254,7 @@ class TritonXAttentionOp:
                     self.last_attention = "cute"
                     return
             except Exception as e:  # noqa: BLE001 (its checks and its DSL compiler raise their own types)
-                self._refused("attn_cute", e)
+                self._cute_refused(e)
 
         def run():
             attend_stage.attend(self, query, prepared, params, scale, output, blocks, fp8, packed)
