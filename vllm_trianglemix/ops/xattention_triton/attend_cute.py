@@ -1,4 +1,4 @@
-"""Attend through FlashAttention's CuTe-DSL forward (opt-in, ``attn_cute=1``): its block-sparse mode.
+"""Attend through FlashAttention's CuTe-DSL forward, block-sparse (``attn_cute``; default on Hopper).
 
 The same attention as attend.py, by the Hopper forward vLLM ships in ``vllm.vllm_flash_attn.cute``
 (FlashAttention 4's CuTe-DSL kernels: TMA loads, warp-specialised producer and consumers, the
@@ -19,10 +19,11 @@ selection maps onto it as it stands:
   dropped), so that each tile is one query block.
 
 Needs: vLLM's CuTe-DSL FlashAttention (``nvidia-cutlass-dsl``, ``quack-kernels``), a Hopper GPU,
-a bf16/fp16 query and cache, blocks of 128 keys and head sizes up to 256. op.py falls back to
-the Triton attention otherwise, with one warning. The tile size is FA4's forward entry argument
-(``_flash_attn_fwd``; ``flash_attn_func`` does not take it): a release that changes that entry
-is refused at its first step and the Triton attention runs, with one warning.
+a bf16/fp16 query and cache, blocks of 128 keys and head sizes up to 256. Elsewhere op.py runs
+the Triton attention (silently by default; with one warning where ``attn_cute=1`` asked for
+this one). The tile size is FA4's forward entry argument (``_flash_attn_fwd``;
+``flash_attn_func`` does not take it): a release that changes that entry is refused at its
+first step and the Triton attention runs, with one warning.
 """
 
 from __future__ import annotations
