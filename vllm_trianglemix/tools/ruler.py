@@ -30,8 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import random
 from dataclasses import dataclass, field
+
+from vllm_trianglemix.tools.errors import ToolError
 
 logger = logging.getLogger("vllm.trianglemix")
 
@@ -52,9 +55,23 @@ class RulerSet:
     task_dict: dict = field(repr=False)
 
 
-def check_installed() -> None:
-    from vllm_trianglemix.tools.errors import ToolError
+def _unfingerprintable(error: Exception) -> str:
+    """Why lm-eval's samples could not be built when ``datasets`` cannot fingerprint them.
 
+    ``datasets`` fingerprints every new dataset by pickling it with dill, which
+    pickles a module by value, not by name, when its file lies neither under the
+    interpreter's prefix nor in a ``site-packages`` folder (an environment installed
+    into a folder, ``pip install --target``): pyarrow's types then fail to pickle.
+    """
+    import pyarrow
+
+    return (f"lm-eval could not build the RULER samples: datasets fingerprints them with dill, "
+            f"which pickles pyarrow by value because {os.path.dirname(pyarrow.__file__)} is outside "
+            f"the interpreter's prefix and any site-packages folder ({error}); install the accuracy "
+            f"extra into a virtual environment, or into a folder whose path contains 'site-packages'")
+
+
+def check_installed() -> None:
     try:
         import lm_eval  # noqa: F401
         import nltk  # noqa: F401
@@ -110,8 +127,11 @@ def load(tasks, length: int, tokenizer_dir: str, max_gen_toks: int | None = None
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(metadata={"tokenizer": tokenizer_dir, "max_seq_lengths": [length]})
-    with _without_nltk_downloads(), _seeded(seed):
-        task_dict = manager.load(list(tasks))
+    try:
+        with _without_nltk_downloads(), _seeded(seed):
+            task_dict = manager.load(list(tasks))
+    except pickle.PicklingError as e:
+        raise ToolError(_unfingerprintable(e)) from None
     if max_gen_toks is not None:
         for task in task_dict["tasks"].values():
             own = task.get_config("generation_kwargs") or {}
