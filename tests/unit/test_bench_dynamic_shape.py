@@ -50,3 +50,24 @@ def test_bad_shape_options_are_one_line_before_the_gpu_is_looked_for(capsys, opt
 
     assert main(["bench", "dynamic", *options]) == 2
     assert expected in one_error_line(capsys, "bench dynamic")
+
+
+@pytest.mark.parametrize("length,chunk", [(128000, 16384), (1000, 0), (40, 16)])
+def test_estimate_flops_count_every_scored_pair(length, chunk):
+    """The FLOPs `bench dynamic` puts next to the estimate's time: per query group, the key groups
+    up to its own (causal) and up to its step's end (the plain GEMM), counted pair by pair."""
+    from types import SimpleNamespace
+
+    from vllm_trianglemix.tools.bench_dynamic import STRIDE, estimate_flops
+
+    shape = Shape()
+    chunk = chunk or length
+    steps = [SimpleNamespace(p0=p0, n=min(chunk, length - p0)) for p0 in range(0, length, chunk)]
+    causal = rect = 0
+    for s in steps:
+        last = -(-(s.p0 + s.n) // STRIDE)
+        for g in range(s.p0 // STRIDE, last):
+            causal += g + 1
+            rect += last
+    per = 2 * STRIDE * shape.head_dim * shape.heads
+    assert estimate_flops(steps, shape) == (causal * per, rect * per)

@@ -29,6 +29,13 @@ the two kernel sets' selections on the longest length's last step are
 compared (share of identical (query block, KV head) decisions; near ties of
 two bf16 estimates may differ). Every kernel is compiled before it is timed.
 
+The estimate's baseline, in the same run: cuBLAS (``torch.matmul``, bf16) on
+the same operands (each step's strided query rows against the strided keys up
+to its end): the inner products of the estimate without its softmax and block
+sums, over every key group (the estimate scores only the causal ones); its
+time and TFLOP/s next to the estimate's, the FLOPs of each counted by
+``estimate_flops``.
+
     vllm-trianglemix bench dynamic --out dynamic.json --best-env dynamic.env
 """
 
@@ -217,6 +224,42 @@ class _Step:
         return dyn.select(mass, self.prep, params, keep_mask=True).keep
 
 
+def estimate_flops(steps, shape: "Shape") -> tuple[float, float]:
+    """(the estimate's FLOPs, those of the GEMM over each step's whole key range) summed over the steps.
+
+    The estimate scores query group ``g`` against key groups ``h <= g`` (``S*d`` products each);
+    a plain GEMM of the same operands computes every ``h`` up to the step's end.
+    """
+    inner = STRIDE * shape.head_dim
+    causal = rect = 0.0
+    for s in steps:
+        g0, ng = s.p0 // STRIDE, -(-s.n // STRIDE)
+        causal += ng * g0 + ng * (ng + 1) / 2
+        rect += ng * (g0 + ng)
+    per = 2.0 * inner * shape.heads
+    return causal * per, rect * per
+
+
+def _gemm_floor_ms(steps, shape: "Shape", reps: int) -> float:
+    """cuBLAS (torch.matmul, bf16 in, float32 accumulation, bf16 out) on the estimate's operands:
+    per step and KV head, the step's strided query rows of the group's heads ``[GROUP * n/S, S*d]``
+    against the strided keys up to the step's end ``[(p0 + n)/S, S*d]``; summed over the steps.
+    The same inner products as the estimate, without its softmax and block sums, and over every
+    key group up to the step's end (``estimate_flops`` gives both counts)."""
+    import torch
+
+    inner, group = STRIDE * shape.head_dim, shape.heads // shape.kv_heads
+    total = 0.0
+    for s in steps:
+        ng, nk = -(-s.n // STRIDE), -(-(s.p0 + s.n) // STRIDE)
+        a = torch.randn(shape.kv_heads, group * ng, inner, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(shape.kv_heads, nk, inner, device=DEVICE, dtype=torch.bfloat16)
+        c = torch.empty(shape.kv_heads, group * ng, nk, device=DEVICE, dtype=torch.bfloat16)
+        total += _time_ms(lambda: torch.matmul(a, b.transpose(1, 2), out=c), reps)
+        del a, b, c
+    return total
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32000, 64000, 128000],
                     help="sequence lengths (tokens)")
@@ -316,7 +359,7 @@ def run(args) -> int:
                                  config=base.with_overrides(VARIANTS[v]) if VARIANTS[v] else base)
            for v in args.variants}
     scale = dim ** -0.5
-    rows, sweep_lines, swept, agreement = [], [], False, None
+    rows, sweep_lines, swept, agreement, floors = [], [], False, None, []
     for L in sorted(args.lengths, reverse=True):  # longest first: the sweep runs on it
         nblk = -(-L // page)
         kv = torch.randn(nblk, kv_heads, page, 2 * dim, device=dev, dtype=getattr(torch, DTYPE))
@@ -365,6 +408,9 @@ def run(args) -> int:
             checks[variant] = (not torch.isnan(last.out).any().item(), float(
                 (last.out.float() - last.out_fa.float()).norm() / last.out_fa.float().norm()))
         fa3_ms = sum(_time_ms(s.fa3, args.reps) for s in steps)
+        est_flops, rect_flops = estimate_flops(steps, shape)
+        floors.append(dict(length=L, estimate_tflop=est_flops / 1e12, gemm_tflop=rect_flops / 1e12,
+                           gemm_ms=_gemm_floor_ms(steps, shape, args.reps)))
         for density in args.densities:
             params = DynamicParams("xattention", BLOCK, STRIDE, 1.0, density, N_LAST)
             for variant, op in ops.items():
@@ -395,7 +441,8 @@ def run(args) -> int:
                   date=time.strftime("%Y-%m-%d"), command=command_line(),
                   model=args.model, shape=dict(**asdict(shape), block=BLOCK, stride=STRIDE,
                                                n_last=N_LAST, chunk=args.chunk),
-                  configs=configs, selection_agreement=agreement, sweep=sweep_lines, rows=rows)
+                  configs=configs, selection_agreement=agreement, sweep=sweep_lines, rows=rows,
+                  estimate_vs_gemm=floors)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -414,6 +461,12 @@ def run(args) -> int:
     w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         w(_row_line(r))
+    w("\n| length | estimate ms (the first row above) | its TFLOP/s | cuBLAS GEMM of its operands, "
+      "every key group ms | cuBLAS TFLOP/s | estimate / GEMM time |\n|---|---|---|---|---|---|\n")
+    for f in floors:
+        first = next(r for r in rows if r["length"] == f["length"])
+        w(f"| {f['length']} | {first['est_ms']:.2f} | {f['estimate_tflop'] / first['est_ms'] * 1e3:.0f} | "
+          f"{f['gemm_ms']:.2f} | {f['gemm_tflop'] / f['gemm_ms'] * 1e3:.0f} | {first['est_ms'] / f['gemm_ms']:.2f} |\n")
     for v, why in {r["variant"]: r["not_run"] for r in rows if r["not_run"]}.items():
         w(f"\n{v}: did not run as configured ({why}); its rows are the Triton attention's\n")
     return 0
