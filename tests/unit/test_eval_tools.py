@@ -270,3 +270,17 @@ def test_ruler_in_a_folder_installed_environment_is_one_clear_line(tmp_path):
     line = out[-1]
     assert line.startswith("ToolError: lm-eval could not build the RULER samples"), done.stderr[-2000:]
     assert str(tmp_path / "env" / "pyarrow") in line and "site-packages" in line
+
+
+def test_only_a_folder_installed_pyarrow_is_blamed(tmp_path):
+    """The one-line error names pyarrow's folder only where dill would pickle it by value; a
+    pickling failure in an ordinary environment keeps its own traceback."""
+    import os
+    import sys
+
+    from vllm_trianglemix.tools.ruler import _outside_site_packages
+
+    assert _outside_site_packages(str(tmp_path / "env" / "pyarrow" / "__init__.py")) == (
+        not str(tmp_path).startswith(sys.prefix))
+    assert not _outside_site_packages(os.path.join(sys.prefix, "lib", "x", "pyarrow", "__init__.py"))
+    assert not _outside_site_packages("/opt/env/lib/python3/site-packages/pyarrow/__init__.py")

@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import random
+import sys
 from dataclasses import dataclass, field
 
 from vllm_trianglemix.tools.errors import ToolError
@@ -55,16 +56,27 @@ class RulerSet:
     task_dict: dict = field(repr=False)
 
 
-def _unfingerprintable(error: Exception) -> str:
-    """Why lm-eval's samples could not be built when ``datasets`` cannot fingerprint them.
+def _outside_site_packages(path: str) -> bool:
+    """Whether dill takes the module file at ``path`` for a third-party one it must pickle by
+    value: neither under the interpreter's prefix nor in a ``site-packages`` folder."""
+    prefixes = [getattr(sys, name) for name in ("prefix", "base_prefix", "exec_prefix", "base_exec_prefix")]
+    real = os.path.realpath(path)
+    return "site-packages" not in path and not any(
+        path.startswith(p) or real.startswith(os.path.realpath(p)) for p in prefixes)
 
-    ``datasets`` fingerprints every new dataset by pickling it with dill, which
-    pickles a module by value, not by name, when its file lies neither under the
-    interpreter's prefix nor in a ``site-packages`` folder (an environment installed
-    into a folder, ``pip install --target``): pyarrow's types then fail to pickle.
+
+def _unfingerprintable(error: Exception) -> str | None:
+    """Why lm-eval's samples could not be built, where ``datasets`` cannot fingerprint them
+    because pyarrow is installed into a folder (``pip install --target``); ``None`` otherwise.
+
+    ``datasets`` fingerprints every new dataset by pickling it with dill, which pickles a
+    module by value, not by name, when its file lies neither under the interpreter's prefix
+    nor in a ``site-packages`` folder: pyarrow's types then fail to pickle.
     """
     import pyarrow
 
+    if not _outside_site_packages(pyarrow.__file__):
+        return None
     return (f"lm-eval could not build the RULER samples: datasets fingerprints them with dill, "
             f"which pickles pyarrow by value because {os.path.dirname(pyarrow.__file__)} is outside "
             f"the interpreter's prefix and any site-packages folder ({error}); install the accuracy "
@@ -131,7 +143,10 @@ def load(tasks, length: int, tokenizer_dir: str, max_gen_toks: int | None = None
         with _without_nltk_downloads(), _seeded(seed):
             task_dict = manager.load(list(tasks))
     except pickle.PicklingError as e:
-        raise ToolError(_unfingerprintable(e)) from None
+        why = _unfingerprintable(e)
+        if why is None:
+            raise
+        raise ToolError(why) from None
     if max_gen_toks is not None:
         for task in task_dict["tasks"].values():
             own = task.get_config("generation_kwargs") or {}
