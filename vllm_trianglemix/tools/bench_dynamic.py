@@ -224,19 +224,25 @@ class _Step:
         return dyn.select(mass, self.prep, params, keep_mask=True).keep
 
 
+def _strided_groups(steps):
+    """Per step: (its first query group, its query groups, the key groups up to its end), groups
+    of ``STRIDE`` positions: the shape of the estimate's GEMM in that step."""
+    for s in steps:
+        ng = -(-s.n // STRIDE)
+        yield s.p0 // STRIDE, ng, -(-(s.p0 + s.n) // STRIDE)
+
+
 def estimate_flops(steps, shape: "Shape") -> tuple[float, float]:
     """(the estimate's FLOPs, those of the GEMM over each step's whole key range) summed over the steps.
 
     The estimate scores query group ``g`` against key groups ``h <= g`` (``S*d`` products each);
     a plain GEMM of the same operands computes every ``h`` up to the step's end.
     """
-    inner = STRIDE * shape.head_dim
     causal = rect = 0.0
-    for s in steps:
-        g0, ng = s.p0 // STRIDE, -(-s.n // STRIDE)
+    for g0, ng, nk in _strided_groups(steps):
         causal += ng * g0 + ng * (ng + 1) / 2
-        rect += ng * (g0 + ng)
-    per = 2.0 * inner * shape.heads
+        rect += ng * nk
+    per = 2.0 * STRIDE * shape.head_dim * shape.heads
     return causal * per, rect * per
 
 
@@ -250,8 +256,7 @@ def _gemm_floor_ms(steps, shape: "Shape", reps: int) -> float:
 
     inner, group = STRIDE * shape.head_dim, shape.heads // shape.kv_heads
     total = 0.0
-    for s in steps:
-        ng, nk = -(-s.n // STRIDE), -(-(s.p0 + s.n) // STRIDE)
+    for _, ng, nk in _strided_groups(steps):
         a = torch.randn(shape.kv_heads, group * ng, inner, device=DEVICE, dtype=torch.bfloat16)
         b = torch.randn(shape.kv_heads, nk, inner, device=DEVICE, dtype=torch.bfloat16)
         c = torch.empty(shape.kv_heads, group * ng, nk, device=DEVICE, dtype=torch.bfloat16)
