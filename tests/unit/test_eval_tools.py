@@ -284,3 +284,148 @@ def test_only_a_folder_installed_pyarrow_is_blamed(tmp_path):
         not str(tmp_path).startswith(sys.prefix))
     assert not _outside_site_packages(os.path.join(sys.prefix, "lib", "x", "pyarrow", "__init__.py"))
     assert not _outside_site_packages("/opt/env/lib/python3/site-packages/pyarrow/__init__.py")
+
+
+def _eval_args(tmp_path, **changes) -> argparse.Namespace:
+    from vllm_trianglemix.tools.evaluate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "smollm2"), "--out", str(tmp_path / "out")])
+    for key, value in changes.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_resume_keeps_results_measured_with_the_same_settings(tmp_path):
+    import json
+
+    from vllm_trianglemix.tools.evaluate import resumable, settings_of
+
+    args = _eval_args(tmp_path)
+    settings = settings_of(args, ["niah_single_1"])
+    out = tmp_path / "out"
+    assert resumable(str(out), settings) == ({}, None)  # nothing yet: measure everything
+    out.mkdir()
+    report = _report(75.0, 0.01) | {"settings": settings}
+    (out / "results.json").write_text(json.dumps(report))
+    kept, earlier = resumable(str(out), json.loads(json.dumps(settings)))
+    assert kept == report["configs"] and earlier["settings"] == settings
+
+
+@pytest.mark.parametrize("change,flag", [({"lengths": [1024]}, "--lengths: [1024, 2048, 4096] there, [1024] now"),
+                                         ({"limit": 4}, "--limit: 8 there, 4 now"),
+                                         ({"top_k": 5}, "--loglik-docs/--loglik-length/--loglik-tail/--top-k"),
+                                         ({"server_args": "--dtype float32"}, "--server-args: null there")])
+def test_resume_refuses_results_of_other_settings(tmp_path, change, flag):
+    import json
+
+    from vllm_trianglemix.tools.errors import ToolError
+    from vllm_trianglemix.tools.evaluate import resumable, settings_of
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = settings_of(_eval_args(tmp_path), ["niah_single_1"])
+    (out / "results.json").write_text(json.dumps(_report(75.0, 0.01) | {"settings": earlier}))
+    now = settings_of(_eval_args(tmp_path, **change), ["niah_single_1"])
+    with pytest.raises(ToolError, match="^--resume: .* was measured with other settings") as e:
+        resumable(str(out), now)
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_refuses_a_file_that_is_not_an_eval_result(tmp_path):
+    from vllm_trianglemix.tools.errors import ToolError
+    from vllm_trianglemix.tools.evaluate import resumable, settings_of
+
+    settings = settings_of(_eval_args(tmp_path), ["niah_single_1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{not json")
+    with pytest.raises(ToolError, match="is not a result of eval"):
+        resumable(str(out), settings)
+    (out / "results.json").write_text('{"configs": {}}')  # an eval from before --resume
+    with pytest.raises(ToolError, match="does not record its settings"):
+        resumable(str(out), settings)
+
+
+def test_dense_logprobs_are_kept_exactly(tmp_path):
+    from vllm_trianglemix.tools.evaluate import load_rows, save_rows
+
+    rows = [[_row({5: 0.5, 7: 0.25, 11: 0.25}), {3: (-0.1234567890123, None)}],
+            [_row({2: 0.9, 40000: 0.1})]]
+    save_rows(str(tmp_path), rows)
+    assert load_rows(str(tmp_path)) == rows
+    assert load_rows(str(tmp_path / "none")) is None
+
+
+class _FakeHandle:
+    """Stands in for a `vllm serve` process (server_process.launch_server): records events."""
+
+    def __init__(self, events, name):
+        self.events, self.name, self.url, self.log_path = events, name, f"http://{name}", "log"
+        events.append(("launch", name))
+
+    def wait_ready(self, timeout):
+        self.events.append(("ready", self.name))
+        return self
+
+    def stop(self):
+        self.events.append(("stop", self.name))
+
+
+@pytest.fixture
+def fake_servers(monkeypatch, tmp_path):
+    from vllm_trianglemix.tools import server_process
+
+    def launch(model, extra_args=()):  # the configuration, read back from its map's name
+        import json
+
+        extra = list(extra_args)
+        config = ("dense" if "--additional-config" not in extra else
+                  json.loads(extra[extra.index("--additional-config") + 1])["trianglemix_config"])
+        return _FakeHandle(events, config)
+
+    events = []
+    monkeypatch.setattr(server_process, "launch_server", launch)
+    return events
+
+
+MAPS = {"triangle": "triangle", "triangle-bad": "triangle-bad"}
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_servers_start_one_ahead_and_all_stop(fake_servers, tmp_path, ahead):
+    import contextlib
+
+    from vllm_trianglemix.tools.evaluate import servers
+
+    args = _eval_args(tmp_path, start_ahead=ahead, server_args="")
+    todo = ["dense", "triangle", "triangle-bad"]
+    with contextlib.closing(servers(todo, args, MAPS, {})) as ready:
+        seen = [(config, running.url) for config, running in ready]
+    assert seen == [(c, f"http://{c}") for c in todo]
+    if ahead:  # the next one launches as soon as the current one is ready, before it is measured
+        assert fake_servers == [("launch", "dense"), ("ready", "dense"), ("launch", "triangle"),
+                                ("stop", "dense"), ("ready", "triangle"), ("launch", "triangle-bad"),
+                                ("stop", "triangle"), ("ready", "triangle-bad"), ("stop", "triangle-bad")]
+    else:
+        assert fake_servers == [(e, c) for c in todo for e in ("launch", "ready", "stop")]
+
+
+def test_servers_given_by_url_are_not_started_and_an_error_stops_every_one(fake_servers, tmp_path):
+    import contextlib
+
+    from vllm_trianglemix.tools.evaluate import servers
+
+    args = _eval_args(tmp_path, start_ahead=True, server_args="")
+    todo = ["dense", "triangle", "triangle-bad"]
+    with pytest.raises(RuntimeError, match="measuring failed"):
+        with contextlib.closing(servers(todo, args, MAPS, {"triangle": "http://given"})) as ready:
+            for config, running in ready:
+                if config == "triangle":
+                    assert running.url == "http://given"
+                    raise RuntimeError("measuring failed")
+    # triangle was given by URL: nothing launched for it; triangle-bad (launched ahead) stopped
+    launched = [c for e, c in fake_servers if e == "launch"]
+    stopped = [c for e, c in fake_servers if e == "stop"]
+    assert launched == ["dense", "triangle-bad"] and sorted(stopped) == sorted(launched)

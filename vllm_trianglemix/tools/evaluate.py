@@ -8,7 +8,8 @@ lm-eval's offline RULER tasks at each ``--lengths`` through lm-eval's
 ``local-completions`` model (``vllm_trianglemix/tools/ruler.py``), measures
 log-likelihood agreement with dense on long natural text
 (``vllm_trianglemix/tools/loglik.py``), reads the dynamic layers' densities
-from the server's ``/metrics``, and stops the server. Configurations
+from the server's ``/metrics``, and stops the server (``--start-ahead``: the
+next configuration's server starts while this one is measured). Configurations
 (``vllm_trianglemix/tools/eval_maps.py``):
 
   dense             the stock backend (the reference; always run first)
@@ -24,7 +25,8 @@ from the server's ``/metrics``, and stops the server. Configurations
                     floor (log-likelihoods only, no RULER)
 
 Output in ``--out``: ``results.json`` (everything, per sample answers
-included), ``results.md`` (the tables, printed too), ``scores.png`` (score vs
+included; written after each configuration, so ``--resume`` continues an
+interrupted run), ``results.md`` (the tables, printed too), ``scores.png`` (score vs
 length per task and configuration; needs matplotlib) and the derived maps.
 Checks: the calibrated map within ``--tolerance`` points of dense on every
 task and length; the bad map measurably worse than the calibrated one (higher
@@ -42,6 +44,7 @@ lm-eval generates RULER's samples with the local tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -117,6 +120,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-timeout", type=float, default=600.0,
                         help="seconds to wait for a server to start")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
+    parser.add_argument("--start-ahead", action="store_true",
+                        help="start the next configuration's server while the current one is "
+                        "measured (two at a time: on a GPU, give each a --gpu-memory-utilization "
+                        "share; on a small CPU the two slow each other)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the configurations --out's results.json already holds (it is "
+                        "written after each one, so an interrupted run resumes) when it was "
+                        "measured with the same settings; measure only the others")
 
 
 # ----------------------------------------------------------------------------
@@ -190,26 +201,56 @@ def _vllm_version(url: str) -> str | None:
 
 
 class _Running:
-    """A configuration's server: started here (and stopped) or given by URL."""
+    """A configuration's server: started here (and stopped) or given by URL. ``ready()``
+    waits for a started one, so that the next can start while this one is measured."""
 
     def __init__(self, config: str, args, map_path: str | None, url: str | None):
-        self.handle = None
+        self.config, self.handle, self.url, self.start_s = config, None, url, None
+        self._timeout = args.start_timeout
         if url is None:
             from vllm_trianglemix.tools.server_process import launch_server
 
             sys.stderr.write(f"eval: starting the {config} server\n")
+            self._t0 = time.monotonic()
             self.handle = launch_server(args.model, extra_args=_server_args(config, map_path, args))
+
+    def ready(self) -> "_Running":
+        if self.handle is not None and self.url is None:
             try:
-                self.handle.wait_ready(args.start_timeout)
+                self.handle.wait_ready(self._timeout)
             except RuntimeError as e:
-                raise ToolError(f"the {config} server did not start: "
+                raise ToolError(f"the {self.config} server did not start: "
                                 f"{str(e).splitlines()[0]} (log {self.handle.log_path})") from None
-            url = self.handle.url
-        self.url = url
+            self.start_s = round(time.monotonic() - self._t0, 1)
+            sys.stderr.write(f"eval: the {self.config} server is ready ({self.start_s:.0f} s)\n")
+            self.url = self.handle.url
+        return self
 
     def stop(self) -> None:
         if self.handle is not None:
             self.handle.stop()
+
+
+def servers(todo: list[str], args, maps: dict, urls: dict):
+    """Each configuration's server, ready, in order; with --start-ahead the next one starts
+    while the current one is measured. Every server started here is stopped, also when the
+    caller stops early (use with contextlib.closing)."""
+    upcoming = None
+    try:
+        for n, config in enumerate(todo):
+            running = upcoming or _Running(config, args, maps.get(config), urls.get(config))
+            upcoming = None
+            try:
+                running.ready()
+                following = todo[n + 1] if n + 1 < len(todo) else None
+                if args.start_ahead and following is not None:
+                    upcoming = _Running(following, args, maps.get(following), urls.get(following))
+                yield config, running
+            finally:
+                running.stop()
+    finally:
+        if upcoming is not None:
+            upcoming.stop()
 
 
 def run_config(config: str, server, args, ruler_sets, docs, dense_rows) -> dict:
@@ -244,6 +285,76 @@ def run_config(config: str, server, args, ruler_sets, docs, dense_rows) -> dict:
         else:
             result["loglik"] = loglik.compare(docs, dense_rows, rows, args.top_k, args.loglik_tail)
     return result
+
+
+# ----------------------------------------------------------------------------
+# Resuming: results.json is written after every configuration, with the settings it was
+# measured with; --resume keeps its configurations when those settings are today's.
+
+DENSE_ROWS = "dense_logprobs.json.gz"  # dense's prompt logprobs, the reference of every KL
+_FLAGS = {"model": "--model", "tasks": "--tasks", "lengths": "--lengths", "limit": "--limit",
+          "dynamic_limit": "--dynamic-limit", "max_gen_toks": "--max-gen-toks",
+          "loglik": "--loglik-docs/--loglik-length/--loglik-tail/--top-k",
+          "max_model_len": "--max-model-len", "server_args": "--server-args", "map": "--map",
+          "dynamic_map": "--dynamic-map", "bad_layers": "--bad-layers"}
+
+
+def settings_of(args: argparse.Namespace, tasks: list[str]) -> dict:
+    """Everything a configuration's numbers depend on, besides the configuration itself."""
+    return {"model": os.path.basename(args.model.rstrip("/")), "tasks": tasks,
+            "lengths": list(args.lengths), "limit": args.limit,
+            "dynamic_limit": args.dynamic_limit, "max_gen_toks": args.max_gen_toks or None,
+            "loglik": {"docs": args.loglik_docs,
+                       "length": args.loglik_length or max(args.lengths),
+                       "top_k": args.top_k, "tail": args.loglik_tail},
+            "max_model_len": args.max_model_len, "server_args": args.server_args,
+            "map": args.map, "dynamic_map": args.dynamic_map, "bad_layers": args.bad_layers}
+
+
+def resumable(out: str, settings: dict) -> tuple[dict, dict | None]:
+    """(configurations kept, the earlier report) from ``out``'s results.json; a ToolError
+    naming the options where it was measured with other settings."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        sys.stderr.write(f"eval: --resume: no results in {shown_path(out)} yet; measuring "
+                         "every configuration\n")
+        return {}, None
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        kept, earlier = dict(report["configs"]), report.get("settings")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ToolError(f"--resume: {shown_path(path)} is not a result of eval ({e}); give "
+                        "another --out, or leave --resume out to measure again") from None
+    if earlier is None:
+        raise ToolError(f"--resume: {shown_path(path)} does not record its settings (an older "
+                        "eval); leave --resume out to measure again")
+    differ = [key for key in settings if earlier.get(key) != settings[key]]
+    if differ:
+        shown = "; ".join(f"{_FLAGS[k]}: {json.dumps(earlier.get(k))} there, "
+                          f"{json.dumps(settings[k])} now" for k in differ)
+        raise ToolError(f"--resume: {shown_path(path)} was measured with other settings ({shown}); "
+                        "give the same options, another --out, or leave --resume out")
+    return kept, report
+
+
+def save_rows(out: str, rows: list[list[dict]]) -> None:
+    import gzip
+
+    with gzip.open(os.path.join(out, DENSE_ROWS), "wt") as f:
+        json.dump([[[[t, lp, rank] for t, (lp, rank) in row.items()] for row in doc]
+                   for doc in rows], f)
+
+
+def load_rows(out: str) -> list[list[dict]] | None:
+    import gzip
+
+    try:
+        with gzip.open(os.path.join(out, DENSE_ROWS), "rt") as f:
+            docs = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return [[{int(t): (lp, rank) for t, lp, rank in row} for row in doc] for doc in docs]
 
 
 # ----------------------------------------------------------------------------
@@ -326,18 +437,63 @@ def run(args: argparse.Namespace) -> int:
             raise ToolError(f"the maps of {', '.join(too_long)} run prompts of "
                             f"{min(args.lengths)} tokens dense (min_prompt_len): nothing to measure")
 
-    started = time.monotonic()
-    sys.stderr.write(f"eval: generating lm-eval's RULER samples ({', '.join(tasks)}) at "
-                     f"{', '.join(map(str, args.lengths))} tokens\n")
-    ruler_sets = [ruler.load(tasks, length, args.model, args.max_gen_toks or None)
-                  for length in args.lengths]
-    generation_s = time.monotonic() - started
+    settings = settings_of(args, tasks)
+    kept, earlier = resumable(args.out, settings) if args.resume else ({}, None)
+    dense_rows = None
+    if "dense" in kept and args.loglik_docs > 0:
+        dense_rows = load_rows(args.out)
+        if dense_rows is None:  # the reference of every KL: measured again
+            sys.stderr.write(f"eval: --resume: no {DENSE_ROWS} in {shown_path(args.out)}; "
+                             "measuring dense again\n")
+            kept.pop("dense")
+    kept = {c: kept[c] for c in configs if c in kept}
+    todo = [c for c in configs if c not in kept]
+    if kept:
+        sys.stderr.write(f"eval: --resume: keeping {', '.join(kept)} from "
+                         f"{shown_path(os.path.join(args.out, 'results.json'))}"
+                         + (f"; measuring {', '.join(todo)}" if todo else "") + "\n")
 
-    results: dict[str, dict] = {}
-    docs, dense_rows, version = None, None, None
-    for config in configs:
-        running = _Running(config, args, maps.get(config), urls.get(config))
-        try:
+    started = time.monotonic()
+    ruler_sets = []
+    if any(c not in LOGLIK_ONLY for c in todo):
+        sys.stderr.write(f"eval: generating lm-eval's RULER samples ({', '.join(tasks)}) at "
+                         f"{', '.join(map(str, args.lengths))} tokens\n")
+        ruler_sets = [ruler.load(tasks, length, args.model, args.max_gen_toks or None)
+                      for length in args.lengths]
+    generation_s = time.monotonic() - started
+    before = (earlier or {}).get("seconds", {})
+    command = ("vllm-trianglemix eval " + " ".join(
+        shlex.quote(shown_path(a)) for a in sys.argv[sys.argv.index("eval") + 1:])
+        if "eval" in sys.argv else None)
+
+    def report_of(results: dict) -> dict:
+        return {
+            "model": settings["model"],
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "vllm": version or (earlier or {}).get("vllm"),
+            "machine": _machine(),
+            "command": command,
+            "settings": settings,
+            "tasks": tasks, "lengths": args.lengths, "limit": args.limit,
+            "dynamic_limit": args.dynamic_limit,
+            "max_gen_toks": args.max_gen_toks or None,
+            "loglik": settings["loglik"] | {"text": "pydoc_data.topics (Python's reference docs)"},
+            "seconds": {"sample_generation": round(before.get("sample_generation", 0)
+                                                   + generation_s, 1),
+                        "total": round(before.get("total", 0)
+                                       + time.monotonic() - started, 1)},
+            "configs": {c: results[c] for c in configs if c in results},
+            "configs_left": [c for c in configs if c not in results],
+        }
+
+    def write(report: dict) -> None:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+    results: dict[str, dict] = dict(kept)
+    docs, version = None, None
+    with contextlib.closing(servers(todo, args, maps, urls)) as ready:
+        for config, running in ready:
             server = Server(running.url, None, args.timeout, f"{config} server")
             version = version or _vllm_version(running.url)
             if docs is None and args.loglik_docs > 0:
@@ -346,33 +502,19 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             results[config] = run_config(config, server, args, ruler_sets, docs, dense_rows)
             results[config]["seconds"]["total"] = round(time.monotonic() - t0, 1)
+            if running.start_s is not None:
+                results[config]["seconds"]["server_start"] = running.start_s
             results[config]["map"] = shown_path(maps[config]) if config in maps else None
             results[config]["url"] = running.url if config in urls else None
             if config == "dense":
                 dense_rows = results[config].pop("_rows", None)
-        finally:
-            running.stop()
+                if dense_rows is not None:
+                    save_rows(args.out, dense_rows)
+            write(report_of(results))
 
-    report = {
-        "model": os.path.basename(args.model.rstrip("/")),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "vllm": version,
-        "machine": _machine(),
-        "command": "vllm-trianglemix eval " + " ".join(
-            shlex.quote(shown_path(a)) for a in sys.argv[sys.argv.index("eval") + 1:])
-        if "eval" in sys.argv else None,
-        "tasks": tasks, "lengths": args.lengths, "limit": args.limit,
-        "dynamic_limit": args.dynamic_limit,
-        "max_gen_toks": args.max_gen_toks or None,
-        "loglik": {"docs": args.loglik_docs, "length": args.loglik_length or max(args.lengths),
-                   "top_k": args.top_k, "tail": args.loglik_tail, "text": "pydoc_data.topics (Python's reference docs)"},
-        "seconds": {"sample_generation": round(generation_s, 1),
-                    "total": round(time.monotonic() - started, 1)},
-        "configs": results,
-    }
+    report = report_of(results)
     report["checks"] = checks(results, args.tolerance)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write(report)
     text = eval_report.markdown(report)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
