@@ -340,7 +340,7 @@ PY
       --out /tmp/tmx/accuracy --resume --start-ahead \
       --server-args "--enforce-eager --gpu-memory-utilization 0.3" ${ACCURACY_ARGS:-} \
       > "$OUT/accuracy.log" 2>&1 || echo "(eval ended with status $?)"
-    cp -r /tmp/tmx/accuracy "$OUT"/ 2>/dev/null || true
+    mkdir -p "$OUT/accuracy" && cp -r /tmp/tmx/accuracy/. "$OUT/accuracy/" 2>/dev/null || true
     echo "accuracy: $(( $(date +%s) - start )) s"
     grep -E "Error|Traceback|: error: " "$OUT/accuracy.log" | tail -3 || true
     tail -40 "$OUT/accuracy/results.md" 2>/dev/null || tail -20 "$OUT/accuracy.log"
