@@ -333,6 +333,12 @@ def test_resume_refuses_results_of_other_settings(tmp_path, change, flag):
     assert flag in str(e.value) and "\n" not in str(e.value)
 
 
+def test_every_setting_resume_compares_names_its_options(tmp_path):
+    from vllm_trianglemix.tools.evaluate import _FLAGS, settings_of
+
+    assert set(settings_of(_eval_args(tmp_path), ["niah_single_1"])) == set(_FLAGS)
+
+
 def test_resume_refuses_a_file_that_is_not_an_eval_result(tmp_path):
     from vllm_trianglemix.tools.errors import ToolError
     from vllm_trianglemix.tools.evaluate import resumable, settings_of

@@ -474,9 +474,8 @@ def run(args: argparse.Namespace) -> int:
             "machine": _machine(),
             "command": command,
             "settings": settings,
-            "tasks": tasks, "lengths": args.lengths, "limit": args.limit,
-            "dynamic_limit": args.dynamic_limit,
-            "max_gen_toks": args.max_gen_toks or None,
+            # (the report's own fields, read by eval_report, as measured: from the settings)
+            **{k: settings[k] for k in ("tasks", "lengths", "limit", "dynamic_limit", "max_gen_toks")},
             "loglik": settings["loglik"] | {"text": "pydoc_data.topics (Python's reference docs)"},
             "seconds": {"sample_generation": round(before.get("sample_generation", 0)
                                                    + generation_s, 1),
