@@ -153,7 +153,7 @@ case "$1" in
     python3 scripts/gpu_suite_summary.py "$OUT" "$total" > "$OUT/gpu_suite.json" || true
     for i in "${!lanes[@]}"; do
       grep -E "^(FAILED|ERROR)|^BREADTH:" "$OUT/gpu_suite_lane$i.log" | sed 's/^.*BREADTH: /  /' | tail -12 || true
-      echo "lane $i (${lanes[$i]}): $(grep -E "(passed|failed|error).* in " "$OUT/gpu_suite_lane$i.log" | tail -1)" \
+      echo "lane $i (${lanes[$i]}): $(grep -E "(passed|failed|error|skipped).* in " "$OUT/gpu_suite_lane$i.log" | tail -1)" \
         | tee -a "$OUT/gpu_suite.txt"
     done
     ;;

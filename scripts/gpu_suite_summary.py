@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DURATION = re.compile(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)")
-RESULT = re.compile(r"^=* ?(\d+ (passed|failed|error).* in [\d.]+s.*?) ?=*$")
+RESULT = re.compile(r"^=* ?(\d+ (passed|failed|errors?|skipped).* in [\d.]+s.*?) ?=*$")
 
 
 def lanes() -> list[tuple[str, list[str]]]:

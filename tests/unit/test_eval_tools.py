@@ -333,6 +333,25 @@ def test_resume_refuses_results_of_other_settings(tmp_path, change, flag):
     assert flag in str(e.value) and "\n" not in str(e.value)
 
 
+def test_resume_refuses_results_of_another_pythons_text(tmp_path):
+    """The log-likelihood text ships with Python and changes between its releases: results
+    measured on another Python's text are not mixed with this one's."""
+    import json
+    import platform
+
+    from vllm_trianglemix.tools.errors import ToolError
+    from vllm_trianglemix.tools.evaluate import resumable, settings_of
+
+    now = settings_of(_eval_args(tmp_path), ["niah_single_1"])
+    assert f"Python {platform.python_version()}, sha256 " in now["text"]
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = now | {"text": "pydoc_data.topics of Python 3.0.0, sha256 000000000000"}
+    (out / "results.json").write_text(json.dumps(_report(75.0, 0.01) | {"settings": earlier}))
+    with pytest.raises(ToolError, match="the log-likelihood text .* Python 3.0.0"):
+        resumable(str(out), now)
+
+
 def test_every_setting_resume_compares_names_its_options(tmp_path):
     from vllm_trianglemix.tools.evaluate import _FLAGS, settings_of
 

@@ -69,3 +69,13 @@ def test_the_suite_summary_reads_each_lanes_result_and_slowest_steps(tmp_path):
     assert first["slowest"][0] == {"s": 251.68, "phase": "setup",
                                    "test": "tests/gpu/test_breadth_gpu.py::test_flashinfer_is_the_stock_delegate"}
     assert out["lanes"][1]["result"] is None  # no log: reported as such, not guessed
+
+
+def test_a_lane_whose_tests_all_skip_reports_that(tmp_path):
+    """Ray not installed and one GPU: the lane's whole result is "N skipped", not nothing."""
+    module = _summary_module()
+    (tmp_path / "gpu_suite_lane0.log").write_text("10 skipped in 51.01s\n")
+    (tmp_path / "gpu_suite_lane1.log").write_text("=== 1 failed, 2 passed, 1 error in 9.50s ===\n")
+    lanes = module.summary(tmp_path, 60.0)["lanes"]
+    assert lanes[0]["result"] == "10 skipped in 51.01s"
+    assert lanes[1]["result"] == "1 failed, 2 passed, 1 error in 9.50s"

@@ -296,7 +296,8 @@ _FLAGS = {"model": "--model", "tasks": "--tasks", "lengths": "--lengths", "limit
           "dynamic_limit": "--dynamic-limit", "max_gen_toks": "--max-gen-toks",
           "loglik": "--loglik-docs/--loglik-length/--loglik-tail/--top-k",
           "max_model_len": "--max-model-len", "server_args": "--server-args", "map": "--map",
-          "dynamic_map": "--dynamic-map", "bad_layers": "--bad-layers"}
+          "dynamic_map": "--dynamic-map", "bad_layers": "--bad-layers",
+          "text": "the log-likelihood text (the pydoc_data of the Python that runs eval)"}
 
 
 def settings_of(args: argparse.Namespace, tasks: list[str]) -> dict:
@@ -308,7 +309,14 @@ def settings_of(args: argparse.Namespace, tasks: list[str]) -> dict:
                        "length": args.loglik_length or max(args.lengths),
                        "top_k": args.top_k, "tail": args.loglik_tail},
             "max_model_len": args.max_model_len, "server_args": args.server_args,
-            "map": args.map, "dynamic_map": args.dynamic_map, "bad_layers": args.bad_layers}
+            "map": args.map, "dynamic_map": args.dynamic_map, "bad_layers": args.bad_layers,
+            "text": _text_source() if args.loglik_docs > 0 else None}
+
+
+def _text_source() -> str:
+    from vllm_trianglemix.tools import loglik
+
+    return loglik.document_source()
 
 
 def resumable(out: str, settings: dict) -> tuple[dict, dict | None]:
@@ -476,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
             "settings": settings,
             # (the report's own fields, read by eval_report, as measured: from the settings)
             **{k: settings[k] for k in ("tasks", "lengths", "limit", "dynamic_limit", "max_gen_toks")},
-            "loglik": settings["loglik"] | {"text": "pydoc_data.topics (Python's reference docs)"},
+            "loglik": settings["loglik"] | {"text": settings["text"] or "none"},
             "seconds": {"sample_generation": round(before.get("sample_generation", 0)
                                                    + generation_s, 1),
                         "total": round(before.get("total", 0)

@@ -36,6 +36,16 @@ def document_text() -> str:
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
 
 
+def document_source() -> str:
+    """Which text :func:`document_text` is. Python releases revise their documentation, so two
+    machines with other Pythons score other windows: results name the version and a digest."""
+    import hashlib
+    import platform
+
+    digest = hashlib.sha256(document_text().encode()).hexdigest()[:12]
+    return f"pydoc_data.topics of Python {platform.python_version()}, sha256 {digest}"
+
+
 def windows(server, length: int, count: int) -> list[list[int]]:
     """``count`` consecutive windows of ``length`` tokens of :func:`document_text`."""
     text = document_text()
