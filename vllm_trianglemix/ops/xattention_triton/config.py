@@ -48,6 +48,11 @@ class XAttnKernelConfig:
     # row and column tiles fit in shared memory with more stages. Same scores. The defaults for
     # head sizes 128 and 256 use it (default_for).
     est_block_d: int = 0
+    # 1: the strided query rows of each program are copied once per step into a buffer laid out
+    # as the estimate's loop reads them (one [rows, head] tile per stride offset), so that its
+    # loop loads both operands at affine addresses with no per-row masks or address arithmetic.
+    # Same scores (the same values, the same dots). Off by default until a GPU measures it faster.
+    est_q_repack: int = 0
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
     # FlashAttention's CuTe-DSL Hopper forward that vLLM ships (vllm.vllm_flash_attn.cute: TMA

@@ -72,39 +72,17 @@ def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
     return m_new, l_i
 
 
-@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "rows_per_head"])
-def _estimate_kernel(
-    Q, KP, MASS, BSUM, TMAX, items, supers,
-    stride_qt, stride_qh, rows_per_head, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
-    q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
-    G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
-    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, FP8_PRECISE_ACC: tl.constexpr,
-):
-    """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
-
-    ``FP8_DOT`` (e4m3 keys): the dots take the e4m3 values as they are; their products are exact
-    in float32 and the accumulation is kept float32 (``max_num_imprecise_acc=0``; not with
-    ``est_fp8_fast_acc``), so with an fp8 query the scores equal the fp16 path's. (``est_fp8_score``: the query and the keys arrive
-    already rounded to e4m3, see op.py; the scores are those of the rounded values.)
-    One loop over (key tile, stride offset, head-dimension step of ``BLOCK_D``), so that loads
-    are pipelined across tile boundaries; a tile's epilogue runs on its last step. (``BLOCK_D``
-    below the head size: smaller operand tiles per pipeline stage, the same sums.)
-    """
+@triton.jit
+def _program_rows(items, supers, num_kv_heads, super0, QB: tl.constexpr, ROW_TILES: tl.constexpr,
+                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Program ``pid``'s KV head, super-group record and rows (query block x query head x query
+    group): each row's query block slot, head, token and position range, and absolute group."""
     pid = tl.program_id(0)
     rt = pid % ROW_TILES
     rest = pid // ROW_TILES
     kv_head = rest % num_kv_heads
     sp = supers + (super0 + rest // num_kv_heads).to(tl.int64) * (4 + QB)
-    kp_off = tl.load(sp + 1)
-    nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
-    n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
-    # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
-    kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
-    qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
-                              stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
-
     ROWS_PER_BLOCK: tl.constexpr = GROUP_P * G_P
     rows = rt * BLOCK_M + tl.arange(0, BLOCK_M)
     qb = rows // ROWS_PER_BLOCK
@@ -120,6 +98,59 @@ def _estimate_kernel(
     row_ok = has & (hh < GROUP) & (gl < G)
     q_head = (kv_head * GROUP + hh).to(tl.int64)
     g_abs = b * G + gl
+    return pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs
+
+
+@triton.jit(do_not_specialize=["super0"])
+def _query_repack_kernel(
+    Q, QP, items, supers, stride_qt, stride_qh, num_kv_heads, super0,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, QB: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    """``est_q_repack``: each estimate program's strided query rows, ``QP[pid, s]`` = the
+    ``[BLOCK_M, HEAD_D]`` tile its loop reads at stride offset ``s`` (zeros where absent)."""
+    pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
+        items, supers, num_kv_heads, super0, QB, ROW_TILES, GROUP, GROUP_P, G, G_P, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    local = tl.arange(0, BLOCK_M).to(tl.int64)
+    for s in range(S):
+        q_s = _query_rows(Q, q_tok, q_pos0, end, g_abs * S + (S - 1 - s), row_ok, q_head, stride_qt,
+                          stride_qh, offs_d)
+        dst = QP + ((pid.to(tl.int64) * S + s) * BLOCK_M + local)[:, None] * HEAD_D + offs_d[None, :]
+        tl.store(dst, q_s)
+
+
+@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "rows_per_head"])
+def _estimate_kernel(
+    Q, QP, KP, MASS, BSUM, TMAX, items, supers,
+    stride_qt, stride_qh, rows_per_head, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
+    G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
+    ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, FP8_PRECISE_ACC: tl.constexpr,
+    Q_PACKED: tl.constexpr,
+):
+    """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
+
+    ``FP8_DOT`` (e4m3 keys): the dots take the e4m3 values as they are; their products are exact
+    in float32 and the accumulation is kept float32 (``max_num_imprecise_acc=0``; not with
+    ``est_fp8_fast_acc``), so with an fp8 query the scores equal the fp16 path's. (``est_fp8_score``: the query and the keys arrive
+    already rounded to e4m3, see op.py; the scores are those of the rounded values.)
+    One loop over (key tile, stride offset, head-dimension step of ``BLOCK_D``), so that loads
+    are pipelined across tile boundaries; a tile's epilogue runs on its last step. (``BLOCK_D``
+    below the head size: smaller operand tiles per pipeline stage, the same sums.)
+    """
+    pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
+        items, supers, num_kv_heads, super0, QB, ROW_TILES, GROUP, GROUP_P, G, G_P, BLOCK_M)
+    kp_off = tl.load(sp + 1)
+    nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
+    n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
+    # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
+    kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
+    qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
+                              stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
+
     grow0 = g_abs * S
     present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
     diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
@@ -132,6 +163,7 @@ def _estimate_kernel(
     cols = tl.arange(0, N)
     n_tiles = tl.cdiv(nb, KB)
     local = tl.arange(0, BLOCK_M).to(tl.int64)
+    qp_rows = QP + (pid.to(tl.int64) * S * BLOCK_M + local) * HEAD_D  # (Q_PACKED only)
     bsum_rows = BSUM + (pid.to(tl.int64) * BLOCK_M + local) * (max_tiles * KB)
     tmax_rows = TMAX + (pid.to(tl.int64) * BLOCK_M + local) * max_tiles
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -146,8 +178,11 @@ def _estimate_kernel(
         j_col = t * KB + cols // G_P
         h = j_col * G + cols % G_P  # absolute key group
         col_ok = (cols % G_P < G) & (j_col < nb)
-        q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
-                          stride_qh, offs_d)
+        if Q_PACKED:  # est_q_repack: this program's tile at stride offset s, at an affine address
+            q_s = tl.load(qp_rows[:, None] + (s * BLOCK_M * HEAD_D + offs_d)[None, :])
+        else:
+            q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
+                              stride_qh, offs_d)
         if Q_FP8:
             if not FP8_DOT:
                 q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
@@ -221,17 +256,28 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     max_tiles = round_up(-(-prepared.num_blocks // kb))
     per_super = op.num_kv_heads * row_tiles
     scratch_per_super = per_super * block_m * max_tiles * (kb + 1) * 4
+    q_packed = bool(cfg.est_q_repack)
+    if q_packed:  # each program's S query tiles (repacked before each launch)
+        scratch_per_super += per_super * S * block_m * op.head_size * query.element_size()
     supers_per_launch = max(1, min(groups.num_supers, cfg.est_scratch_mb * 2**20 // scratch_per_super))
     if supers_per_launch < groups.num_supers:  # slices start at multiples of 16 groups
         supers_per_launch = max(16, supers_per_launch // 16 * 16)
     programs = supers_per_launch * per_super
     bsum = torch.empty((programs * block_m, max_tiles * kb), dtype=torch.float32, device=query.device)
     tmax = torch.empty((programs * block_m, max_tiles), dtype=torch.float32, device=query.device)
+    qp = (torch.empty((programs * S * block_m, op.head_size), dtype=query.dtype, device=query.device)
+          if q_packed else query)
     assert query.stride(-1) == 1
     for first in range(0, groups.num_supers, supers_per_launch):
         n = min(supers_per_launch, groups.num_supers - first)
+        if q_packed:
+            _query_repack_kernel[(n * per_super,)](
+                query, qp, prepared.items, groups.supers, query.stride(0), query.stride(1),
+                op.num_kv_heads, first, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P,
+                BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, num_warps=4,
+            )
         _estimate_kernel[(n * per_super,)](
-            query, kp, mass, bsum, tmax, prepared.items, groups.supers,
+            query, qp, kp, mass, bsum, tmax, prepared.items, groups.supers,
             query.stride(0), query.stride(1), kp.shape[1],
             op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first,
             *fp8.pointers, *fp8.strides,
@@ -239,6 +285,6 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
             BLOCK_D=estimate_block_d(cfg, op.head_size),
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
-            num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
+            Q_PACKED=q_packed, num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )
     return mass
