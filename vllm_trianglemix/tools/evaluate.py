@@ -302,6 +302,8 @@ _FLAGS = {"model": "--model", "tasks": "--tasks", "lengths": "--lengths", "limit
 
 def settings_of(args: argparse.Namespace, tasks: list[str]) -> dict:
     """Everything a configuration's numbers depend on, besides the configuration itself."""
+    from vllm_trianglemix.tools import loglik
+
     return {"model": os.path.basename(args.model.rstrip("/")), "tasks": tasks,
             "lengths": list(args.lengths), "limit": args.limit,
             "dynamic_limit": args.dynamic_limit, "max_gen_toks": args.max_gen_toks or None,
@@ -310,13 +312,7 @@ def settings_of(args: argparse.Namespace, tasks: list[str]) -> dict:
                        "top_k": args.top_k, "tail": args.loglik_tail},
             "max_model_len": args.max_model_len, "server_args": args.server_args,
             "map": args.map, "dynamic_map": args.dynamic_map, "bad_layers": args.bad_layers,
-            "text": _text_source() if args.loglik_docs > 0 else None}
-
-
-def _text_source() -> str:
-    from vllm_trianglemix.tools import loglik
-
-    return loglik.document_source()
+            "text": loglik.document_source() if args.loglik_docs > 0 else None}
 
 
 def resumable(out: str, settings: dict) -> tuple[dict, dict | None]:
