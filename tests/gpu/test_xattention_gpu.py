@@ -373,7 +373,8 @@ def test_keep_everything_equals_fa3():
 ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2,est_block_d=0",
                     "est_block_n=64,est_num_stages=4",
                     "est_block_d=64,est_num_stages=3",
-                    "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1", "est_q_repack=1"]
+                    "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1", "est_tma=0",
+                    "est_tma=0,est_fp8_score=1,est_fp8_fast_acc=1"]
 
 
 def _e4m3(x):

@@ -331,8 +331,8 @@ ESTIMATE_KERNELS = {
     "several_stages": dict(est_num_stages=3),
     "head_dimension_steps": dict(est_block_d=16),  # four 16-wide steps of the 64-wide head
     "head_dimension_steps_pipelined": dict(est_block_d=32, est_num_stages=3),
-    "query_repacked": dict(est_q_repack=1),
-    "query_repacked_in_steps": dict(est_q_repack=1, est_block_d=16, est_num_stages=3),
+    "tensor_descriptors": dict(est_tma=1),
+    "tensor_descriptors_in_steps": dict(est_tma=1, est_block_d=16, est_num_stages=3),
 }
 
 
@@ -354,19 +354,6 @@ def test_triton_interpreted_masses_match_torch_op(kernel):
                                          params.block_size, params.stride, batch.scale)
         torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
         assert not mass[i, :, b + 1:].any()
-
-
-def test_triton_interpreted_repacked_query_gives_the_same_masses_bit_for_bit():
-    """``est_q_repack`` moves the query rows, nothing else: the masses equal the default's exactly."""
-    params = PARAMS["tau_and_budget"]
-    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=4)
-    dense_from, _, plan = _plans(batch, params)
-    masses = []
-    for config in (dict(), dict(est_q_repack=1)):
-        dyn, _ = _triton_ops(8, 2, 64, **config)
-        masses.append(dyn.estimate(batch.query, batch.key_cache,
-                                   dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)), params, batch.scale))
-    assert masses[0].abs().sum() > 0 and torch.equal(masses[0], masses[1])
 
 
 @pytest.mark.parametrize("block_d", [8, 48, 128])
@@ -520,7 +507,7 @@ FP8_CASES = [  # kernel config, per-head K/V scales, fp8 query, seed (no near ti
     ("attn_cute=0", True, True, 3),  # (est_fp8_dot=1 passed here too; tests/gpu runs it)
     ("attn_cute=1", False, False, 3),  # FA4's attention asked for: not on an fp8 cache (the Triton one)
     ("est_block_d=32", True, True, 3),  # the estimate's dots in head-dimension steps, fp8 query
-    ("est_q_repack=1", True, True, 3),  # the fp8 query repacked as it is (converted after the load)
+    ("est_tma=1", True, True, 3),  # the fp8 query repacked as it is, by tensor descriptors
 ]
 
 

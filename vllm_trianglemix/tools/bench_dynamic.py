@@ -65,7 +65,7 @@ VARIANTS = {
     "default": "",  # the defaults (with the sweep's choice)
     "fp8-score": "est_fp8_score=1",  # the estimate on e4m3 roundings (its selection's agreement reported)
     "fp8-score-fast": "est_fp8_score=1,est_fp8_fast_acc=1",  # the same, the tensor cores' own accumulation
-    "q-repack": "est_q_repack=1",  # the estimate's query rows repacked per step (same scores)
+    "pointers": "est_tma=0",  # the estimate's operands by pointers (the default where TMA is absent)
     "triton": "attn_cute=0",  # the Triton attention (the default where FA4's cannot run)
     "cute": "attn_cute=1",  # FA4's CuTe-DSL block-sparse forward asked for (named where it cannot run)
 }

@@ -17,7 +17,7 @@ from vllm_trianglemix.ops.triangle_triton import with_overrides
 from vllm_trianglemix.settings import XATTN_CONFIG, env_setting
 
 CONFIG_ENV = XATTN_CONFIG
-RETIRED_FIELDS = ("est_kernel", "select_kernel", "attn_tma", "attn_ws", "attn_fa3")
+RETIRED_FIELDS = ("est_kernel", "select_kernel", "attn_tma", "attn_ws", "attn_fa3", "est_q_repack")
 """Fields of earlier releases that chose kernels now removed (each measured slower than what
 replaced it): ignored, with one warning."""
 
@@ -48,11 +48,14 @@ class XAttnKernelConfig:
     # row and column tiles fit in shared memory with more stages. Same scores. The defaults for
     # head sizes 128 and 256 use it (default_for).
     est_block_d: int = 0
-    # 1: the strided query rows of each program are copied once per step into a buffer laid out
-    # as the estimate's loop reads them (one [rows, head] tile per stride offset), so that its
-    # loop loads both operands at affine addresses with no per-row masks or address arithmetic.
-    # Same scores (the same values, the same dots). Off by default until a GPU measures it faster.
-    est_q_repack: int = 0
+    # The estimate's operand tiles by tensor descriptors (TMA bulk copies): each program's strided
+    # query rows are first copied into a buffer laid out as its loop reads them (one [rows, head]
+    # tile per stride offset), the keys are read as boxes of whole key groups (where a key block
+    # holds a power-of-two number of groups; else by pointers). Same scores. -1 (default): on
+    # GPUs with TMA (compute capability 9 and later), else the loads by pointers; 1: asked for;
+    # 0: off. On the H200 it took the estimate from 24.5 to 20.6 ms at 128K / 10% (Llama-3.1-8B
+    # shape) and from 28.1 to 25.0 ms (Qwen3.5-4B shape; BENCHMARKS.md section 3).
+    est_tma: int = -1
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
     # FlashAttention's CuTe-DSL Hopper forward that vLLM ships (vllm.vllm_flash_attn.cute: TMA

@@ -107,7 +107,7 @@ def _query_repack_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, QB: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
 ):
-    """``est_q_repack``: each estimate program's strided query rows, ``QP[pid, s]`` = the
+    """``est_tma``: each estimate program's strided query rows, ``QP[pid, s]`` = the
     ``[BLOCK_M, HEAD_D]`` tile its loop reads at stride offset ``s`` (zeros where absent)."""
     pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
         items, supers, num_kv_heads, super0, QB, ROW_TILES, GROUP, GROUP_P, G, G_P, BLOCK_M)
@@ -122,14 +122,14 @@ def _query_repack_kernel(
 
 @triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "rows_per_head"])
 def _estimate_kernel(
-    Q, QP, KP, MASS, BSUM, TMAX, items, supers,
+    Q, KP, QD, KD, MASS, BSUM, TMAX, items, supers,
     stride_qt, stride_qh, rows_per_head, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
     ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, FP8_PRECISE_ACC: tl.constexpr,
-    Q_PACKED: tl.constexpr,
+    TMA_Q: tl.constexpr, TMA_K: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
 
@@ -140,6 +140,10 @@ def _estimate_kernel(
     One loop over (key tile, stride offset, head-dimension step of ``BLOCK_D``), so that loads
     are pipelined across tile boundaries; a tile's epilogue runs on its last step. (``BLOCK_D``
     below the head size: smaller operand tiles per pipeline stage, the same sums.)
+    ``TMA_Q`` / ``TMA_K`` (``est_tma``): the repacked query tiles and the key tiles by tensor
+    descriptors (bulk copies): ``QD`` over ``QP`` as ``[programs * S * BLOCK_M, HEAD_D]``, ``KD``
+    over the repacked keys as ``[rows / S, S * HEAD_D]`` (row ``h``: key group ``h``'s ``S``
+    keys), so that stride offset ``s`` of key groups ``h0..h0+N`` is one box.
     """
     pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
         items, supers, num_kv_heads, super0, QB, ROW_TILES, GROUP, GROUP_P, G, G_P, BLOCK_M)
@@ -148,6 +152,7 @@ def _estimate_kernel(
     n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
     # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
     kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
+    k_group0 = (kv_head * rows_per_head + kp_off) // S  # (TMA_K: a whole number, offsets are whole blocks)
     qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
                               stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
 
@@ -163,7 +168,6 @@ def _estimate_kernel(
     cols = tl.arange(0, N)
     n_tiles = tl.cdiv(nb, KB)
     local = tl.arange(0, BLOCK_M).to(tl.int64)
-    qp_rows = QP + (pid.to(tl.int64) * S * BLOCK_M + local) * HEAD_D  # (Q_PACKED only)
     bsum_rows = BSUM + (pid.to(tl.int64) * BLOCK_M + local) * (max_tiles * KB)
     tmax_rows = TMAX + (pid.to(tl.int64) * BLOCK_M + local) * max_tiles
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -178,8 +182,8 @@ def _estimate_kernel(
         j_col = t * KB + cols // G_P
         h = j_col * G + cols % G_P  # absolute key group
         col_ok = (cols % G_P < G) & (j_col < nb)
-        if Q_PACKED:  # est_q_repack: this program's tile at stride offset s, at an affine address
-            q_s = tl.load(qp_rows[:, None] + (s * BLOCK_M * HEAD_D + offs_d)[None, :])
+        if TMA_Q:  # this program's repacked tile at stride offset s
+            q_s = QD.load([(pid * S + s) * BLOCK_M, dc * BLOCK_D])
         else:
             q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
                               stride_qh, offs_d)
@@ -188,7 +192,9 @@ def _estimate_kernel(
                 q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
         kp = h * S + s
         # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
-        if G != G_P:
+        if TMA_K:  # (G == G_P: the tile's key groups are consecutive)
+            k_s = KD.load([k_group0 + t * N, s * HEAD_D + dc * BLOCK_D]).T
+        elif G != G_P:
             k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
                           mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
         else:
@@ -230,6 +236,14 @@ def estimate_block_d(config, head_size: int) -> int:
     return d
 
 
+def uses_tma(config, query: torch.Tensor) -> bool:
+    """Whether the estimate's operands come by tensor descriptors (``est_tma``; -1: where the GPU
+    has TMA, compute capability 9 and later)."""
+    if config.est_tma >= 0:
+        return bool(config.est_tma)
+    return query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
+
+
 def estimate_shape(config, group_p: int, block_size: int, stride: int):
     """(G, G_P, key blocks per tile, rows per program, query blocks per program, row tiles)."""
     G = block_size // stride
@@ -256,8 +270,9 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     max_tiles = round_up(-(-prepared.num_blocks // kb))
     per_super = op.num_kv_heads * row_tiles
     scratch_per_super = per_super * block_m * max_tiles * (kb + 1) * 4
-    q_packed = bool(cfg.est_q_repack)
-    if q_packed:  # each program's S query tiles (repacked before each launch)
+    tma = uses_tma(cfg, query)
+    tma_k = tma and G == G_P
+    if tma:  # each program's S query tiles (repacked before each launch)
         scratch_per_super += per_super * S * block_m * op.head_size * query.element_size()
     supers_per_launch = max(1, min(groups.num_supers, cfg.est_scratch_mb * 2**20 // scratch_per_super))
     if supers_per_launch < groups.num_supers:  # slices start at multiples of 16 groups
@@ -266,18 +281,26 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     bsum = torch.empty((programs * block_m, max_tiles * kb), dtype=torch.float32, device=query.device)
     tmax = torch.empty((programs * block_m, max_tiles), dtype=torch.float32, device=query.device)
     qp = (torch.empty((programs * S * block_m, op.head_size), dtype=query.dtype, device=query.device)
-          if q_packed else query)
+          if tma else query)
     assert query.stride(-1) == 1
+    qd, kd = qp, kp
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block_d = estimate_block_d(cfg, op.head_size)
+        qd = TensorDescriptor.from_tensor(qp, [block_m, block_d])
+        if tma_k:
+            kd = TensorDescriptor.from_tensor(kp.view(-1, S * op.head_size), [kb * G_P, block_d])
     for first in range(0, groups.num_supers, supers_per_launch):
         n = min(supers_per_launch, groups.num_supers - first)
-        if q_packed:
+        if tma:
             _query_repack_kernel[(n * per_super,)](
                 query, qp, prepared.items, groups.supers, query.stride(0), query.stride(1),
                 op.num_kv_heads, first, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P,
                 BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, num_warps=4,
             )
         _estimate_kernel[(n * per_super,)](
-            query, qp, kp, mass, bsum, tmax, prepared.items, groups.supers,
+            query, kp, qd, kd, mass, bsum, tmax, prepared.items, groups.supers,
             query.stride(0), query.stride(1), kp.shape[1],
             op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first,
             *fp8.pointers, *fp8.strides,
@@ -285,6 +308,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
             BLOCK_D=estimate_block_d(cfg, op.head_size),
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
-            Q_PACKED=q_packed, num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
+            TMA_Q=tma, TMA_K=tma_k,
+            num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )
     return mass

@@ -136,7 +136,7 @@ class TritonXAttentionOp:
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_block_d",
                                                         "est_num_warps", "est_num_stages", "est_fp8_dot",
-                                                        "est_fp8_score", "est_fp8_fast_acc", "est_q_repack"))
+                                                        "est_fp8_score", "est_fp8_fast_acc", "est_tma"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
