@@ -650,7 +650,7 @@ def test_kernel_config_from_the_environment(monkeypatch):
     logger = logging.getLogger("vllm.trianglemix")
     logger.addHandler(handler)
     try:
-        monkeypatch.setenv(CONFIG_ENV, "est_kernel=2,select_kernel=1,attn_tma=1,attn_ws=1,attn_fa3=1,block_n=32")
+        monkeypatch.setenv(CONFIG_ENV, "est_kernel=2,select_kernel=1,attn_tma=1,attn_ws=1,attn_fa3=1,est_q_repack=1,block_n=32")
         config = XAttnKernelConfig.from_env(128)
     finally:
         logger.removeHandler(handler)

@@ -283,11 +283,11 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     qp = (torch.empty((programs * S * block_m, op.head_size), dtype=query.dtype, device=query.device)
           if tma else query)
     assert query.stride(-1) == 1
+    block_d = estimate_block_d(cfg, op.head_size)
     qd, kd = qp, kp
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        block_d = estimate_block_d(cfg, op.head_size)
         qd = TensorDescriptor.from_tensor(qp, [block_m, block_d])
         if tma_k:
             kd = TensorDescriptor.from_tensor(kp.view(-1, S * op.head_size), [kb * G_P, block_d])
@@ -306,7 +306,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
-            BLOCK_D=estimate_block_d(cfg, op.head_size),
+            BLOCK_D=block_d,
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
             TMA_Q=tma, TMA_K=tma_k,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
