@@ -53,8 +53,9 @@ class XAttnKernelConfig:
     # tile per stride offset), the keys are read as boxes of whole key groups (where a key block
     # holds a power-of-two number of groups; else by pointers). Same scores. -1 (default): on
     # GPUs with TMA (compute capability 9 and later), else the loads by pointers; 1: asked for;
-    # 0: off. On the H200 it took the estimate from 24.5 to 20.6 ms at 128K / 10% (Llama-3.1-8B
-    # shape) and from 28.1 to 25.0 ms (Qwen3.5-4B shape; BENCHMARKS.md section 3).
+    # 0: off. On the H200, with the tiles bench dynamic chose for it, the estimate at 128K / 10%
+    # costs 19.7 ms against 27.5 by pointers (Llama-3.1-8B shape) and 18.4 ms (Qwen3.5-4B shape,
+    # 28.1 by pointers with the earlier tiles; BENCHMARKS.md section 3).
     est_tma: int = -1
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
@@ -75,10 +76,10 @@ class XAttnKernelConfig:
     @classmethod
     def default_for(cls, head_size: int) -> "XAttnKernelConfig":
         if head_size >= 256:  # bench dynamic's choice on the Qwen3.5-4B shape (16/4 heads, page 528)
-            return cls(est_block_m=128, est_block_n=128, est_num_warps=8, est_num_stages=3,
-                       est_block_d=128, block_m=128, block_n=64, num_warps=8, num_stages=2)
+            return cls(est_block_m=128, est_block_n=256, est_num_warps=8, est_num_stages=3,
+                       est_block_d=64, block_m=128, block_n=64, num_warps=8, num_stages=2)
         if head_size == 128:  # bench dynamic's choice on the Llama-3.1-8B shape (32/8 heads)
-            return cls(est_num_stages=4, est_block_d=64)
+            return cls(est_num_stages=5, est_block_d=32)
         return cls()
 
     @classmethod
