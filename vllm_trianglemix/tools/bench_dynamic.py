@@ -70,7 +70,7 @@ VARIANTS = {
     "cute": "attn_cute=1",  # FA4's CuTe-DSL block-sparse forward asked for (named where it cannot run)
 }
 DEFAULT_VARIANTS = ["default", "triton", "fp8-score"]
-EST_SWEEP = [  # the defaults first, then the runners-up of the sweep (BENCHMARKS.md section 3)
+EST_SWEEP = [  # the defaults (on a GPU with TMA) first, then the runners-up (BENCHMARKS.md section 3)
     # On the H200 with the operands by TMA (est_tma's default there), ms on the last 128K chunk:
     # 128/256/8/5 with the head in 32-wide steps 4.06, 128/256/8/3 64-wide 4.18, 128/256/8/4
     # 64-wide 4.21, 64/256/4/4 64-wide 4.32, 128/128/8/4 64-wide 5.01, 128/128/8/3 5.49,

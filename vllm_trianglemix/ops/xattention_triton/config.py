@@ -24,6 +24,13 @@ replaced it): ignored, with one warning."""
 logger = init_logger("vllm.trianglemix")
 
 
+def _gpu_has_tma() -> bool:
+    """Whether this process's GPU has TMA (compute capability 9 and later)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 @dataclass(frozen=True)
 class XAttnKernelConfig:
     # 1. Estimate: keys repacked contiguous; a program takes one KV head and several consecutive
@@ -74,12 +81,18 @@ class XAttnKernelConfig:
     num_stages: int = 3
 
     @classmethod
-    def default_for(cls, head_size: int) -> "XAttnKernelConfig":
+    def default_for(cls, head_size: int, tma: bool | None = None) -> "XAttnKernelConfig":
+        """The fastest tiles ``bench dynamic`` measured for this head size on an H200: those swept
+        with the estimate's operands by TMA where the GPU has it (``tma``; None: this process's
+        GPU), else those swept with the loads by pointers (BENCHMARKS.md sections 3 and 5)."""
+        if tma is None:
+            tma = _gpu_has_tma()
         if head_size >= 256:  # bench dynamic's choice on the Qwen3.5-4B shape (16/4 heads, page 528)
-            return cls(est_block_m=128, est_block_n=256, est_num_warps=8, est_num_stages=3,
-                       est_block_d=64, block_m=128, block_n=64, num_warps=8, num_stages=2)
+            est = dict(est_block_n=256, est_block_d=64) if tma else dict(est_block_n=128, est_block_d=128)
+            return cls(est_block_m=128, est_num_warps=8, est_num_stages=3, block_m=128, block_n=64,
+                       num_warps=8, num_stages=2, **est)
         if head_size == 128:  # bench dynamic's choice on the Llama-3.1-8B shape (32/8 heads)
-            return cls(est_num_stages=5, est_block_d=32)
+            return cls(est_num_stages=5, est_block_d=32) if tma else cls(est_num_stages=4, est_block_d=64)
         return cls()
 
     @classmethod
