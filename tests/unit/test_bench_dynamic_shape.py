@@ -41,17 +41,27 @@ def test_each_head_size_sweeps_its_defaults_first(head_dim, sweeps):
         assert default.with_overrides(sweep[0]) == default, sweep[0]
 
 
-@pytest.mark.parametrize("head_dim,by_pointers", [
-    (128, "est_block_n=256,est_num_stages=4,est_block_d=64"),
-    (256, "est_block_n=128,est_num_stages=3,est_block_d=128"),
-])
-def test_gpus_without_tma_keep_the_tiles_swept_for_loads_by_pointers(head_dim, by_pointers):
-    """The TMA tiles are slower by pointers (27.5 against 24.5 ms on the H200, Llama shape): a GPU
-    without TMA keeps the earlier choice; only the estimate's tiles differ."""
-    tma, pointers = (XAttnKernelConfig.default_for(head_dim, tma=t) for t in (True, False))
-    assert pointers == pointers.with_overrides(by_pointers) != tma
+def test_gpus_without_tma_keep_the_tiles_swept_for_loads_by_pointers():
+    """Head size 256: the TMA tiles (256 key groups, 64-wide head steps) are not those swept for
+    loads by pointers, which a GPU without TMA keeps; only the estimate's tiles differ. Head size
+    128: the TMA sweep chose the tiles of the loads by pointers, the same either way."""
+    tma, pointers = (XAttnKernelConfig.default_for(256, tma=t) for t in (True, False))
+    assert pointers == pointers.with_overrides("est_block_n=128,est_num_stages=3,est_block_d=128") != tma
     est = [f.name for f in dataclasses.fields(XAttnKernelConfig) if f.name.startswith("est_")]
     assert dataclasses.replace(tma, **{f: getattr(pointers, f) for f in est}) == pointers
+    assert XAttnKernelConfig.default_for(128, tma=True) == XAttnKernelConfig.default_for(128, tma=False)
+
+
+@pytest.mark.parametrize("est_tma,tma", [("0", False), ("1", True)])
+def test_est_tma_in_the_environment_chooses_the_tiles_swept_for_it(monkeypatch, est_tma, tma):
+    """``est_tma=0`` (loads by pointers) takes the tiles swept for loads by pointers whatever the
+    GPU, ``est_tma=1`` those swept for TMA; other fields of the same line still apply."""
+    from vllm_trianglemix.settings import XATTN_CONFIG
+
+    monkeypatch.setenv(XATTN_CONFIG, f"est_tma={est_tma},block_n=32")
+    config = XAttnKernelConfig.from_env(256)
+    expected = dataclasses.replace(XAttnKernelConfig.default_for(256, tma=tma), est_tma=int(est_tma), block_n=32)
+    assert config == expected
 
 
 @pytest.mark.parametrize("options,expected", [

@@ -356,6 +356,32 @@ def test_triton_interpreted_masses_match_torch_op(kernel):
         assert not mass[i, :, b + 1:].any()
 
 
+@pytest.mark.parametrize("heads,params", [
+    ((6, 2), DynamicParams("xattention", 32, 2, 0.6, 0.25, 16)),  # 3 heads per KV head: padded rows
+    ((8, 2), DynamicParams("xattention", 48, 4, 0.6, 0.25, 16)),  # 12 groups per block: padded columns
+])
+def test_triton_interpreted_full_key_tiles_without_masks_keep_the_masses(heads, params):
+    """Key tiles below every row's own group are scored without masks (their epilogue skips the
+    causal and column masks; rows without queries are dropped at the end): the masses still equal
+    the CPU op's where a program has padded head rows, and where a block's groups leave padded
+    columns (those tiles keep their masks)."""
+    from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+
+    dyn, _ = _triton_ops(*heads, 64)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], *heads, head_dim=64, block_size=16, seed=4)
+    dense_from, _, plan = _plans(batch, params)
+    assert int(plan.q_block.max()) >= 2  # (tiles of one or two key blocks: full tiles exist)
+    mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
+                        params, batch.scale)
+    for i in range(plan.num_items):
+        req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
+        pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
+        expect = antidiagonal_block_mass(batch.query[tok: tok + n], batch.keys[req], pos0, b,
+                                         params.block_size, params.stride, batch.scale)
+        torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
+        assert not mass[i, :, b + 1:].any()
+
+
 @pytest.mark.parametrize("block_d", [8, 48, 128])
 def test_a_head_dimension_step_that_cannot_work_is_refused_naming_the_field(block_d):
     """``est_block_d`` must divide the head (a power of two >= 16): refused when the op is built

@@ -70,14 +70,15 @@ VARIANTS = {
     "cute": "attn_cute=1",  # FA4's CuTe-DSL block-sparse forward asked for (named where it cannot run)
 }
 DEFAULT_VARIANTS = ["default", "triton", "fp8-score"]
-EST_SWEEP = [  # the defaults (on a GPU with TMA) first, then the runners-up (BENCHMARKS.md section 3)
-    # On the H200 with the operands by TMA (est_tma's default there), ms on the last 128K chunk:
-    # 128/256/8/5 with the head in 32-wide steps 4.06, 128/256/8/3 64-wide 4.18, 128/256/8/4
-    # 64-wide 4.21, 64/256/4/4 64-wide 4.32, 128/128/8/4 64-wide 5.01, 128/128/8/3 5.49,
-    # 128/256/8/2 5.67, 128/128/4/3 5.74, 256/128/8/2 7.53.
+EST_SWEEP = [  # the defaults first, then the runners-up (BENCHMARKS.md section 3)
+    # On the H200 with the operands by TMA (est_tma's default there) and full key tiles scored
+    # without masks, ms on the last 128K chunk: 128/256/8/4 with the head in 64-wide steps 3.72,
+    # 128/256/8/5 32-wide 3.81, 128/256/8/3 64-wide 3.89, 64/256/4/4 64-wide 4.21, 128/128/8/4
+    # 64-wide 4.92, 128/256/8/2 whole head 7.24; one warpgroup per program with 32-wide steps (two
+    # programs per SM) 4.75 (4 stages) and 4.94 (3 stages).
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=4,est_block_d=64",
     "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=5,est_block_d=32",
     "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=3,est_block_d=64",
-    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=4,est_block_d=64",
     "est_block_m=64,est_block_n=256,est_num_warps=4,est_num_stages=4,est_block_d=64",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=4,est_block_d=64",
     "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=2",  # whole-head dots
@@ -90,14 +91,14 @@ ATTN_SWEEP = [  # the Triton attention's tiles (the defaults first; swept with a
 ]
 # Head size 256 (e.g. Qwen3.5's full-attention layers): tiles that fit the shared memory of
 # a 256-wide query and key tile (the defaults first; a configuration that does not build is reported).
-# On the H200 (BENCHMARKS.md section 5), ms on the last 128K chunk, the estimate's operands by TMA:
-# 128/256/8/3 with the head in 64-wide steps 3.49, 128/256/8/4 64-wide 3.56, 128/128/8/3 128-wide
-# 4.65, 128/128/8/4 64-wide 4.81, 128/128/8/5 64-wide 5.18, 64/128/4/3 128-wide 5.68, 64/64/4/3
-# 9.98; the Triton attention 128/64/8/2 6.06, 128/32/8/3 8.11, 64/64/4/3 8.32, 64/64/4/2 8.57,
-# 128/32/8/2 8.69 (earlier, by pointers: 128/64/4/2 16.73; 128/64/8/3 and 64/64/4/4 do not build).
+# On the H200 (BENCHMARKS.md section 5), ms on the last 128K chunk, the estimate's operands by TMA
+# and full key tiles scored without masks: 128/256/8/4 with the head in 64-wide steps 3.14,
+# 128/256/8/3 64-wide 3.65, 128/128/8/3 128-wide 4.66, 128/128/8/4 64-wide 5.08, 64/128/4/3 128-wide
+# 5.20; the Triton attention 128/64/8/2 5.92, 128/32/8/3 8.35, 64/64/4/3 8.39, 64/64/4/2 8.60,
+# 128/32/8/2 8.84 (earlier, by pointers: 128/64/4/2 16.73; 128/64/8/3 and 64/64/4/4 do not build).
 EST_SWEEP_256 = [
-    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=3,est_block_d=64",
     "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=4,est_block_d=64",
+    "est_block_m=128,est_block_n=256,est_num_warps=8,est_num_stages=3,est_block_d=64",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=3,est_block_d=128",
     "est_block_m=128,est_block_n=128,est_num_warps=8,est_num_stages=4,est_block_d=64",
     "est_block_m=64,est_block_n=128,est_num_warps=4,est_num_stages=3,est_block_d=128",

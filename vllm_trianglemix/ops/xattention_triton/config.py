@@ -24,11 +24,17 @@ replaced it): ignored, with one warning."""
 logger = init_logger("vllm.trianglemix")
 
 
-def _gpu_has_tma() -> bool:
-    """Whether this process's GPU has TMA (compute capability 9 and later)."""
+def has_tma(device=None) -> bool:
+    """Whether ``device`` (a CUDA device; None: this process's current one) has TMA, the
+    tensor-memory accelerator of compute capability 9 and later."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    if device is None:
+        if not torch.cuda.is_available():
+            return False
+    elif torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,10 @@ class XAttnKernelConfig:
     # tile per stride offset), the keys are read as boxes of whole key groups (where a key block
     # holds a power-of-two number of groups; else by pointers). Same scores. -1 (default): on
     # GPUs with TMA (compute capability 9 and later), else the loads by pointers; 1: asked for;
-    # 0: off. On the H200, with the tiles bench dynamic chose for it, the estimate at 128K / 10%
-    # costs 19.7 ms against 27.5 by pointers (Llama-3.1-8B shape) and 18.4 ms (Qwen3.5-4B shape,
-    # 28.1 by pointers with the earlier tiles; BENCHMARKS.md section 3).
+    # 0: off (the defaults then take the tiles swept for loads by pointers). On the H200 the
+    # estimate at 128K / 10% costs 17.7 ms (Llama-3.1-8B shape; 24.5 by pointers, measured before
+    # full key tiles were scored without masks) and 16.7 ms (Qwen3.5-4B shape; 28.1 by pointers
+    # with the earlier tiles; BENCHMARKS.md sections 3 and 5).
     est_tma: int = -1
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
     # 3. Attention over the kept blocks.
@@ -84,23 +91,36 @@ class XAttnKernelConfig:
     def default_for(cls, head_size: int, tma: bool | None = None) -> "XAttnKernelConfig":
         """The fastest tiles ``bench dynamic`` measured for this head size on an H200: those swept
         with the estimate's operands by TMA where the GPU has it (``tma``; None: this process's
-        GPU), else those swept with the loads by pointers (BENCHMARKS.md sections 3 and 5)."""
+        GPU), else those swept with the loads by pointers (BENCHMARKS.md sections 3 and 5).
+        Head size 128 takes the same tiles either way (since full key tiles are scored without
+        masks, the TMA sweep chose the tiles of the loads by pointers)."""
         if tma is None:
-            tma = _gpu_has_tma()
+            tma = has_tma()
         if head_size >= 256:  # bench dynamic's choice on the Qwen3.5-4B shape (16/4 heads, page 528)
-            est = dict(est_block_n=256, est_block_d=64) if tma else dict(est_block_n=128, est_block_d=128)
-            return cls(est_block_m=128, est_num_warps=8, est_num_stages=3, block_m=128, block_n=64,
+            est = (dict(est_block_n=256, est_block_d=64, est_num_stages=4) if tma
+                   else dict(est_block_n=128, est_block_d=128, est_num_stages=3))
+            return cls(est_block_m=128, est_num_warps=8, block_m=128, block_n=64,
                        num_warps=8, num_stages=2, **est)
         if head_size == 128:  # bench dynamic's choice on the Llama-3.1-8B shape (32/8 heads)
-            return cls(est_num_stages=5, est_block_d=32) if tma else cls(est_num_stages=4, est_block_d=64)
+            return cls(est_num_stages=4, est_block_d=64)
         return cls()
 
     @classmethod
     def from_env(cls, head_size: int) -> "XAttnKernelConfig":
-        """The defaults with the overrides of ``TRIANGLEMIX_XATTN_CONFIG``, if set."""
+        """The defaults with the overrides of ``TRIANGLEMIX_XATTN_CONFIG``, if set; ``est_tma=0`` /
+        ``est_tma=1`` there also choose the default tiles swept without / with TMA."""
         config = cls.default_for(head_size)
         text = (env_setting(CONFIG_ENV) or "").strip()
-        return config.with_overrides(text, CONFIG_ENV) if text else config
+        if not text:
+            return config
+        overridden = config.with_overrides(text, CONFIG_ENV)
+        tma = {0: False, 1: True}.get(overridden.est_tma)
+        if tma is None:
+            return overridden
+        named = {part.partition("=")[0].strip() for part in text.split(",")}
+        fields = [f.name for f in dataclasses.fields(cls) if f.name in named]
+        return dataclasses.replace(cls.default_for(head_size, tma=tma),
+                                   **{f: getattr(overridden, f) for f in fields})
 
     def with_overrides(self, text: str, source: str = "config") -> "XAttnKernelConfig":
         kept, retired = [], []

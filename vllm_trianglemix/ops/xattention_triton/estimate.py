@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from vllm_trianglemix.ops.triangle_triton import LOG2E, _fp8_scales, _next_pow2
+from vllm_trianglemix.ops.xattention_triton.config import has_tma
 from vllm_trianglemix.ops.xattention_triton.plan import round_up
 
 
@@ -66,6 +67,21 @@ def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(sc - m_safe[:, None])
     l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
+    block_sums = tl.sum(tl.reshape(p, (BLOCK_M, KB, G_P)), 2)
+    tl.store(bsum_rows[:, None] + (t * KB + tl.arange(0, KB))[None, :], block_sums)
+    tl.store(tmax_rows + t, m_new)
+    return m_new, l_i
+
+
+@triton.jit
+def _full_tile_epilogue(acc, qk_scale, m_i, l_i, bsum_rows, tmax_rows, t, KB: tl.constexpr,
+                        G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """:func:`_tile_epilogue` for a key tile below every row's own group (no masks: every score
+    is defined; rows without queries score zeros here and are dropped at the end)."""
+    sc = acc * qk_scale
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    p = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
     block_sums = tl.sum(tl.reshape(p, (BLOCK_M, KB, G_P)), 2)
     tl.store(bsum_rows[:, None] + (t * KB + tl.arange(0, KB))[None, :], block_sums)
     tl.store(tmax_rows + t, m_new)
@@ -161,6 +177,11 @@ def _estimate_kernel(
     diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
     diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
                            S, HALF, BLOCK_M, HEAD_D)
+    # Key tiles ending at or before the program's first query block are below every row's own
+    # group, every column a key group (G == G_P): their epilogue needs no masks.
+    full_tiles = tl.min(tl.where(row_ok, g_abs // G, 2**30), 0) // KB
+    if G != G_P:
+        full_tiles = full_tiles * 0
 
     DC: tl.constexpr = HEAD_D // BLOCK_D  # head-dimension steps per stride offset
     offs_dc = tl.arange(0, BLOCK_D)
@@ -178,38 +199,46 @@ def _estimate_kernel(
         s = (ts // DC) % S
         dc = ts % DC
         last_step = (s == S - 1) & (dc == DC - 1)
-        offs_d = dc * BLOCK_D + offs_dc
-        j_col = t * KB + cols // G_P
-        h = j_col * G + cols % G_P  # absolute key group
-        col_ok = (cols % G_P < G) & (j_col < nb)
         if TMA_Q:  # this program's repacked tile at stride offset s
             q_s = QD.load([(pid * S + s) * BLOCK_M, dc * BLOCK_D])
         else:
             q_s = _query_rows(Q, q_tok, q_pos0, end, grow0 + (S - 1 - s), row_ok, q_head, stride_qt,
-                              stride_qh, offs_d)
+                              stride_qh, dc * BLOCK_D + offs_dc)
         if Q_FP8:
             if not FP8_DOT:
                 q_s = q_s.to(tl.float16)  # exact (e4m3 values are fp16 values); q_scale is in qk_scale
-        kp = h * S + s
         # The repacked buffer holds whole tiles (zeros past the keys): masks only for padded columns.
         if TMA_K:  # (G == G_P: the tile's key groups are consecutive)
             k_s = KD.load([k_group0 + t * N, s * HEAD_D + dc * BLOCK_D]).T
-        elif G != G_P:
-            k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
-                          mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
         else:
-            k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
+            j_col = t * KB + cols // G_P
+            kp = (j_col * G + cols % G_P) * S + s  # key group h's key at stride offset s
+            offs_d = dc * BLOCK_D + offs_dc
+            if G != G_P:
+                col_ok = (cols % G_P < G) & (j_col < nb)
+                k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None],
+                              mask=(col_ok & (kp < n_keys))[None, :], other=0.0)
+            else:
+                k_s = tl.load(kp_base + kp.to(tl.int64)[None, :] * HEAD_D + offs_d[:, None])
         if FP8_DOT and FP8_PRECISE_ACC:
             acc = tl.dot(q_s, k_s, acc, max_num_imprecise_acc=0)
         else:
             acc = tl.dot(q_s, k_s, acc)
         if last_step:  # the tile's last step: its scores are complete
-            m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
-                                      m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
+            if t < full_tiles:
+                m_i, l_i = _full_tile_epilogue(acc, qk_scale, m_i, l_i, bsum_rows, tmax_rows, t, KB,
+                                               G_P, BLOCK_M)
+            else:
+                j_col = t * KB + cols // G_P
+                h = j_col * G + cols % G_P  # absolute key group
+                col_ok = (cols % G_P < G) & (j_col < nb)
+                m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
+                                          m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
             acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
     tl.debug_barrier()  # this program's scratch, written by other threads
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    # (rows without queries: nothing; the unmasked tiles gave them finite sums)
+    inv_l = tl.where(present_any & (l_i > 0.0), 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     kb = tl.arange(0, KB)
     for t in range(n_tiles):
         t_max = tl.load(tmax_rows + t)
@@ -241,7 +270,7 @@ def uses_tma(config, query: torch.Tensor) -> bool:
     has TMA, compute capability 9 and later)."""
     if config.est_tma >= 0:
         return bool(config.est_tma)
-    return query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
+    return has_tma(query.device)
 
 
 def estimate_shape(config, group_p: int, block_size: int, stride: int):

@@ -17,7 +17,7 @@ from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
 from vllm_trianglemix.ops.xattention_triton import attend_cute
 from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
 from vllm_trianglemix.ops.xattention_triton import select as select_stage
-from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig
+from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig, has_tma
 from vllm_trianglemix.ops.xattention_triton.plan import (
     Groups,
     KeptBlocks,
@@ -162,12 +162,15 @@ class TritonXAttentionOp:
 
     def _smaller(self, fields: tuple[str, ...], first: bool) -> XAttnKernelConfig | None:
         """The next configuration to try after a build failure (None: nothing smaller): the
-        defaults after the first failure of a configured variant, then smaller ones."""
+        defaults after the first failure of a configured variant, then (the estimate) its loads
+        by pointers instead of TMA, then smaller ones."""
         cfg, default = self.config, XAttnKernelConfig.default_for(self.head_size)
         changed = {f: getattr(default, f) for f in fields if getattr(cfg, f) != getattr(default, f)}
         if first and changed:
             return dataclasses.replace(cfg, **changed)
         est = fields[0].startswith("est_")
+        if est and (cfg.est_tma == 1 or (cfg.est_tma == -1 and has_tma())):
+            return dataclasses.replace(cfg, est_tma=0)
         stages, rows = ("est_num_stages", "est_block_m") if est else ("num_stages", "block_m")
         if getattr(cfg, stages) > 1:
             return dataclasses.replace(cfg, **{stages: getattr(cfg, stages) - 1})
