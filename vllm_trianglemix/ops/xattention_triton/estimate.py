@@ -56,13 +56,10 @@ def _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, strid
 
 
 @triton.jit
-def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok, m_i, l_i,
-                   bsum_rows, tmax_rows, t, KB: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Scores of key tile ``t`` -> the running max and sum, block sums relative to the new max in scratch."""
-    on_diag = h[None, :] == g_abs[:, None]
-    sc = tl.where(on_diag, diag[:, None], acc) * qk_scale
-    defined = ((h[None, :] < g_abs[:, None]) & present_any[:, None]) | (on_diag & diag_def[:, None])
-    sc = tl.where(defined & col_ok[None, :], sc, float("-inf"))
+def _block_sums(sc, m_i, l_i, bsum_rows, tmax_rows, t, KB: tl.constexpr, G_P: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Scaled scores of key tile ``t`` (``-inf`` where undefined) -> the running max and sum, the
+    block sums relative to the new max in scratch."""
     m_new = tl.maximum(m_i, tl.max(sc, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(sc - m_safe[:, None])
@@ -74,18 +71,15 @@ def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
 
 
 @triton.jit
-def _full_tile_epilogue(acc, qk_scale, m_i, l_i, bsum_rows, tmax_rows, t, KB: tl.constexpr,
-                        G_P: tl.constexpr, BLOCK_M: tl.constexpr):
-    """:func:`_tile_epilogue` for a key tile below every row's own group (no masks: every score
-    is defined; rows without queries score zeros here and are dropped at the end)."""
-    sc = acc * qk_scale
-    m_new = tl.maximum(m_i, tl.max(sc, 1))
-    p = tl.exp2(sc - m_new[:, None])
-    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-    block_sums = tl.sum(tl.reshape(p, (BLOCK_M, KB, G_P)), 2)
-    tl.store(bsum_rows[:, None] + (t * KB + tl.arange(0, KB))[None, :], block_sums)
-    tl.store(tmax_rows + t, m_new)
-    return m_new, l_i
+def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok, m_i, l_i,
+                   bsum_rows, tmax_rows, t, KB: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """:func:`_block_sums` of a key tile that reaches a row's own group or padded columns: the
+    diagonal group's causal score, ``-inf`` past it, in padded columns and in rows without queries."""
+    on_diag = h[None, :] == g_abs[:, None]
+    sc = tl.where(on_diag, diag[:, None], acc) * qk_scale
+    defined = ((h[None, :] < g_abs[:, None]) & present_any[:, None]) | (on_diag & diag_def[:, None])
+    sc = tl.where(defined & col_ok[None, :], sc, float("-inf"))
+    return _block_sums(sc, m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
 
 
 @triton.jit
@@ -225,9 +219,8 @@ def _estimate_kernel(
         else:
             acc = tl.dot(q_s, k_s, acc)
         if last_step:  # the tile's last step: its scores are complete
-            if t < full_tiles:
-                m_i, l_i = _full_tile_epilogue(acc, qk_scale, m_i, l_i, bsum_rows, tmax_rows, t, KB,
-                                               G_P, BLOCK_M)
+            if t < full_tiles:  # every score defined (rows without queries score zeros: dropped below)
+                m_i, l_i = _block_sums(acc * qk_scale, m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
             else:
                 j_col = t * KB + cols // G_P
                 h = j_col * G + cols % G_P  # absolute key group
