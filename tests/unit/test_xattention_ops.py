@@ -336,14 +336,11 @@ ESTIMATE_KERNELS = {
 }
 
 
-@pytest.mark.parametrize("kernel", list(ESTIMATE_KERNELS))
-def test_triton_interpreted_masses_match_torch_op(kernel):
-    """The estimate's block masses equal the CPU op's."""
+def _assert_masses_are_the_torch_ops(dyn, batch, params):
+    """The op's block masses equal the CPU op's for every query block of the batch (zero past each
+    block); returns the plan."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
 
-    params = PARAMS["tau_and_budget"]
-    dyn, _ = _triton_ops(8, 2, 64, **ESTIMATE_KERNELS[kernel])
-    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
     dense_from, _, plan = _plans(batch, params)
     mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
                         params, batch.scale)
@@ -354,6 +351,16 @@ def test_triton_interpreted_masses_match_torch_op(kernel):
                                          params.block_size, params.stride, batch.scale)
         torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
         assert not mass[i, :, b + 1:].any()
+    return plan
+
+
+@pytest.mark.parametrize("kernel", list(ESTIMATE_KERNELS))
+def test_triton_interpreted_masses_match_torch_op(kernel):
+    """The estimate's block masses equal the CPU op's."""
+    params = PARAMS["tau_and_budget"]
+    dyn, _ = _triton_ops(8, 2, 64, **ESTIMATE_KERNELS[kernel])
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
+    _assert_masses_are_the_torch_ops(dyn, batch, params)
 
 
 @pytest.mark.parametrize("heads,params", [
@@ -365,21 +372,10 @@ def test_triton_interpreted_full_key_tiles_without_masks_keep_the_masses(heads, 
     causal and column masks; rows without queries are dropped at the end): the masses still equal
     the CPU op's where a program has padded head rows, and where a block's groups leave padded
     columns (those tiles keep their masks)."""
-    from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
-
     dyn, _ = _triton_ops(*heads, 64)
     batch = make_batch(BATCHES["chunk_cuts_in_blocks"], *heads, head_dim=64, block_size=16, seed=4)
-    dense_from, _, plan = _plans(batch, params)
+    plan = _assert_masses_are_the_torch_ops(dyn, batch, params)
     assert int(plan.q_block.max()) >= 2  # (tiles of one or two key blocks: full tiles exist)
-    mass = dyn.estimate(batch.query, batch.key_cache, dyn.prepare(plan, dense_from, FakeCommonMetadata(batch)),
-                        params, batch.scale)
-    for i in range(plan.num_items):
-        req, tok, n = int(plan.req[i]), int(plan.q_tok[i]), int(plan.n_q[i])
-        pos0, b = int(plan.q_pos[i]), int(plan.q_block[i])
-        expect = antidiagonal_block_mass(batch.query[tok: tok + n], batch.keys[req], pos0, b,
-                                         params.block_size, params.stride, batch.scale)
-        torch.testing.assert_close(mass[i, :, : b + 1], expect, rtol=1e-5, atol=1e-5)
-        assert not mass[i, :, b + 1:].any()
 
 
 @pytest.mark.parametrize("block_d", [8, 48, 128])
