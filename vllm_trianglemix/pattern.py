@@ -158,7 +158,7 @@ def plan_blocks(
     params: TriangleParams,
     block_q: int,
     split_kv: int = 0,
-    dense_rows_only: bool = False,
+    rows: str = "all",
 ) -> BlockPlan:
     """Cut the query rows of requests ``reqs`` into work items.
 
@@ -169,10 +169,12 @@ def plan_blocks(
     at each request's dense start. With ``split_kv > 0`` a dense block whose
     key range is longer than ``split_kv`` becomes one item per ``split_kv``
     keys. Items come heaviest first (most keys), so the longest start first.
-    ``dense_rows_only`` plans only the rows at or past each dense start (a
-    dynamic layer's dense rows; its other rows are planned by
-    :func:`plan_query_blocks`).
+    ``rows``: ``"all"``, ``"dense"`` (only the rows at or past each dense
+    start) or ``"triangle"`` (only the rows below it; the engine leaves the
+    dense rows to the stock backend).
     """
+    if rows not in ("all", "dense", "triangle"):
+        raise ValueError(f"plan_blocks: rows={rows!r}, expected 'all', 'dense' or 'triangle'")
     qsl = np.asarray(query_start_loc, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     dense_from = np.asarray(dense_from, dtype=np.int64)
@@ -196,8 +198,9 @@ def plan_blocks(
     b_lo = np.concatenate(b_lo) if b_lo else empty
     b_hi = np.concatenate(b_hi) if b_hi else empty
     b_dense = b_lo >= dense_from[b_req] if b_req.size else np.zeros(0, dtype=bool)
-    if dense_rows_only:
-        b_req, b_tok, b_lo, b_hi, b_dense = (a[b_dense] for a in (b_req, b_tok, b_lo, b_hi, b_dense))
+    if rows != "all":
+        keep = b_dense if rows == "dense" else ~b_dense
+        b_req, b_tok, b_lo, b_hi, b_dense = (a[keep] for a in (b_req, b_tok, b_lo, b_hi, b_dense))
     sink_end, k_start, k_end = block_key_ranges(
         b_lo, b_hi, b_dense, params.n_init, params.n_local
     )

@@ -21,12 +21,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_trianglemix.ops.fp8 import Fp8Scales
-from vllm_trianglemix.pattern import (
-    dense_row_params,
-    dense_start,
-    plan_blocks,
-    plan_query_blocks,
-)
+from vllm_trianglemix.pattern import dense_start, plan_blocks, plan_query_blocks
 
 logger = init_logger("vllm.trianglemix")
 
@@ -51,10 +46,10 @@ def warm_up(triangle_op, dynamic_op, triangle_sets, dynamic_sets, dtype: torch.d
         from vllm_trianglemix.ops.xattention_triton.select import blocks_width
 
         dynamic_op.blocks_width = max(dynamic_op.blocks_width, blocks_width(widest))
-    # a prompt long enough for split dense rows (the merge kernel) and several query blocks,
-    # and no longer than the engine serves (the selection's block axis is sized for that)
-    length = max(2 * triangle_op.split_kv, 1024) + 200 if triangle_op.split_kv else 1400
-    length = min(length, max_model_len)
+    # a prompt of several query blocks with rows past the window, no longer than the engine
+    # serves (the selection's block axis is sized for that); its dense rows are the stock
+    # backend's, as in the engine
+    length = min(1400, max_model_len)
     g = torch.Generator(device=device).manual_seed(0)
     heads, kv_heads, d = triangle_op.num_heads, triangle_op.num_kv_heads, triangle_op.head_size
     pages = -(-length // page_size)
@@ -75,15 +70,12 @@ def warm_up(triangle_op, dynamic_op, triangle_sets, dynamic_sets, dtype: torch.d
     for q, kc, vc, scales in variants:
         for params in triangle_sets:
             dense_from = dense_start(np.array([length]), params.n_last, 0)
-            plan = plan_blocks(qsl, seq, dense_from, reqs, params, triangle_op.block_q, triangle_op.split_kv)
+            plan = plan_blocks(qsl, seq, dense_from, reqs, params, triangle_op.block_q, triangle_op.split_kv,
+                               rows="triangle")
             triangle_op.run(q, kc, vc, triangle_op.prepare(plan, dense_from, cam), params, 0.1, output,
                             scales=scales)
         for params in dynamic_sets:
             dense_from = dense_start(np.array([length]), params.n_last, 0)
-            dense_plan = plan_blocks(qsl, seq, dense_from, reqs, dense_row_params(params.n_last),
-                                     triangle_op.block_q, triangle_op.split_kv, dense_rows_only=True)
-            triangle_op.run(q, kc, vc, triangle_op.prepare(dense_plan, dense_from, cam),
-                            dense_row_params(params.n_last), 0.1, output, scales=scales)
             block_plan = plan_query_blocks(qsl, seq, dense_from, reqs, params.block_size)
             prepared = dynamic_op.prepare(block_plan, dense_from, cam)
             dynamic_op.run(q, kc, vc, prepared, params, 0.1, output, scales=scales,

@@ -103,3 +103,46 @@ def test_plan_covers_every_visible_key_once(split_kv):
 def test_key_ranges_are_tight_for_triangle_rows():
     sink_end, k_start, k_end = block_key_ranges(np.array([100]), np.array([115]), np.array([False]), 8, 32)
     assert (int(sink_end[0]), int(k_start[0]), int(k_end[0])) == (8, 69, 116)
+
+
+def _rows(plan):
+    """The (request, position) pairs a plan's items cover."""
+    return {(int(r), int(p)) for r, p0, n in zip(plan.req, plan.q_pos, plan.n_q) for p in range(p0, p0 + n)}
+
+
+def test_plan_rows_split_at_the_dense_start():
+    """``rows="triangle"`` plans the rows below each dense start (the engine's kernel rows),
+    ``rows="dense"`` the others; together they are ``rows="all"``'s, with no row twice."""
+    rng = np.random.default_rng(1)
+    params = TriangleParams(4, 16, 12)
+    for _ in range(30):
+        n = rng.integers(1, 4)
+        q_lens = rng.integers(1, 60, size=n)
+        seq = rng.integers(0, 80, size=n) + q_lens
+        qsl = np.concatenate([[0], np.cumsum(q_lens)])
+        ds = dense_start(seq + rng.integers(0, 20, size=n), params.n_last, 0)
+        plans = {rows: plan_blocks(qsl, seq, ds, np.arange(n), params, 8, 16, rows=rows)
+                 for rows in ("all", "dense", "triangle")}
+        tri, dense = _rows(plans["triangle"]), _rows(plans["dense"])
+        assert all(p < ds[r] for r, p in tri) and all(p >= ds[r] for r, p in dense)
+        assert tri | dense == _rows(plans["all"]) and not tri & dense
+        assert plans["triangle"].num_partials == 0  # only dense rows are split
+
+
+def test_rows_left_to_the_stock_backend():
+    """Every row of the requests the triangle path does not take, and each taken request's rows
+    at or past its dense start: the last rows of its query."""
+    from vllm_trianglemix.backends.common import BatchRoute, stock_row_ranges
+
+    # r0: decode; r1: chunk below the dense start (100); r2: chunk across it (dense from 40);
+    # r3: a short prompt; r4: a chunk whose last row is the dense start.
+    q_lens = np.array([1, 30, 20, 5, 10])
+    seq = np.array([50, 60, 50, 5, 91])
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    dense_from = np.array([0, 100, 40, 0, 90])
+    route = BatchRoute(triangle_reqs=np.array([1, 2, 4]), stock_reqs=np.array([0, 3]),
+                       prompt_len=np.zeros(5, dtype=np.int64), query_start_loc=qsl, seq_lens=seq)
+    reqs, starts, ends = stock_row_ranges(route, dense_from)
+    assert reqs.tolist() == [0, 2, 3, 4]
+    # r2's rows are positions 30..49 at tokens 31..50: positions 40..49 are dense (tokens 41..50)
+    assert list(zip(starts.tolist(), ends.tolist())) == [(0, 1), (41, 51), (51, 56), (65, 66)]

@@ -4,13 +4,16 @@ A TriangleMix backend is the platform's stock backend plus two mixins:
 
 * the builder builds the stock metadata for the whole batch (dense layers
   use it, untouched) and, when the batch holds prompt rows that a triangle
-  layer computes differently, also (a) stock metadata for the other requests
-  (decodes, short prompts, chunks of only dense rows) and (b) the work plan of
-  the triangle requests, one per distinct parameter set of the map;
+  layer computes differently, also (a) stock metadata for the rows a triangle
+  or dynamic layer leaves to the stock backend: the other requests (decodes,
+  short prompts, chunks of only dense rows) and the dense rows (at or past
+  the dense start: the prompt's last ``n_last``) of the triangle requests,
+  one set per distinct ``n_last`` of the map, and (b) the work plan of the
+  triangle requests' other rows, one per distinct parameter set of the map;
 * the impl, in a dense layer or when the batch needs no triangle work, calls
   the stock ``forward`` with the stock metadata (bit for bit the stock
-  backend); in a triangle layer it runs the stock ``forward`` on the other
-  requests and the triangle op on the triangle requests.
+  backend); in a triangle or dynamic layer it runs the stock ``forward`` on
+  the rows left to it and the triangle (or dynamic) op on the others.
 
 The KV cache is written by the stock ``do_kv_cache_update`` in every layer.
 The platform files only say which stock classes and which triangle op to use
@@ -31,7 +34,6 @@ from vllm_trianglemix import compat, prompt_lens, selection
 from vllm_trianglemix.pattern import (
     DynamicParams,
     TriangleParams,
-    dense_row_params,
     dense_start,
     dynamic_first_sparse_row,
     first_sparse_row,
@@ -44,19 +46,28 @@ logger = init_logger("vllm.trianglemix")
 
 
 @dataclass
+class StockRows:
+    """Rows of a batch that a triangle or dynamic layer leaves to the stock backend: the
+    requests the triangle path does not take, and the dense rows of those it does (each
+    request's rows at or past its dense start, the last rows of its query)."""
+
+    metadata: Any
+    """Stock metadata for these rows (a request's keys are all of its keys)."""
+    tokens: slice | torch.Tensor
+    """Their query tokens in the batch (a slice when contiguous)."""
+
+
+@dataclass
 class TriangleMixMetadata:
     """Metadata of a batch with triangle work; anything else reads ``full``."""
 
     full: Any
     """Stock metadata for the whole batch: dense layers."""
-    stock: Any | None
-    """Stock metadata for the requests the triangle path does not take."""
-    stock_tokens: slice | torch.Tensor | None
-    """Their query tokens in the batch (a slice when contiguous)."""
+    stock: dict[int, StockRows | None]
+    """Per ``n_last`` of the map: the rows left to the stock backend (None: no rows)."""
     plans: dict[TriangleParams | DynamicParams, Any]
-    """Per parameter set: the triangle op's plan (triangle layers), or the
-    triangle op's plan of the dense rows and the dynamic op's plan of the
-    other rows (dynamic layers)."""
+    """Per parameter set: the triangle op's plan (triangle layers) or the dynamic op's plan
+    (dynamic layers) of the rows below the dense start."""
     num_actual_tokens: int
 
     def __getattr__(self, name: str):
@@ -76,6 +87,20 @@ class BatchRoute:
     seq_lens: np.ndarray
 
 
+def stock_row_ranges(route: BatchRoute, dense_from: np.ndarray):
+    """``(reqs, starts, ends)``: the requests with rows for the stock backend, and those rows as
+    ranges of the batch's query tokens: every row of a request the triangle path does not take,
+    the rows at or past the dense start of one it takes (the last rows of its query)."""
+    qsl, seq = route.query_start_loc, route.seq_lens
+    starts, ends = qsl[:-1].copy(), qsl[1:]
+    tri = route.triangle_reqs
+    first_pos = seq[tri] - (ends[tri] - starts[tri])
+    n_dense = np.maximum(seq[tri] - np.maximum(dense_from[tri], first_pos), 0)
+    starts[tri] = np.maximum(starts[tri], ends[tri] - n_dense)
+    reqs = np.union1d(route.stock_reqs, tri[starts[tri] < ends[tri]]).astype(np.int64)
+    return reqs, starts[reqs], ends[reqs]
+
+
 class TriangleMixBuilderMixin:
     """Mixed in before the platform's stock metadata builder."""
 
@@ -87,11 +112,13 @@ class TriangleMixBuilderMixin:
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._builder_args = (kv_cache_spec, layer_names, vllm_config, device)
-        self._stock_subset_builder = None
         self.layer_map = selection.engine_layer_map(vllm_config)
         self.param_sets = self.layer_map.param_sets
         self.dynamic_sets = self.layer_map.dynamic_param_sets
         self.min_n_last = self.layer_map.min_n_last
+        self.n_lasts = sorted({p.n_last for p in (*self.param_sets, *self.dynamic_sets)})
+        """The map's distinct ``n_last``: one set of stock rows (and one stock builder) each."""
+        self._stock_subset_builders: dict[int, Any] = {}
         self.min_sparse_row = min(
             [first_sparse_row(p) for p in self.param_sets]
             + [dynamic_first_sparse_row(p) for p in self.dynamic_sets]
@@ -114,12 +141,12 @@ class TriangleMixBuilderMixin:
             self._builder_args[0].block_size, vllm_config.model_config.max_model_len, device,
         )
 
-    def _subset_builder(self):
-        # A second stock builder: stock builders keep persistent buffers (FA3
-        # scheduler metadata) that one batch's metadata must not share.
-        if self._stock_subset_builder is None:
-            self._stock_subset_builder = self.stock_builder_cls(*self._builder_args)
-        return self._stock_subset_builder
+    def _subset_builder(self, n_last: int):
+        # More stock builders, one per set of stock rows: stock builders keep persistent
+        # buffers (FA3 scheduler metadata) that one batch's metadata must not share.
+        if n_last not in self._stock_subset_builders:
+            self._stock_subset_builders[n_last] = self.stock_builder_cls(*self._builder_args)
+        return self._stock_subset_builders[n_last]
 
     def route(self, cam) -> BatchRoute | None:
         """Which requests of the batch need triangle work (None: none do)."""
@@ -151,16 +178,16 @@ class TriangleMixBuilderMixin:
         route = self.route(cam)
         if route is None:
             return full
-        stock = stock_tokens = None
-        if route.stock_reqs.size:
-            stock_tokens, stock = self._build_stock_subset(
-                cam, route.stock_reqs, route.query_start_loc, fast_build
-            )
-            if stock is None:
+        min_prompt_len = self.layer_map.min_prompt_len
+        stock = {}
+        for n_last in self.n_lasts:
+            dense_from = dense_start(route.prompt_len, n_last, min_prompt_len)
+            built, stock[n_last] = self._build_stock_rows(cam, route, dense_from, n_last, fast_build)
+            if not built:
                 return full
         plans = {}
         for params in self.param_sets:
-            dense_from = dense_start(route.prompt_len, params.n_last, self.layer_map.min_prompt_len)
+            dense_from = dense_start(route.prompt_len, params.n_last, min_prompt_len)
             plan = plan_blocks(
                 route.query_start_loc,
                 route.seq_lens,
@@ -169,41 +196,34 @@ class TriangleMixBuilderMixin:
                 params,
                 self.triangle_op.block_q,
                 self.triangle_op.split_kv,
+                rows="triangle",
             )
             plans[params] = self.triangle_op.prepare(plan, dense_from, cam)
         for params in self.dynamic_sets:
-            dense_from = dense_start(route.prompt_len, params.n_last, self.layer_map.min_prompt_len)
-            dense_plan = plan_blocks(
-                route.query_start_loc,
-                route.seq_lens,
-                dense_from,
-                route.triangle_reqs,
-                dense_row_params(params.n_last),
-                self.triangle_op.block_q,
-                self.triangle_op.split_kv,
-                dense_rows_only=True,
-            )
+            dense_from = dense_start(route.prompt_len, params.n_last, min_prompt_len)
             block_plan = plan_query_blocks(
                 route.query_start_loc, route.seq_lens, dense_from, route.triangle_reqs,
                 params.block_size,
             )
-            plans[params] = (
-                self.triangle_op.prepare(dense_plan, dense_from, cam),
-                self.dynamic_op.prepare(block_plan, dense_from, cam),
-            )
+            plans[params] = self.dynamic_op.prepare(block_plan, dense_from, cam)
         return TriangleMixMetadata(
             full=full,
             stock=stock,
-            stock_tokens=stock_tokens,
             plans=plans,
             num_actual_tokens=cam.num_actual_tokens,
         )
 
-    def _build_stock_subset(self, cam, reqs: np.ndarray, qsl: np.ndarray, fast_build: bool):
-        starts, ends = qsl[reqs], qsl[reqs + 1]
-        if reqs[0] == 0 and np.array_equal(reqs, np.arange(reqs.size)):
-            tokens: slice | torch.Tensor = slice(0, int(ends[-1]))
-            tok_idx = torch.arange(int(ends[-1]), device=cam.query_start_loc.device)
+    def _build_stock_rows(self, cam, route: BatchRoute, dense_from: np.ndarray, n_last: int,
+                          fast_build: bool) -> tuple[bool, StockRows | None]:
+        """The stock backend's rows for layers with this ``dense_from``: ``(built, rows)``, rows
+        None when there are none; ``built`` False when the metadata cannot be split (the batch
+        then runs dense, with one warning)."""
+        reqs, starts, ends = stock_row_ranges(route, dense_from)
+        if reqs.size == 0:
+            return True, None
+        if np.array_equal(starts[1:], ends[:-1]):
+            tokens: slice | torch.Tensor = slice(int(starts[0]), int(ends[-1]))
+            tok_idx = torch.arange(int(starts[0]), int(ends[-1]), device=cam.query_start_loc.device)
         else:
             idx = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
             tok_idx = torch.from_numpy(idx).to(cam.query_start_loc.device, non_blocking=True)
@@ -218,8 +238,8 @@ class TriangleMixBuilderMixin:
                     "it runs dense (stock backend). Further occurrences are not logged."
                 )
                 self._warned_unsplittable = True
-            return None, None
-        return tokens, self._subset_builder().build(0, sub, fast_build)
+            return False, None
+        return True, StockRows(self._subset_builder(n_last).build(0, sub, fast_build), tokens)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -306,28 +326,25 @@ class TriangleMixImplMixin:
         if plan is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata.full,
                                    output, output_scale, output_block_scale)
-        md = attn_metadata
-        if md.stock is not None:
-            idx = md.stock_tokens
+        rows = attn_metadata.stock[params.n_last]
+        if rows is not None:  # the other requests, and the dense rows: the stock backend
+            idx, stock = rows.tokens, rows.metadata
             k_sub = _take(key, idx)
             v_sub = _take(value, idx)
             if isinstance(idx, slice):
-                super().forward(layer, query[idx], k_sub, v_sub, kv_cache, md.stock, output[idx])
+                super().forward(layer, query[idx], k_sub, v_sub, kv_cache, stock, output[idx])
             else:
                 out_sub = output.new_empty((idx.shape[0],) + tuple(output.shape[1:]))
-                super().forward(layer, _take(query, idx), k_sub, v_sub, kv_cache, md.stock, out_sub)
+                super().forward(layer, _take(query, idx), k_sub, v_sub, kv_cache, stock, out_sub)
                 output[idx] = out_sub
         key_cache, value_cache = self.kv_cache_views(layer, kv_cache)
         # fp8: the layer's scales (and the query's, when vLLM quantized it for the stock kernel)
         scales = Fp8Scales.of_layer(layer) if self._kv_fp8 or is_fp8(query) else None
         if isinstance(params, DynamicParams):
-            dense_plan, block_plan = plan
-            self.triangle_op.run(query, key_cache, value_cache, dense_plan,
-                                 dense_row_params(params.n_last), self.scale, output, scales=scales)
             extra = {} if scales is None else {"scales": scales}
             if self._density is not None:
                 extra["stats"] = self._density.counts(layer_index(layer.layer_name), query.device)
-            self.dynamic_op.run(query, key_cache, value_cache, block_plan, params, self.scale, output,
+            self.dynamic_op.run(query, key_cache, value_cache, plan, params, self.scale, output,
                                 **extra)
         else:
             self.triangle_op.run(query, key_cache, value_cache, plan, params, self.scale, output,

@@ -4,8 +4,8 @@ Dense layers, decode tokens and short prompts run vLLM's FlashAttention
 backend (FA3 on Hopper) unchanged, decode batches with full CUDA graphs; the
 prompt rows of triangle layers run :class:`TritonTriangleOp` on the same
 paged KV cache, viewed exactly as the stock impl views it; the prompt rows of
-dynamic layers run :class:`TritonXAttentionOp` (their dense last rows the
-triangle op, every row dense).
+dynamic layers run :class:`TritonXAttentionOp`. The dense last rows of both run
+the stock FlashAttention (backends/common.py).
 
 fp8 KV cache (``--kv-cache-dtype fp8``): the stock FA3 path quantizes the
 query in the attention layer, before the impl; triangle rows read that same

@@ -74,7 +74,8 @@ class TriangleMixFlashInferMetadataBuilder(TriangleMixBuilderMixin, FlashInferMe
         self.warm_up_kernels(vllm_config, device)
         # Built now, inside vLLM's config context: FlashInfer's builder reads
         # the current vLLM config, which is not set while batches run.
-        self._subset_builder().owner = self
+        for n_last in self.n_lasts:
+            self._subset_builder(n_last).owner = self
 
 
 class TriangleMixFlashInferImpl(TriangleMixImplMixin, FlashInferImpl):

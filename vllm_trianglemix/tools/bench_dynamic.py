@@ -10,7 +10,8 @@ K/V in vLLM's FlashAttention paged cache (page 16):
   each step's rows, summed over the steps;
 * dynamic layer (XAttention block 128, stride 8, n_last 128): per step the
   repack of the step's keys and values, the estimate, the selection, the
-  block-sparse attention and the dense last rows (triangle kernel), each timed,
+  block-sparse attention and the dense last rows (FA3: the engine leaves them to the stock
+  backend), each timed,
   and the whole layer timed as the backend runs it; once per kernel set
   (``--variants``, VARIANTS below): ``default`` (the kernels' defaults, or the
   sweep's choice; on Hopper the attention is FA4's CuTe-DSL block-sparse
@@ -47,13 +48,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from vllm_trianglemix.pattern import (
-    DynamicParams,
-    dense_row_params,
-    dense_start,
-    plan_blocks,
-    plan_query_blocks,
-)
+from vllm_trianglemix.pattern import DynamicParams, dense_start, plan_query_blocks
 from vllm_trianglemix.tools.bench import command_line, require_cuda
 
 # torch and numpy are imported where they are used, so that `bench dynamic -h`
@@ -159,14 +154,14 @@ def _time_ms(fn, reps: int) -> float:
 class _Step:
     """One prefill step of the sequence: rows [p0, p0 + n) against keys [0, p0 + n)."""
 
-    def __init__(self, L, p0, n, q, kc, vc, bt, dyn, tri, scale):
+    def __init__(self, L, p0, n, q, kc, vc, bt, dyn, scale):
         import numpy as np
         import torch
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         self.L, self.p0, self.n = L, p0, n
         self.q, self.kc, self.vc, self.scale = q[p0: p0 + n], kc, vc, scale
-        self.dyn, self.tri = dyn, tri
+        self.dyn = dyn
         self.out = torch.empty_like(self.q)
         self.out_fa = torch.empty_like(self.q)
         qsl, seq = np.array([0, n]), np.array([p0 + n])
@@ -174,27 +169,27 @@ class _Step:
         cam = _Cam(bt)
         t0 = time.perf_counter()
         block_plan = plan_query_blocks(qsl, seq, self.dense_from, np.array([0]), BLOCK)
-        dense_plan = plan_blocks(qsl, seq, self.dense_from, np.array([0]), dense_row_params(N_LAST),
-                                 tri.block_q, tri.split_kv, dense_rows_only=True)
         self.prep = dyn.prepare(block_plan, self.dense_from, cam)
-        self.tri_prep = tri.prepare(dense_plan, self.dense_from, cam)
         torch.cuda.synchronize()
         self.plan_ms = (time.perf_counter() - t0) * 1e3
-        self.has_dense = dense_plan.num_items > 0
+        d0 = min(max(int(self.dense_from[0]) - p0, 0), n)  # the step's first dense row
+        self.has_dense = d0 < n
         cu = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+        cu_dense = torch.tensor([0, n - d0], dtype=torch.int32, device=q.device)
         used = torch.tensor([p0 + n], dtype=torch.int32, device=q.device)
 
-        def fa3():
-            flash_attn_varlen_func(q=self.q, k=kc, v=vc, out=self.out_fa, cu_seqlens_q=cu,
-                                   max_seqlen_q=n, seqused_k=used, max_seqlen_k=p0 + n,
+        def fa3(rows=0, out=self.out_fa, cu=cu):
+            flash_attn_varlen_func(q=self.q[rows:], k=kc, v=vc, out=out[rows:], cu_seqlens_q=cu,
+                                   max_seqlen_q=n - rows, seqused_k=used, max_seqlen_k=p0 + n,
                                    softmax_scale=scale, causal=True, block_table=bt, fa_version=3)
 
         self.fa3 = fa3
+        self._dense_rows = lambda: fa3(d0, self.out, cu_dense)
 
     def dense_rows(self):
+        """The step's rows at or past the dense start, as the engine runs them: the stock backend's FA3."""
         if self.has_dense:
-            self.tri.run(self.q, self.kc, self.vc, self.tri_prep, dense_row_params(N_LAST), self.scale,
-                         self.out)
+            self._dense_rows()
 
     def layer(self, params, dyn=None):
         self.dense_rows()
@@ -354,13 +349,12 @@ def run(args) -> int:
     import numpy as np  # noqa: F401
     import torch
 
-    from vllm_trianglemix.backends.cuda import flash_kv_cache_views, triangle_op
+    from vllm_trianglemix.backends.cuda import flash_kv_cache_views
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp, XAttnKernelConfig
 
     dev = DEVICE
     torch.manual_seed(0)
     heads, kv_heads, dim, page = shape.heads, shape.kv_heads, shape.head_dim, shape.page
-    tri = triangle_op(heads, kv_heads, dim)
     base = XAttnKernelConfig.from_env(dim)
     ops = {v: TritonXAttentionOp(heads, kv_heads, dim,
                                  config=base.with_overrides(VARIANTS[v]) if VARIANTS[v] else base)
@@ -375,7 +369,7 @@ def run(args) -> int:
         q = torch.randn(L, heads, dim, device=dev, dtype=getattr(torch, DTYPE))
         chunk = args.chunk if args.chunk > 0 else L
         first = ops[args.variants[0]]
-        steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, first, tri, scale)
+        steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, first, scale)
                  for p0 in range(0, L, chunk)]
         last = steps[-1]
         if not swept:
