@@ -90,11 +90,10 @@ def make_batch(requests, num_heads, num_kv_heads, head_dim, block_size, dtype=to
     )
 
 
-def plan_for(batch: PagedBatch, params: TriangleParams, min_prompt_len: int, block_q: int,
-             split_kv: int = 0):
+def plan_for(batch: PagedBatch, params: TriangleParams, min_prompt_len: int, block_q: int):
     dense_from = dense_start(batch.prompt_lens, params.n_last, min_prompt_len)
     reqs = np.arange(len(batch.seq_lens))
-    plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs, params, block_q, split_kv)
+    plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs, params, block_q)
     return plan, dense_from
 
 

@@ -100,11 +100,6 @@ class BlockPlan:
     the union of ``[0, sink_end)`` and ``[k_start, k_end)``; within those
     ranges :func:`visible` decides key by key. Rows of one item are either all
     triangle rows or all dense rows (blocks are cut at the dense start).
-
-    A dense item over a long key range is split into several items that share
-    ``q_tok`` and differ in ``[k_start, k_end)``; ``split_id`` numbers the
-    partial results to merge (``-1``: the item writes its rows directly) and
-    ``merge_*`` describe, per split block, which partials form its rows.
     """
 
     req: np.ndarray
@@ -114,20 +109,10 @@ class BlockPlan:
     sink_end: np.ndarray
     k_start: np.ndarray
     k_end: np.ndarray
-    split_id: np.ndarray
-    # one entry per split block
-    merge_q_tok: np.ndarray
-    merge_n_q: np.ndarray
-    merge_first_split: np.ndarray
-    merge_num_splits: np.ndarray
 
     @property
     def num_items(self) -> int:
         return int(self.req.shape[0])
-
-    @property
-    def num_partials(self) -> int:
-        return int(self.merge_num_splits.sum()) if self.merge_num_splits.size else 0
 
 
 def block_key_ranges(q_lo, q_hi, is_dense, n_init: int, n_local: int):
@@ -157,7 +142,7 @@ def plan_blocks(
     reqs,
     params: TriangleParams,
     block_q: int,
-    split_kv: int = 0,
+    *,
     rows: str = "all",
 ) -> BlockPlan:
     """Cut the query rows of requests ``reqs`` into work items.
@@ -166,9 +151,8 @@ def plan_blocks(
     (num_reqs each) describe the batch; request ``r``'s query rows are the
     last ``query_start_loc[r+1] - query_start_loc[r]`` positions of its
     ``seq_lens[r]`` tokens. Blocks hold at most ``block_q`` rows and are cut
-    at each request's dense start. With ``split_kv > 0`` a dense block whose
-    key range is longer than ``split_kv`` becomes one item per ``split_kv``
-    keys. Items come heaviest first (most keys), so the longest start first.
+    at each request's dense start; each block is one item. Items come
+    heaviest first (most keys), so the longest start first.
     ``rows``: ``"all"``, ``"dense"`` (only the rows at or past each dense
     start) or ``"triangle"`` (only the rows below it; the engine leaves the
     dense rows to the stock backend).
@@ -205,36 +189,14 @@ def plan_blocks(
         b_lo, b_hi, b_dense, params.n_init, params.n_local
     )
 
-    # Split long dense blocks into items of split_kv keys.
-    n_splits = np.ones_like(b_lo)
-    if split_kv > 0:
-        n_splits = np.where(
-            b_dense & (k_end - k_start > split_kv), -(-(k_end - k_start) // split_kv), 1
-        )
-    rep = np.repeat(np.arange(b_lo.shape[0]), n_splits)
-    within = np.arange(rep.shape[0]) - np.repeat(np.cumsum(n_splits) - n_splits, n_splits)
-    is_split = (n_splits > 1)[rep]
-    it_k_start = np.where(is_split, k_start[rep] + within * max(split_kv, 1), k_start[rep])
-    it_k_end = np.where(is_split, np.minimum(it_k_start + split_kv, k_end[rep]), k_end[rep])
-    split_blocks = np.nonzero(n_splits > 1)[0]
-    first_split = np.cumsum(n_splits[split_blocks]) - n_splits[split_blocks]
-    block_first = np.full(b_lo.shape, -1, dtype=np.int64)
-    block_first[split_blocks] = first_split
-    split_id = np.where(is_split, block_first[rep] + within, -1)
-
     plan = BlockPlan(
-        req=b_req[rep],
-        q_tok=b_tok[rep],
-        q_pos=b_lo[rep],
-        n_q=(b_hi - b_lo + 1)[rep],
-        sink_end=sink_end[rep],
-        k_start=it_k_start,
-        k_end=it_k_end,
-        split_id=split_id,
-        merge_q_tok=b_tok[split_blocks],
-        merge_n_q=(b_hi - b_lo + 1)[split_blocks],
-        merge_first_split=first_split,
-        merge_num_splits=n_splits[split_blocks],
+        req=b_req,
+        q_tok=b_tok,
+        q_pos=b_lo,
+        n_q=b_hi - b_lo + 1,
+        sink_end=sink_end,
+        k_start=k_start,
+        k_end=k_end,
     )
     order = np.argsort(-(plan.k_end - plan.k_start + plan.sink_end), kind="stable")
     for name in ITEM_FIELDS:
@@ -242,7 +204,7 @@ def plan_blocks(
     return plan
 
 
-ITEM_FIELDS = ("req", "q_tok", "q_pos", "n_q", "sink_end", "k_start", "k_end", "split_id")
+ITEM_FIELDS = ("req", "q_tok", "q_pos", "n_q", "sink_end", "k_start", "k_end")
 
 
 # ---------------------------------------------------------------------------

@@ -70,8 +70,7 @@ def warm_up(triangle_op, dynamic_op, triangle_sets, dynamic_sets, dtype: torch.d
     for q, kc, vc, scales in variants:
         for params in triangle_sets:
             dense_from = dense_start(np.array([length]), params.n_last, 0)
-            plan = plan_blocks(qsl, seq, dense_from, reqs, params, triangle_op.block_q, triangle_op.split_kv,
-                               rows="triangle")
+            plan = plan_blocks(qsl, seq, dense_from, reqs, params, triangle_op.block_q, rows="triangle")
             triangle_op.run(q, kc, vc, triangle_op.prepare(plan, dense_from, cam), params, 0.1, output,
                             scales=scales)
         for params in dynamic_sets:

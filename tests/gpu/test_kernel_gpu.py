@@ -4,8 +4,8 @@ Skipped without a CUDA GPU. On the device: bf16 and fp16, GQA ratios 1/4/8
 (and a non-power-of-two group), head sizes 64/128/256, several requests per
 batch with chunks that start and end inside the window and inside the last
 rows, prompt lengths that are not multiples of the block size, n_init 0 and
-larger than a block, n_local smaller and larger than a chunk, dense rows split
-over many programs and merged. Outputs are poisoned with NaN first, so an
+larger than a block, n_local smaller and larger than a chunk, long dense rows
+(one program per block and KV head). Outputs are poisoned with NaN first, so an
 unwritten row fails. One test writes the cache with vLLM's own FlashAttention
 cache layout and ``reshape_and_cache_flash`` and compares with FA3 itself.
 """
@@ -46,7 +46,7 @@ def _op(heads, kv_heads, head_dim, **cfg):
 def _run(op, batch, params, min_len):
     from tests.paged import FakeCommonMetadata
 
-    plan, dense_from = plan_for(batch, params, min_len, op.block_q, op.split_kv)
+    plan, dense_from = plan_for(batch, params, min_len, op.block_q)
     prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
     out = torch.full_like(batch.query, float("nan"))
     op.run(batch.query, batch.key_cache, batch.value_cache, prepared, params, batch.scale, out)
@@ -67,15 +67,13 @@ CASES = [
 @pytest.mark.parametrize("batch_name,params_name,heads,head_dim,dtype,block_size", CASES)
 def test_kernel_matches_reference(batch_name, params_name, heads, head_dim, dtype, block_size):
     params, min_len = PARAMS[params_name]
-    op = _op(*heads, head_dim, split_kv=4096)
+    op = _op(*heads, head_dim)
     batch = make_batch(BATCHES[batch_name], *heads, head_dim, block_size, dtype=dtype,
                        device="cuda", seed=len(batch_name))
-    out, plan = _run(op, batch, params, min_len)
+    out, _ = _run(op, batch, params, min_len)
     assert not torch.isnan(out).any(), "unwritten or NaN rows"
     err = relative_error(out, reference_output(batch, params, min_len))
     assert err < 1.5e-2, err
-    if batch_name == "long_dense_tail":
-        assert plan.num_partials > 0
 
 
 def test_wrong_mask_is_detected_on_gpu():
@@ -108,10 +106,10 @@ def test_kernel_fp8_cache_matches_reference(batch_name, params_name, heads, head
     k_scale = (torch.linspace(0.015, 0.04, kv_heads) if per_head else torch.tensor(0.02)).cuda()
     v_scale = (torch.linspace(0.02, 0.03, kv_heads) if per_head else torch.tensor(0.025)).cuda()
     q_scale = torch.tensor(0.015, device="cuda")
-    op = _op(*heads, head_dim, split_kv=4096)
+    op = _op(*heads, head_dim)
     batch = to_fp8(make_batch(BATCHES[batch_name], *heads, head_dim, block_size, dtype=dtype,
                               device="cuda", seed=11), k_scale, v_scale, q_scale if fp8_q else None)
-    plan, dense_from = plan_for(batch, params, min_len, op.block_q, op.split_kv)
+    plan, dense_from = plan_for(batch, params, min_len, op.block_q)
     out = torch.full(batch.query.shape, float("nan"), dtype=dtype, device="cuda")
     op.run(batch.query, batch.key_cache, batch.value_cache,
            op.prepare(plan, dense_from, FakeCommonMetadata(batch)), params, batch.scale, out,
@@ -219,9 +217,8 @@ def _flash_cache_check(fp8: bool = False):
                        np.array(seq), np.array([p for p, _, _ in reqs]), ref_keys, ref_values,
                        d ** -0.5, reference_query=q_ref)
     params = TriangleParams(8, 512, 128)
-    op = _op(heads, kv_heads, d, split_kv=2048)
-    plan, dense_from = plan_for(batch, params, min_prompt_len=10**9, block_q=op.block_q,
-                                split_kv=op.split_kv)
+    op = _op(heads, kv_heads, d)
+    plan, dense_from = plan_for(batch, params, min_prompt_len=10**9, block_q=op.block_q)
     out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
     from vllm_trianglemix.ops.fp8 import Fp8Scales
 

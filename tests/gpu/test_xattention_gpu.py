@@ -159,8 +159,7 @@ def _run_layer(batch, params, heads, kv_heads, d, select=None, overrides="", sca
     block_plan = plan_query_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
                                    params.block_size)
     dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
-                             dense_row_params(params.n_last), tri.block_q, tri.split_kv,
-                             rows="dense")
+                             dense_row_params(params.n_last), tri.block_q, rows="dense")
     cam = FakeCommonMetadata(batch)
     out_dtype = torch.bfloat16 if batch.query.dtype == torch.float8_e4m3fn else batch.query.dtype
     out = torch.full(batch.query.shape, float("nan"), dtype=out_dtype, device="cuda")

@@ -10,6 +10,7 @@ bfloat16 is checked on the GPU only.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,8 +43,8 @@ PARAMS = {
 HEADS = {"mha": (4, 4), "gqa4": (8, 2), "gqa8": (8, 1), "gqa3": (6, 2)}
 
 
-def _run(op, batch, params, min_prompt_len, split_kv=0, scales=None, out_dtype=None):
-    plan, dense_from = plan_for(batch, params, min_prompt_len, op.block_q, split_kv)
+def _run(op, batch, params, min_prompt_len, scales=None, out_dtype=None):
+    plan, dense_from = plan_for(batch, params, min_prompt_len, op.block_q)
     prepared = op.prepare(plan, dense_from, FakeCommonMetadata(batch))
     # poison: every row must be written
     out = torch.full(batch.query.shape, float("nan"), dtype=out_dtype or batch.query.dtype)
@@ -89,8 +90,7 @@ def _triton_op(num_heads, num_kv_heads, head_dim, **cfg):
         pytest.skip("needs TRITON_INTERPRET=1 before Triton is imported (tests/conftest.py sets it)")
     from vllm_trianglemix.ops import triangle_triton as tt
 
-    config = tt.KernelConfig(**{"block_m": 32, "block_n": 16, "num_warps": 1, "num_stages": 1,
-                                "split_kv": 0, **cfg})
+    config = tt.KernelConfig(**{"block_m": 32, "block_n": 16, "num_warps": 1, "num_stages": 1, **cfg})
     return tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=config)
 
 
@@ -123,14 +123,17 @@ def test_triton_kernel_other_mask_modes(mask_mode):
     assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5
 
 
-def test_triton_kernel_split_rows_merge():
-    """Dense rows over long contexts split into partials and merge exactly."""
+def test_triton_kernel_long_dense_rows():
+    """Dense rows over long contexts (in a plan of every row; the engine leaves them to the
+    stock backend): one item per block, each over all of its keys, exact."""
     params, min_len = PARAMS["paper_like"]
-    op = _triton_op(8, 2, 64, split_kv=48)
+    op = _triton_op(8, 2, 64)
     batch = make_batch(BATCHES["long_dense_tail"] + [(300, 0, 300)], 8, 2, 64, 16, seed=5)
-    plan, _ = plan_for(batch, params, min_len, op.block_q, op.split_kv)
-    assert plan.num_partials > 0
-    out = _run(op, batch, params, min_len, split_kv=op.split_kv)
+    plan, dense_from = plan_for(batch, params, min_len, op.block_q)
+    dense = plan.q_pos >= dense_from[plan.req]
+    assert dense.any() and np.array_equal(plan.k_end[dense], plan.q_pos[dense] + plan.n_q[dense])
+    assert not plan.k_start[dense].any() and not plan.sink_end[dense].any()
+    out = _run(op, batch, params, min_len)
     assert not torch.isnan(out).any()
     assert relative_error(out, reference_output(batch, params, min_len)) < 1e-5
 
@@ -142,26 +145,26 @@ K_SCALE, V_SCALE, Q_SCALE = torch.tensor([0.02, 0.05]), torch.tensor(0.03), torc
 
 
 @pytest.mark.parametrize(
-    "batch_name,split_kv,fp8_query",
-    [("mixed", 0, False), ("long_dense_tail", 48, False), ("mixed", 0, True)],
+    "batch_name,fp8_query",
+    [("mixed", False), ("long_dense_tail", False), ("mixed", True)],
 )
-def test_triton_kernel_fp8_cache_interpreted(batch_name, split_kv, fp8_query):
+def test_triton_kernel_fp8_cache_interpreted(batch_name, fp8_query):
     """An fp8 cache read with its scales equals float32 attention on the dequantized cache;
     with an fp8 query (vLLM quantizes it for FA3) the query's scale is applied too."""
     from vllm_trianglemix.ops.fp8 import Fp8Scales
 
     params, min_len = PARAMS["paper_like"]
-    op = _triton_op(8, 2, 64, split_kv=split_kv)
+    op = _triton_op(8, 2, 64)
     batch = to_fp8(make_batch(BATCHES[batch_name], 8, 2, 64, 16, seed=8), K_SCALE, V_SCALE,
                    Q_SCALE if fp8_query else None)
     out_dtype = torch.float16 if fp8_query else torch.float32
-    out = _run(op, batch, params, min_len, split_kv, Fp8Scales(Q_SCALE, K_SCALE, V_SCALE), out_dtype)
+    out = _run(op, batch, params, min_len, Fp8Scales(Q_SCALE, K_SCALE, V_SCALE), out_dtype)
     assert not torch.isnan(out).any()
     ref = reference_output(batch, params, min_len)
     assert relative_error(out, ref) < (2e-3 if fp8_query else 1e-5)
     # the check can fail: ignoring the scales is far off
     one = torch.tensor(1.0)
-    unscaled = _run(op, batch, params, min_len, split_kv, Fp8Scales(one, one, one), out_dtype)
+    unscaled = _run(op, batch, params, min_len, Fp8Scales(one, one, one), out_dtype)
     assert relative_error(unscaled, ref) > 0.5
 
 

@@ -57,9 +57,9 @@ def test_tile_shortcuts_never_hide_a_key():
             assert all(visible(q, k, ds, 3, 9) for q in range(q_lo, q_hi + 1))
 
 
-def _check_plan_covers_rule(qsl, seq, dense_from, params, block_q, split_kv):
-    plan = plan_blocks(qsl, seq, dense_from, np.arange(len(seq)), params, block_q, split_kv)
-    covered = {}  # (req, q) -> list of key sets from items
+def _check_plan_covers_rule(qsl, seq, dense_from, params, block_q):
+    plan = plan_blocks(qsl, seq, dense_from, np.arange(len(seq)), params, block_q)
+    covered = {}  # (req, q) -> key sets of the items that hold the row
     for i in range(plan.num_items):
         r, q0, n = int(plan.req[i]), int(plan.q_pos[i]), int(plan.n_q[i])
         assert 1 <= n <= block_q
@@ -74,17 +74,14 @@ def _check_plan_covers_rule(qsl, seq, dense_from, params, block_q, split_kv):
         first = seq[r] - (qsl[r + 1] - qsl[r])
         for q in range(first, seq[r]):
             sets = covered.pop((r, q))
-            if len(sets) > 1:  # split: disjoint pieces of one row
-                assert sum(len(s) for s in sets) == len(set().union(*sets))
-            union = set().union(*sets)
+            assert len(sets) == 1, "a row in several items"
             needed = {k for k in range(q + 1) if visible(q, k, dense_from[r], params.n_init, params.n_local)}
-            assert needed <= union
+            assert needed <= sets[0]
     assert not covered
     return plan
 
 
-@pytest.mark.parametrize("split_kv", [0, 16])
-def test_plan_covers_every_visible_key_once(split_kv):
+def test_plan_covers_every_visible_key_once():
     rng = np.random.default_rng(0)
     for _ in range(30):
         n = rng.integers(1, 4)
@@ -95,7 +92,7 @@ def test_plan_covers_every_visible_key_once(split_kv):
         prompt = seq + rng.integers(-30, 10, size=n)
         params = TriangleParams(int(rng.integers(0, 6)), int(rng.integers(1, 30)), int(rng.integers(0, 20)))
         ds = dense_start(prompt, params.n_last, min_prompt_len=int(rng.integers(0, 60)))
-        plan = _check_plan_covers_rule(qsl, seq, ds, params, block_q=int(rng.choice([4, 8, 16])), split_kv=split_kv)
+        plan = _check_plan_covers_rule(qsl, seq, ds, params, block_q=int(rng.choice([4, 8, 16])))
         weights = plan.k_end - plan.k_start + plan.sink_end
         assert np.all(np.diff(weights) <= 0), "heaviest items first"
 
@@ -121,12 +118,17 @@ def test_plan_rows_split_at_the_dense_start():
         seq = rng.integers(0, 80, size=n) + q_lens
         qsl = np.concatenate([[0], np.cumsum(q_lens)])
         ds = dense_start(seq + rng.integers(0, 20, size=n), params.n_last, 0)
-        plans = {rows: plan_blocks(qsl, seq, ds, np.arange(n), params, 8, 16, rows=rows)
+        plans = {rows: plan_blocks(qsl, seq, ds, np.arange(n), params, 8, rows=rows)
                  for rows in ("all", "dense", "triangle")}
         tri, dense = _rows(plans["triangle"]), _rows(plans["dense"])
         assert all(p < ds[r] for r, p in tri) and all(p >= ds[r] for r, p in dense)
         assert tri | dense == _rows(plans["all"]) and not tri & dense
-        assert plans["triangle"].num_partials == 0  # only dense rows are split
+
+
+def test_plan_refuses_unknown_rows():
+    qsl, seq, ds = np.array([0, 10]), np.array([10]), np.array([5])
+    with pytest.raises(ValueError, match="rows='bogus'"):
+        plan_blocks(qsl, seq, ds, np.arange(1), TriangleParams(4, 16, 5), 8, rows="bogus")
 
 
 def test_rows_left_to_the_stock_backend():

@@ -4,6 +4,7 @@ vLLM for its Ray actors (checked with vLLM's own list of what it copies)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -83,6 +84,23 @@ def test_readers_use_the_new_names(monkeypatch, warnings):
         assert metrics.engine_dir() == path and len(warnings) == 1
     finally:
         Path(path).rmdir()
+
+
+@pytest.mark.parametrize("name", [KERNEL_CONFIG, "VLLM_" + KERNEL_CONFIG])
+def test_retired_kernel_field_is_ignored_with_one_warning(monkeypatch, warnings, name):
+    """``split_kv`` (long dense rows split over programs; the stock backend computes them now)
+    in an earlier release's kernel config, under either name: ignored, with one warning; an
+    unknown field is still refused."""
+    from vllm_trianglemix.ops.triangle_triton import KernelConfig
+
+    monkeypatch.setenv(name, "block_n=16,split_kv=8192")
+    assert KernelConfig.from_env(128) == dataclasses.replace(KernelConfig.default_for(128), block_n=16)
+    assert sum("split_kv=8192 no longer choose anything" in m for m in warnings) == 1
+    monkeypatch.setenv(name, "split_kv=2048")
+    assert KernelConfig.from_env(256) == KernelConfig.default_for(256)
+    monkeypatch.setenv(name, "split_kvv=2048")
+    with pytest.raises(ValueError, match=f"{KERNEL_CONFIG}: unknown field 'split_kvv'"):
+        KernelConfig.from_env(128)
 
 
 def test_one_warning_line_per_process_in_vllms_format(tmp_path):

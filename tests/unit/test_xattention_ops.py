@@ -65,7 +65,7 @@ def _run_layer(dyn_op, tri_op, block_q, batch, params, select=select_key_blocks,
     """One dynamic layer: dense rows on the triangle op, the others on the dynamic op."""
     dense_from, reqs, block_plan = _plans(batch, params)
     dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
-                             dense_row_params(params.n_last), block_q, 0, rows="dense")
+                             dense_row_params(params.n_last), block_q, rows="dense")
     cam = FakeCommonMetadata(batch)
     dtype = torch.float32 if batch.query.dtype == torch.float8_e4m3fn else batch.query.dtype
     out = torch.full(batch.query.shape, float("nan"), dtype=dtype)  # poison: every row must be written
@@ -229,7 +229,7 @@ def test_torch_op_reads_an_fp8_cache_exactly(batch_name, params_name, seed, fp8_
     recorder = _Recorder()
     dense_from, reqs, block_plan = _plans(batch, params)
     dense_plan = plan_blocks(batch.query_start_loc, batch.seq_lens, dense_from, reqs,
-                             dense_row_params(params.n_last), 32, 0, rows="dense")
+                             dense_row_params(params.n_last), 32, rows="dense")
     cam = FakeCommonMetadata(batch)
     out = torch.full(batch.query.shape, float("nan"))
     tri, dyn = TorchTriangleOp(), TorchXAttentionOp()
@@ -275,7 +275,7 @@ def _triton_ops(num_heads, num_kv_heads, head_dim, **config):
     from vllm_trianglemix.ops import xattention_triton as xt
 
     tri = tt.TritonTriangleOp(num_heads, num_kv_heads, head_dim, config=tt.KernelConfig(
-        block_m=32, block_n=16, num_warps=1, num_stages=1, split_kv=0))
+        block_m=32, block_n=16, num_warps=1, num_stages=1))
     small = dict(est_block_m=32, est_block_n=16, est_num_warps=1, est_num_stages=1,
                  block_m=32, block_n=16, num_warps=1, num_stages=1)
     dyn = xt.TritonXAttentionOp(num_heads, num_kv_heads, head_dim,

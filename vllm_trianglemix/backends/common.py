@@ -179,15 +179,16 @@ class TriangleMixBuilderMixin:
         if route is None:
             return full
         min_prompt_len = self.layer_map.min_prompt_len
+        dense_starts = {n_last: dense_start(route.prompt_len, n_last, min_prompt_len)
+                        for n_last in self.n_lasts}
         stock = {}
-        for n_last in self.n_lasts:
-            dense_from = dense_start(route.prompt_len, n_last, min_prompt_len)
+        for n_last, dense_from in dense_starts.items():
             built, stock[n_last] = self._build_stock_rows(cam, route, dense_from, n_last, fast_build)
             if not built:
                 return full
         plans = {}
         for params in self.param_sets:
-            dense_from = dense_start(route.prompt_len, params.n_last, min_prompt_len)
+            dense_from = dense_starts[params.n_last]
             plan = plan_blocks(
                 route.query_start_loc,
                 route.seq_lens,
@@ -195,12 +196,11 @@ class TriangleMixBuilderMixin:
                 route.triangle_reqs,
                 params,
                 self.triangle_op.block_q,
-                self.triangle_op.split_kv,
                 rows="triangle",
             )
             plans[params] = self.triangle_op.prepare(plan, dense_from, cam)
         for params in self.dynamic_sets:
-            dense_from = dense_start(route.prompt_len, params.n_last, min_prompt_len)
+            dense_from = dense_starts[params.n_last]
             block_plan = plan_query_blocks(
                 route.query_start_loc, route.seq_lens, dense_from, route.triangle_reqs,
                 params.block_size,

@@ -27,7 +27,6 @@ class TorchPlan:
 
 class TorchTriangleOp:
     block_q = 256
-    split_kv = 0  # one item per block: no partial results to merge
 
     def prepare(self, plan: BlockPlan, dense_from: np.ndarray, cam) -> TorchPlan:
         return TorchPlan(plan, dense_from, cam.block_table_tensor)

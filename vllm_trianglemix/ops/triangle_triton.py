@@ -10,13 +10,12 @@ ranges (sinks, then the window or the whole row), reading K/V through the
 block table with the strides of the cache views it is given (the layout of
 the stock backend, never assumed), masks with :func:`pattern.visible` only
 where :func:`pattern.tile_fully_visible` says a tile needs it, and keeps an
-online softmax in float32.
+online softmax in float32. Items come heaviest first, so long items start
+first.
 
-Dense rows over long contexts are split into items of ``split_kv`` keys
-(``plan_blocks`` does it) so that the last ``n_last`` rows of a 128K prompt
-spread over many programs; their partial results (normalised output and
-log-sum-exp) are merged by a second, small kernel, launched only when a batch
-has split rows. Items come heaviest first, so long items start first.
+In the engine the plan holds only the rows below each dense start (the last
+``n_last`` rows run on the stock backend); plans that hold dense rows too (the
+op-level tests) are computed the same way, one item per block.
 """
 
 from __future__ import annotations
@@ -30,12 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm.logger import init_logger
+
 from vllm_trianglemix import pattern, settings
 from vllm_trianglemix.ops.fp8 import Fp8Scales, kernel_fp8_args
 from vllm_trianglemix.pattern import ITEM_FIELDS, BlockPlan, TriangleParams
 
 LOG2E = 1.4426950408889634
 CONFIG_ENV = settings.KERNEL_CONFIG
+RETIRED_FIELDS = ("split_kv",)
+"""Fields of earlier releases, ignored with one warning: ``split_kv`` split long dense rows over
+several programs, and the stock backend now computes the dense rows."""
+
+logger = init_logger("vllm.trianglemix")
 
 
 def _jit_rule(fn):
@@ -148,12 +154,12 @@ def _attend_tiles(
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block table's width varies by engine
 def _triangle_attention_kernel(
-    Q, K, V, O, O_part, LSE_part,
+    Q, K, V, O,
     items, dense_from_ptr, block_table,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_bt, num_kv_heads, num_q_heads, block_size, n_init, n_local, qk_scale,
+    stride_bt, num_kv_heads, block_size, n_init, n_local, qk_scale,
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_SINK: tl.constexpr, HEAD_D: tl.constexpr,
@@ -163,7 +169,7 @@ def _triangle_attention_kernel(
     pid = tl.program_id(0)
     item = pid // num_kv_heads
     kv_head = pid % num_kv_heads
-    it = items + item * 8
+    it = items + item * 7
     req = tl.load(it + 0)
     q_tok = tl.load(it + 1)
     q_lo = tl.load(it + 2)
@@ -171,7 +177,6 @@ def _triangle_attention_kernel(
     sink_end = tl.load(it + 4)
     k_start = tl.load(it + 5)
     k_end = tl.load(it + 6)
-    split_id = tl.load(it + 7)
     dense_from = tl.load(dense_from_ptr + req)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -247,55 +252,9 @@ def _triangle_attention_kernel(
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
             qk_scale, BLOCK_N, HEAD_D, 2, KV_FP8,
         )
-    seen_any = l_i > 0.0
-    out = acc * (out_scale / tl.where(seen_any, l_i, 1.0))[:, None]
-    if split_id < 0:
-        tl.store(
-            O + tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
-            out.to(O.dtype.element_ty), mask=row_ok[:, None],
-        )
-    else:
-        # Partial result of one split of a dense block: rows [BLOCK_Q] per head.
-        prow = (split_id.to(tl.int64) * num_q_heads + q_head) * BLOCK_Q + i
-        tl.store(O_part + prow[:, None] * HEAD_D + offs_d[None, :], out, mask=row_ok[:, None])
-        lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("-inf"))
-        tl.store(LSE_part + prow, lse, mask=row_ok)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    O, O_part, LSE_part, merges, stride_ot, stride_oh, num_q_heads,
-    BLOCK_Q: tl.constexpr, HEAD_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    block = pid // num_q_heads
-    head = (pid % num_q_heads).to(tl.int64)
-    mg = merges + block * 4
-    q_tok = tl.load(mg + 0)
-    n_q = tl.load(mg + 1)
-    first = tl.load(mg + 2)
-    count = tl.load(mg + 3)
-    i = tl.arange(0, BLOCK_Q)
-    row_ok = i < n_q
-    offs_d = tl.arange(0, HEAD_D)
-    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    w = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, HEAD_D], dtype=tl.float32)
-    for s in range(first, first + count):
-        prow = (s * num_q_heads + head) * BLOCK_Q + i
-        lse = tl.load(LSE_part + prow, mask=row_ok, other=float("-inf"))
-        part = tl.load(O_part + prow[:, None] * HEAD_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        beta = tl.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + part * beta[:, None]
-        w = w * alpha + beta
-        m = m_new
-    out = acc / tl.where(w > 0.0, w, 1.0)[:, None]
-    tok = (q_tok + i).to(tl.int64)
+    out = acc * (out_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
     tl.store(
-        O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        O + tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
         out.to(O.dtype.element_ty), mask=row_ok[:, None],
     )
 
@@ -307,7 +266,6 @@ class KernelConfig:
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3
-    split_kv: int = 8192
     mask_mode: int = 0  # 0: one loop, a per-tile check; 1: masked/unmasked/masked loops; 2: one loop, every tile masked
 
     @classmethod
@@ -321,17 +279,30 @@ class KernelConfig:
         """Defaults, with ``TRIANGLEMIX_KERNEL_CONFIG="block_n=64,num_warps=8"`` overrides."""
         config = cls.default_for(head_size)
         text = settings.env_setting(CONFIG_ENV, "").strip()
-        return with_overrides(config, text, CONFIG_ENV) if text else config
+        return config.with_overrides(text, CONFIG_ENV) if text else config
+
+    def with_overrides(self, text: str, source: str = "config") -> "KernelConfig":
+        return with_overrides(self, text, source, RETIRED_FIELDS)
 
 
-def with_overrides(config, text: str, source: str):
-    """A kernel config dataclass with ``"field=int,field=int"`` overrides (errors name ``source``)."""
-    values = {}
+def with_overrides(config, text: str, source: str, retired_fields=()):
+    """A kernel config dataclass with ``"field=int,field=int"`` overrides (errors name ``source``).
+
+    Fields of ``retired_fields`` (those of earlier releases that no longer choose anything) are
+    ignored with one warning, so that an old setting keeps working."""
+    values, retired = {}, []
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if key.strip() not in config.__dataclass_fields__:
-            raise ValueError(f"{source}: unknown field '{key.strip()}'")
-        values[key.strip()] = int(value)
+        key = key.strip()
+        if key in retired_fields:
+            retired.append(part.strip())
+        elif key not in config.__dataclass_fields__:
+            raise ValueError(f"{source}: unknown field '{key}'")
+        else:
+            values[key] = int(value)
+    if retired:
+        logger.warning("%s: %s no longer choose anything (what they chose was removed); ignored",
+                       source, ", ".join(retired))
     return dataclasses.replace(config, **values)
 
 
@@ -341,13 +312,10 @@ def _next_pow2(n: int) -> int:
 
 @dataclass
 class TritonPlan:
-    items: torch.Tensor  # int32 [num_items, 8], ITEM_FIELDS order
-    merges: torch.Tensor  # int32 [num_merges, 4]
+    items: torch.Tensor  # int32 [num_items, 7], ITEM_FIELDS order
     dense_from: torch.Tensor  # int32 [num_reqs]
     block_table: torch.Tensor
     num_items: int
-    num_merges: int
-    num_partials: int
 
 
 class TritonTriangleOp:
@@ -362,23 +330,15 @@ class TritonTriangleOp:
         self.group_p = _next_pow2(self.group)
         self.config = config or KernelConfig.from_env(head_size)
         self.block_q = max(self.config.block_m // self.group_p, 1)
-        self.split_kv = self.config.split_kv
-        self._no_partials: dict = {}
 
     def prepare(self, plan: BlockPlan, dense_from: np.ndarray, cam) -> TritonPlan:
         device = cam.block_table_tensor.device
         items = np.stack([getattr(plan, f) for f in ITEM_FIELDS], axis=1).astype(np.int32)
-        merges = np.stack(
-            [plan.merge_q_tok, plan.merge_n_q, plan.merge_first_split, plan.merge_num_splits], axis=1
-        ).astype(np.int32)
         return TritonPlan(
             items=torch.from_numpy(items).to(device, non_blocking=True),
-            merges=torch.from_numpy(merges).to(device, non_blocking=True),
             dense_from=torch.from_numpy(np.asarray(dense_from, dtype=np.int32)).to(device, non_blocking=True),
             block_table=cam.block_table_tensor,
             num_items=plan.num_items,
-            num_merges=int(merges.shape[0]),
-            num_partials=plan.num_partials,
         )
 
     def run(self, query, key_cache, value_cache, prepared: TritonPlan,
@@ -394,20 +354,13 @@ class TritonTriangleOp:
         assert query.stride(-1) == 1 and output.stride(-1) == 1
         fp8 = kernel_fp8_args(query, key_cache, value_cache, scales, self.num_kv_heads,
                               placeholder=prepared.dense_from)
-        # placeholders when nothing is split (float32 as the real ones: one compiled kernel either way)
-        o_part = lse_part = self._no_partials.setdefault(
-            query.device, torch.empty(1, dtype=torch.float32, device=query.device))
-        if prepared.num_partials:
-            rows = prepared.num_partials * self.num_heads * self.block_q
-            o_part = torch.empty((rows, self.head_size), dtype=torch.float32, device=query.device)
-            lse_part = torch.empty((rows,), dtype=torch.float32, device=query.device)
         bt = prepared.block_table
         _triangle_attention_kernel[(prepared.num_items * self.num_kv_heads,)](
-            query, key_cache, value_cache, output, o_part, lse_part,
+            query, key_cache, value_cache, output,
             prepared.items, prepared.dense_from, bt,
             query.stride(0), query.stride(1), output.stride(0), output.stride(1),
             *key_cache.stride(), *value_cache.stride(),
-            bt.stride(0), self.num_kv_heads, self.num_heads, key_cache.shape[1],
+            bt.stride(0), self.num_kv_heads, key_cache.shape[1],
             params.n_init, params.n_local, scale * LOG2E,
             *fp8.pointers, *fp8.strides,
             GROUP=self.group, GROUP_P=self.group_p, BLOCK_Q=self.block_q,
@@ -415,9 +368,3 @@ class TritonTriangleOp:
             MASK_MODE=cfg.mask_mode, Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if prepared.num_merges:
-            _merge_splits_kernel[(prepared.num_merges * self.num_heads,)](
-                output, o_part, lse_part, prepared.merges,
-                output.stride(0), output.stride(1), self.num_heads,
-                BLOCK_Q=self.block_q, HEAD_D=self.head_size, num_warps=4,
-            )

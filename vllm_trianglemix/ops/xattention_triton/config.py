@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from vllm.logger import init_logger
-
 from vllm_trianglemix.ops.triangle_triton import with_overrides
 from vllm_trianglemix.settings import XATTN_CONFIG, env_setting
 
@@ -20,8 +18,6 @@ CONFIG_ENV = XATTN_CONFIG
 RETIRED_FIELDS = ("est_kernel", "select_kernel", "attn_tma", "attn_ws", "attn_fa3", "est_q_repack")
 """Fields of earlier releases that chose kernels now removed (each measured slower than what
 replaced it): ignored, with one warning."""
-
-logger = init_logger("vllm.trianglemix")
 
 
 def has_tma(device=None) -> bool:
@@ -123,13 +119,7 @@ class XAttnKernelConfig:
                                    **{f: getattr(overridden, f) for f in fields})
 
     def with_overrides(self, text: str, source: str = "config") -> "XAttnKernelConfig":
-        kept, retired = [], []
-        for part in text.split(","):
-            (retired if part.partition("=")[0].strip() in RETIRED_FIELDS else kept).append(part)
-        if retired:
-            logger.warning("%s: %s no longer choose anything (their kernels were removed); ignored",
-                           source, ", ".join(p.strip() for p in retired))
-        return with_overrides(self, ",".join(kept), source) if kept else self
+        return with_overrides(self, text, source, RETIRED_FIELDS)
 
     def as_text(self) -> str:
         return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
