@@ -396,8 +396,9 @@ def run(args) -> int:
                 for v, mask in list(masks.items())[1:]:
                     agreement[v] = float((mask == ref).all(-1).float().mean())
                     sys.stdout.write(f"selection agreement {v} vs {ref_name} (L={L}, last step, density "
-                                     f"{min(args.densities)}): {agreement[v]:.4f} of (query block, KV head) "
-                                     f"decisions\n")
+                                     f"{min(args.densities)}): {agreement[v]:.4f} of the (query block, KV head) "
+                                     f"decisions identical, {1 - agreement[v]:.4f} differ in at least one "
+                                     f"block\n")
         # Check at full scale, each kernel set: keeping every block equals FA3 (last step: the longest rows).
         keep_all = DynamicParams("xattention", BLOCK, STRIDE, 1.0, None, N_LAST)
         last.fa3()
