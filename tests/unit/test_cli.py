@@ -436,6 +436,19 @@ def test_bench_report_overwrites_only_its_own_reports(tmp_path, capsys):
     assert main([*inputs, "--out", str(hand), "--force"]) == 0 and hand.read_text() == first
 
 
+@pytest.mark.parametrize("name,described,checked", [
+    ("results-kernel.json", "a merge launch for split dense rows", "dense rows vs FA3"),  # every row ours
+    ("results-kernel-h200.json", "FA3 on the last 128 rows", "dense rows vs FA3"),  # last rows by FA3
+    ("results-kernel-no-splits-h200.json", "FA3 on the last 128 rows", "kernel rows vs FA3"),
+])
+def test_bench_report_describes_each_kernel_run_as_it_ran(name, described, checked):
+    """A kernel JSON of any release is described by what that run did (its fields tell)."""
+    from vllm_trianglemix.tools.bench_report import kernel_section
+
+    text = "\n".join(kernel_section(json.loads((ROOT / "benchmarks" / name).read_text())))
+    assert described in text and checked in text
+
+
 def test_bench_gpu_kernels_need_a_gpu(capsys):
     import torch
 
