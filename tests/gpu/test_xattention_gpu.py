@@ -373,7 +373,9 @@ ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2,est_bl
                     "est_block_n=64,est_num_stages=4",
                     "est_block_d=64,est_num_stages=3",
                     "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1", "est_tma=0",
-                    "est_tma=0,est_fp8_score=1,est_fp8_fast_acc=1"]
+                    "est_tma=0,est_fp8_score=1,est_fp8_fast_acc=1",
+                    "est_head_major=1", "est_key_splits=2",  # (default tiles: parts without tiles)
+                    "est_key_splits=2,est_block_n=16", "est_key_splits=3,est_head_major=1,est_block_n=16"]
 
 
 def _e4m3(x):

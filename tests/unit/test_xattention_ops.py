@@ -333,6 +333,9 @@ ESTIMATE_KERNELS = {
     "head_dimension_steps_pipelined": dict(est_block_d=32, est_num_stages=3),
     "tensor_descriptors": dict(est_tma=1),
     "tensor_descriptors_in_steps": dict(est_tma=1, est_block_d=16, est_num_stages=3),
+    "programs_by_kv_head": dict(est_head_major=1, est_tma=1),
+    "key_tiles_in_two_parts": dict(est_key_splits=2, est_block_n=16),
+    "key_tiles_in_three_parts_by_kv_head": dict(est_key_splits=3, est_head_major=1, est_tma=1, est_block_n=16),
 }
 
 

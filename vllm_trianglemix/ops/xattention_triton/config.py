@@ -68,6 +68,15 @@ class XAttnKernelConfig:
     # with the earlier tiles; BENCHMARKS.md sections 3 and 5).
     est_tma: int = -1
     est_scratch_mb: int = 1024  # scratch per launch; larger work is launched in slices
+    # 1: the estimate's programs ordered by KV head (those reading the same keys run together);
+    # 0: by query rows (the KV heads of the same query blocks run together).
+    est_head_major: int = 0
+    # Programs per row tile, each taking a consecutive part of its key tiles (their running maxima
+    # and sums combined by a second small launch): fewer query tiles in use at a time.
+    # Head size 128 takes both (est_head_major=1, est_key_splits=2; default_for): on the H200 the
+    # estimate at 128K / 10% took 17.1-17.3 ms against 18.7-21.3 ms without, in three interleaved
+    # rounds of one run (BENCHMARKS.md section 3). The masses move by float rounding (3.8e-6).
+    est_key_splits: int = 1
     # 3. Attention over the kept blocks.
     # FlashAttention's CuTe-DSL Hopper forward that vLLM ships (vllm.vllm_flash_attn.cute: TMA
     # loads, warp-specialised producer and consumers) in its block-sparse mode, on the repacked
@@ -98,7 +107,8 @@ class XAttnKernelConfig:
             return cls(est_block_m=128, est_num_warps=8, block_m=128, block_n=64,
                        num_warps=8, num_stages=2, **est)
         if head_size == 128:  # bench dynamic's choice on the Llama-3.1-8B shape (32/8 heads)
-            return cls(est_num_stages=4, est_block_d=64)
+            # (est_head_major / est_key_splits measured with TMA; the order of programs holds for both loads)
+            return cls(est_num_stages=4, est_block_d=64, est_head_major=1, est_key_splits=2)
         return cls()
 
     @classmethod

@@ -83,16 +83,23 @@ def _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
 
 
 @triton.jit
-def _program_rows(items, supers, num_kv_heads, super0, QB: tl.constexpr, ROW_TILES: tl.constexpr,
+def _program_rows(items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR: tl.constexpr,
+                  KS: tl.constexpr, QB: tl.constexpr, ROW_TILES: tl.constexpr,
                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                   BLOCK_M: tl.constexpr):
-    """Program ``pid``'s KV head, super-group record and rows (query block x query head x query
-    group): each row's query block slot, head, token and position range, and absolute group."""
-    pid = tl.program_id(0)
+    """Row program ``pid``'s KV head, super-group record and rows (query block x query head x query
+    group): each row's query block slot, head, token and position range, and absolute group.
+    (``KS`` programs next to each other share a row program, each one a part of its key tiles.)"""
+    pid = tl.program_id(0) // KS
     rt = pid % ROW_TILES
     rest = pid // ROW_TILES
-    kv_head = rest % num_kv_heads
-    sp = supers + (super0 + rest // num_kv_heads).to(tl.int64) * (4 + QB)
+    if HEAD_MAJOR:  # the launch's programs of one KV head next to each other
+        kv_head = rest // launch_supers
+        sup = rest % launch_supers
+    else:
+        kv_head = rest % num_kv_heads
+        sup = rest // num_kv_heads
+    sp = supers + (super0 + sup).to(tl.int64) * (4 + QB)
     ROWS_PER_BLOCK: tl.constexpr = GROUP_P * G_P
     rows = rt * BLOCK_M + tl.arange(0, BLOCK_M)
     qb = rows // ROWS_PER_BLOCK
@@ -111,16 +118,18 @@ def _program_rows(items, supers, num_kv_heads, super0, QB: tl.constexpr, ROW_TIL
     return pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs
 
 
-@triton.jit(do_not_specialize=["super0"])
+@triton.jit(do_not_specialize=["super0", "launch_supers"])
 def _query_repack_kernel(
-    Q, QP, items, supers, stride_qt, stride_qh, num_kv_heads, super0,
+    Q, QP, items, supers, stride_qt, stride_qh, num_kv_heads, super0, launch_supers,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
     BLOCK_M: tl.constexpr, QB: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
     """``est_tma``: each estimate program's strided query rows, ``QP[pid, s]`` = the
     ``[BLOCK_M, HEAD_D]`` tile its loop reads at stride offset ``s`` (zeros where absent)."""
     pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
-        items, supers, num_kv_heads, super0, QB, ROW_TILES, GROUP, GROUP_P, G, G_P, BLOCK_M)
+        items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR, 1, QB, ROW_TILES, GROUP, GROUP_P, G,
+        G_P, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     local = tl.arange(0, BLOCK_M).to(tl.int64)
     for s in range(S):
@@ -130,16 +139,16 @@ def _query_repack_kernel(
         tl.store(dst, q_s)
 
 
-@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "rows_per_head"])
+@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "rows_per_head", "launch_supers"])
 def _estimate_kernel(
-    Q, KP, QD, KD, MASS, BSUM, TMAX, items, supers,
-    stride_qt, stride_qh, rows_per_head, num_kv_heads, max_blocks, max_tiles, qk_scale, super0,
+    Q, KP, QD, KD, MASS, BSUM, TMAX, ML, items, supers,
+    stride_qt, stride_qh, rows_per_head, num_kv_heads, max_blocks, max_tiles, qk_scale, super0, launch_supers,
     q_scale_ptr, k_scale_ptr, v_scale_ptr, stride_q_scale, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr,
     G: tl.constexpr, G_P: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
     ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, FP8_PRECISE_ACC: tl.constexpr,
-    TMA_Q: tl.constexpr, TMA_K: tl.constexpr,
+    TMA_Q: tl.constexpr, TMA_K: tl.constexpr, HEAD_MAJOR: tl.constexpr, KS: tl.constexpr,
 ):
     """Block masses of up to ``QB`` consecutive query blocks of one request, one KV head, one row tile.
 
@@ -156,7 +165,8 @@ def _estimate_kernel(
     keys), so that stride offset ``s`` of key groups ``h0..h0+N`` is one box.
     """
     pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
-        items, supers, num_kv_heads, super0, QB, ROW_TILES, GROUP, GROUP_P, G, G_P, BLOCK_M)
+        items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR, KS, QB, ROW_TILES, GROUP, GROUP_P, G,
+        G_P, BLOCK_M)
     kp_off = tl.load(sp + 1)
     nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
     n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
@@ -188,7 +198,11 @@ def _estimate_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-    for ts in range(n_tiles * S * DC):  # (key tile, stride offset, d step): loads pipelined across tiles
+    split = tl.program_id(0) % KS  # this program's part of the key tiles (KS == 1: all of them)
+    per_split = tl.cdiv(n_tiles, KS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(n_tiles, t_lo + per_split)
+    for ts in range(t_lo * S * DC, t_hi * S * DC):  # (key tile, stride offset, d step): loads pipelined across tiles
         t = ts // (S * DC)  # (DC == 1, the whole head: the divisions by 1 fold when compiling)
         s = (ts // DC) % S
         dc = ts % DC
@@ -228,7 +242,21 @@ def _estimate_kernel(
                 m_i, l_i = _tile_epilogue(acc, diag, qk_scale, h, g_abs, present_any, diag_def, col_ok,
                                           m_i, l_i, bsum_rows, tmax_rows, t, KB, G_P, BLOCK_M)
             acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-    tl.debug_barrier()  # this program's scratch, written by other threads
+    if KS == 1:
+        tl.debug_barrier()  # this program's scratch, written by other threads
+        _final_pass(m_i, l_i, present_any, bsum_rows, tmax_rows, n_tiles, sp, items, qb, MASS, num_kv_heads,
+                    kv_head, rt, max_blocks, KB, QB, ROW_TILES)
+    else:  # this part's running max and sum, for _final_kernel
+        ml = ML + ((pid.to(tl.int64) * KS + split) * BLOCK_M + local) * 2
+        tl.store(ml, m_i)
+        tl.store(ml + 1, l_i)
+
+
+@triton.jit
+def _final_pass(m_i, l_i, present_any, bsum_rows, tmax_rows, n_tiles, sp, items, qb, MASS, num_kv_heads,
+                kv_head, rt, max_blocks, KB: tl.constexpr, QB: tl.constexpr, ROW_TILES: tl.constexpr):
+    """The stored block sums of every key tile rescaled to the row's final max and sum, summed
+    over each query block's rows: its masses."""
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     # (rows without queries: nothing; the unmasked tiles gave them finite sums)
     inv_l = tl.where(present_any & (l_i > 0.0), 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
@@ -245,6 +273,37 @@ def _estimate_kernel(
                 mass = tl.sum(tl.where((qb == q)[:, None], weighted, 0.0), 0)
                 out = MASS + ((item_q.to(tl.int64) * num_kv_heads + kv_head) * ROW_TILES + rt) * max_blocks
                 tl.store(out + j, mass, mask=j <= b_q)
+
+
+@triton.jit(do_not_specialize=["max_blocks", "max_tiles", "super0", "launch_supers"])
+def _final_kernel(
+    MASS, BSUM, TMAX, ML, items, supers, num_kv_heads, max_blocks, max_tiles, super0, launch_supers,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, S: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+    KB: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, ROW_TILES: tl.constexpr, KS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
+):
+    """``est_key_splits``: a row program's parts combined (their running maxima and sums), then
+    :func:`_final_pass`."""
+    pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
+        items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR, 1, QB, ROW_TILES, GROUP, GROUP_P, G,
+        G_P, BLOCK_M)
+    grow0 = g_abs * S
+    present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
+    local = tl.arange(0, BLOCK_M).to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in tl.static_range(KS):
+        ml = ML + ((pid.to(tl.int64) * KS + k) * BLOCK_M + local) * 2
+        m_k = tl.load(ml)
+        l_k = tl.load(ml + 1)
+        m_new = tl.maximum(m_i, m_k)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + l_k * tl.exp2(m_k - m_safe)
+        m_i = m_new
+    bsum_rows = BSUM + (pid.to(tl.int64) * BLOCK_M + local) * (max_tiles * KB)
+    tmax_rows = TMAX + (pid.to(tl.int64) * BLOCK_M + local) * max_tiles
+    _final_pass(m_i, l_i, present_any, bsum_rows, tmax_rows, tl.cdiv(tl.load(sp + 2), KB), sp, items, qb, MASS,
+                num_kv_heads, kv_head, rt, max_blocks, KB, QB, ROW_TILES)
 
 
 def estimate_block_d(config, head_size: int) -> int:
@@ -302,6 +361,9 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     programs = supers_per_launch * per_super
     bsum = torch.empty((programs * block_m, max_tiles * kb), dtype=torch.float32, device=query.device)
     tmax = torch.empty((programs * block_m, max_tiles), dtype=torch.float32, device=query.device)
+    ks = max(1, cfg.est_key_splits)
+    ml = (torch.empty((programs * ks * block_m, 2), dtype=torch.float32, device=query.device)
+          if ks > 1 else tmax)  # (the parts' running maxima and sums)
     qp = (torch.empty((programs * S * block_m, op.head_size), dtype=query.dtype, device=query.device)
           if tma else query)
     assert query.stride(-1) == 1
@@ -318,19 +380,26 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
         if tma:
             _query_repack_kernel[(n * per_super,)](
                 query, qp, prepared.items, groups.supers, query.stride(0), query.stride(1),
-                op.num_kv_heads, first, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P,
-                BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size, num_warps=4,
+                op.num_kv_heads, first, n, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P,
+                BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
+                HEAD_MAJOR=bool(cfg.est_head_major), num_warps=4,
             )
-        _estimate_kernel[(n * per_super,)](
-            query, kp, qd, kd, mass, bsum, tmax, prepared.items, groups.supers,
+        _estimate_kernel[(n * per_super * ks,)](
+            query, kp, qd, kd, mass, bsum, tmax, ml, prepared.items, groups.supers,
             query.stride(0), query.stride(1), kp.shape[1],
-            op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first,
+            op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first, n,
             *fp8.pointers, *fp8.strides,
             GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
             BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
             BLOCK_D=block_d,
             Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
-            TMA_Q=tma, TMA_K=tma_k,
+            TMA_Q=tma, TMA_K=tma_k, HEAD_MAJOR=bool(cfg.est_head_major), KS=ks,
             num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
         )
+        if ks > 1:
+            _final_kernel[(n * per_super,)](
+                mass, bsum, tmax, ml, prepared.items, groups.supers, op.num_kv_heads, mass.shape[-1], max_tiles,
+                first, n, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P, KB=kb, BLOCK_M=block_m, QB=qb,
+                ROW_TILES=row_tiles, KS=ks, HEAD_MAJOR=bool(cfg.est_head_major), num_warps=4,
+            )
     return mass
