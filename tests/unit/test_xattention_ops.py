@@ -533,6 +533,7 @@ FP8_CASES = [  # kernel config, per-head K/V scales, fp8 query, seed (no near ti
     ("attn_cute=1", False, False, 3),  # FA4's attention asked for: not on an fp8 cache (the Triton one)
     ("est_block_d=32", True, True, 3),  # the estimate's dots in head-dimension steps, fp8 query
     ("est_tma=1", True, True, 3),  # the fp8 query repacked as it is, by tensor descriptors
+    ("est_tma=1,est_key_splits=2,est_head_major=1", True, True, 3),  # head size 128's estimate options
 ]
 
 
