@@ -75,24 +75,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import vllm_trianglemix.ops.xattention_triton.estimate as estimate_stage
-    from vllm_trianglemix.backends.cuda import flash_kv_cache_views
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp, XAttnKernelConfig
     from vllm_trianglemix.pattern import DynamicParams
     from vllm_trianglemix.tools import bench_dynamic as bd
 
     mods = load_copies(variants(pathlib.Path(estimate_stage.__file__).read_text()))
     torch.manual_seed(0)
-    shape = bd.Shape()
-    H, KV, D, page, L = shape.heads, shape.kv_heads, shape.head_dim, shape.page, args.length
-    nblk = -(-L // page)
-    kv = torch.randn(nblk, KV, page, 2 * D, device="cuda", dtype=torch.bfloat16)
-    kc, vc = flash_kv_cache_views(kv, D)
-    bt = torch.arange(nblk, dtype=torch.int32, device="cuda")[None, :]
-    q = torch.randn(L, H, D, device="cuda", dtype=torch.bfloat16)
-    config = XAttnKernelConfig.from_env(D)
-    op = TritonXAttentionOp(H, KV, D, config=config)
-    steps = [bd._Step(L, p0, min(args.chunk, L - p0), q, kc, vc, bt, op, D ** -0.5)
-             for p0 in range(0, L, args.chunk)]
+    shape, L = bd.Shape(), args.length
+    config = XAttnKernelConfig.from_env(shape.head_dim)
+    op = TritonXAttentionOp(shape.heads, shape.kv_heads, shape.head_dim, config=config)
+    steps = bd.prompt_steps(shape, L, args.chunk, op)
     params = DynamicParams("xattention", bd.BLOCK, bd.STRIDE, 1.0, 0.1, bd.N_LAST)
     packs = [op.pack(s.q, s.kc, s.vc, s.prep, params, op._fp8(s.q, s.kc, s.vc, s.prep, None)) for s in steps]
     original, ref, rows = estimate_stage._estimate_kernel, None, []

@@ -24,23 +24,15 @@ def main() -> None:
     ap.add_argument("--out", default="estimate-variants.json")
     args = ap.parse_args()
 
-    from vllm_trianglemix.backends.cuda import flash_kv_cache_views
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp, XAttnKernelConfig
     from vllm_trianglemix.pattern import DynamicParams
     from vllm_trianglemix.tools import bench_dynamic as bd
 
     torch.manual_seed(0)
-    shape = bd.Shape()
-    H, KV, D, page, L = shape.heads, shape.kv_heads, shape.head_dim, shape.page, args.length
-    nblk = -(-L // page)
-    kv = torch.randn(nblk, KV, page, 2 * D, device="cuda", dtype=torch.bfloat16)
-    kc, vc = flash_kv_cache_views(kv, D)
-    bt = torch.arange(nblk, dtype=torch.int32, device="cuda")[None, :]
-    q = torch.randn(L, H, D, device="cuda", dtype=torch.bfloat16)
+    shape, L = bd.Shape(), args.length
+    H, KV, D = shape.heads, shape.kv_heads, shape.head_dim
     base = XAttnKernelConfig.from_env(D)
-    first_op = TritonXAttentionOp(H, KV, D, config=base)
-    steps = [bd._Step(L, p0, min(args.chunk, L - p0), q, kc, vc, bt, first_op, D ** -0.5)
-             for p0 in range(0, L, args.chunk)]
+    steps = bd.prompt_steps(shape, L, args.chunk, TritonXAttentionOp(H, KV, D, config=base))
     params = DynamicParams("xattention", bd.BLOCK, bd.STRIDE, 1.0, args.density, bd.N_LAST)
     ref, rows = {}, []
     for text in args.configs:

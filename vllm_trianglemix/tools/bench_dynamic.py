@@ -288,6 +288,23 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="write the chosen configuration as an env file (TRIANGLEMIX_XATTN_CONFIG)")
 
 
+def prompt_steps(shape: Shape, length: int, chunk: int, op) -> list[_Step]:
+    """One prompt of ``length`` random tokens, its K/V in vLLM's paged FlashAttention cache (pages in
+    order), prefilled in steps of ``chunk`` rows with ``op`` planning them (the caller seeds torch)."""
+    import torch
+
+    from vllm_trianglemix.backends.cuda import flash_kv_cache_views
+
+    heads, kv_heads, dim, page = shape.heads, shape.kv_heads, shape.head_dim, shape.page
+    nblk = -(-length // page)
+    kv = torch.randn(nblk, kv_heads, page, 2 * dim, device=DEVICE, dtype=getattr(torch, DTYPE))
+    kc, vc = flash_kv_cache_views(kv, dim)
+    bt = torch.arange(nblk, dtype=torch.int32, device=DEVICE)[None, :]
+    q = torch.randn(length, heads, dim, device=DEVICE, dtype=getattr(torch, DTYPE))
+    return [_Step(length, p0, min(chunk, length - p0), q, kc, vc, bt, op, dim ** -0.5)
+            for p0 in range(0, length, chunk)]
+
+
 def _sweep(step: _Step, densities, reps, base, shape: Shape) -> tuple[str | None, str | None, list[dict]]:
     """The fastest estimate and attention configurations on one step (errors reported, not fatal)."""
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
@@ -349,28 +366,18 @@ def run(args) -> int:
     import numpy as np  # noqa: F401
     import torch
 
-    from vllm_trianglemix.backends.cuda import flash_kv_cache_views
     from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp, XAttnKernelConfig
 
-    dev = DEVICE
     torch.manual_seed(0)
-    heads, kv_heads, dim, page = shape.heads, shape.kv_heads, shape.head_dim, shape.page
+    heads, kv_heads, dim = shape.heads, shape.kv_heads, shape.head_dim
     base = XAttnKernelConfig.from_env(dim)
     ops = {v: TritonXAttentionOp(heads, kv_heads, dim,
                                  config=base.with_overrides(VARIANTS[v]) if VARIANTS[v] else base)
            for v in args.variants}
-    scale = dim ** -0.5
     rows, sweep_lines, swept, agreement, floors = [], [], False, None, []
     for L in sorted(args.lengths, reverse=True):  # longest first: the sweep runs on it
-        nblk = -(-L // page)
-        kv = torch.randn(nblk, kv_heads, page, 2 * dim, device=dev, dtype=getattr(torch, DTYPE))
-        kc, vc = flash_kv_cache_views(kv, dim)
-        bt = torch.arange(nblk, dtype=torch.int32, device=dev)[None, :]
-        q = torch.randn(L, heads, dim, device=dev, dtype=getattr(torch, DTYPE))
         chunk = args.chunk if args.chunk > 0 else L
-        first = ops[args.variants[0]]
-        steps = [_Step(L, p0, min(chunk, L - p0), q, kc, vc, bt, first, scale)
-                 for p0 in range(0, L, chunk)]
+        steps = prompt_steps(shape, L, chunk, ops[args.variants[0]])
         last = steps[-1]
         if not swept:
             swept = True
@@ -431,7 +438,7 @@ def run(args) -> int:
                 ))
                 sys.stdout.write("row " + _row_line(rows[-1]))  # progress (the table comes last)
                 sys.stdout.flush()
-        del kv, q, steps, last
+        del steps, last
 
     gpu = torch.cuda.get_device_name()
     import triton
@@ -455,7 +462,7 @@ def run(args) -> int:
             f.write(f"export {XATTN_CONFIG}={ops['default'].config.as_text()}\n")
     w = sys.stdout.write
     w(f"\nGPU {gpu}, vLLM {vllm.__version__}, Triton {triton.__version__}, chunk {args.chunk}, "
-      f"shape {heads}/{kv_heads}/{dim} page {page}\n")
+      f"shape {heads}/{kv_heads}/{dim} page {shape.page}\n")
     for v, op in ops.items():
         w(f"config: {v} {op.config}\n")
     w("\n| length | density (achieved) | kernels (attention) | repack ms | estimate ms | select ms | sparse attn ms | dense rows ms "
