@@ -375,7 +375,10 @@ ESTIMATE_KERNELS = ["", "est_block_m=256,est_block_n=128,est_num_stages=2,est_bl
                     "est_fp8_score=1", "est_fp8_score=1,est_fp8_fast_acc=1", "est_tma=0",
                     "est_tma=0,est_fp8_score=1,est_fp8_fast_acc=1",
                     "est_head_major=1", "est_key_splits=2",  # (default tiles: parts without tiles)
-                    "est_key_splits=2,est_block_n=16", "est_key_splits=3,est_head_major=1,est_block_n=16"]
+                    "est_key_splits=2,est_block_n=16", "est_key_splits=3,est_head_major=1,est_block_n=16",
+                    # the Gluon loop (asserted to have run): defaults, one part, 32-wide steps, 128-group tiles
+                    "est_gluon=1", "est_gluon=1,est_key_splits=1,est_head_major=0",
+                    "est_gluon=1,est_block_d=32,est_num_stages=8", "est_gluon=1,est_key_splits=3,est_block_n=128"]
 
 
 def _e4m3(x):
@@ -383,10 +386,15 @@ def _e4m3(x):
 
 
 @pytest.mark.parametrize("overrides", ESTIMATE_KERNELS)
-def test_estimate_is_exact_against_float32_op(overrides):
+def test_estimate_is_exact_against_float32_op(overrides, monkeypatch):
     """The bf16 estimate's block masses (defaults and other tiles) equal the float32 CPU op's;
     fp8-scored (``est_fp8_score``), the CPU op's on the e4m3-rounded query and keys."""
     from vllm_trianglemix.ops.xattention_torch import antidiagonal_block_mass
+    from vllm_trianglemix.ops.xattention_triton import estimate_gluon
+
+    gluon_runs = []
+    loop = estimate_gluon.run_loop
+    monkeypatch.setattr(estimate_gluon, "run_loop", lambda *a, **k: gluon_runs.append(1) or loop(*a, **k))
 
     rounded = _e4m3 if "est_fp8_score=1" in overrides else (lambda x: x.float())
 
@@ -409,6 +417,7 @@ def test_estimate_is_exact_against_float32_op(overrides):
         worst = max(worst, float((mass[i, :, : b + 1] - expect).abs().max() / expect.abs().max()))
     # (the tensor cores' own fp8 accumulation rounds the scores further)
     assert worst < (1e-2 if "est_fp8_fast_acc=1" in overrides else 1e-4), worst
+    assert bool(gluon_runs) == ("est_gluon=1" in overrides and torch.cuda.get_device_capability()[0] == 9)
     assert not math.isnan(worst)
 
 

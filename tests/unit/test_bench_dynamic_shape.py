@@ -95,3 +95,17 @@ def test_estimate_flops_count_every_scored_pair(length, chunk):
             rect += last
     per = 2 * STRIDE * shape.head_dim * shape.heads
     assert estimate_flops(steps, shape) == (causal * per, rect * per)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_every_kernel_variant_is_a_configuration_the_op_takes(head_dim):
+    """`bench dynamic --variants NAME`: each name's overrides build an op with both head sizes'
+    defaults (a variant that names a field wrongly or a value the op refuses fails here, not on the GPU)."""
+    from vllm_trianglemix.ops.xattention_triton import TritonXAttentionOp
+    from vllm_trianglemix.tools.bench_dynamic import VARIANTS
+
+    for name, overrides in VARIANTS.items():
+        base = XAttnKernelConfig.default_for(head_dim, tma=True)
+        config = base.with_overrides(overrides) if overrides else base
+        op = TritonXAttentionOp(32, 8, head_dim, config=config)
+        assert op.config == config, name

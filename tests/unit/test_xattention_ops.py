@@ -366,6 +366,88 @@ def test_triton_interpreted_masses_match_torch_op(kernel):
     _assert_masses_are_the_torch_ops(dyn, batch, params)
 
 
+def _gluon_loop_in_float32(op, qp, kp, pinfo, rinfo, diag, bsum, tmax, ml, max_tiles, qk_scale, params, shape,
+                           block_d):
+    """What ``estimate_gluon._estimate_gluon_kernel`` computes, in float32 on the CPU (Gluon kernels
+    do not run in Triton's interpreter): each part's key tiles as whole ``[rows, S * head]`` x
+    ``[N, S * head]`` products of the TMA boxes (zeros past the keys), the same epilogue, the same
+    scratch and running max and sum."""
+    S = params.stride
+    G, G_P, kb, block_m, _, _ = shape
+    ks = max(1, op.config.est_key_splits)
+    n_cols, d = kb * G_P, op.head_size
+    keys = kp.reshape(-1, S * d).float()
+    cols = torch.arange(n_cols)
+    for pid in range(pinfo.shape[0]):
+        row_pid = pid // ks
+        k_group0, t_lo, t_hi, full_tiles, nb = (int(v) for v in pinfo[pid, :5])
+        q = torch.cat([qp[(row_pid * S + s) * block_m:(row_pid * S + s + 1) * block_m].float() for s in range(S)], 1)
+        rows = slice(row_pid * block_m, (row_pid + 1) * block_m)
+        code = rinfo[rows].long()
+        g_abs = torch.div(code, 4, rounding_mode="floor")
+        present = (code >= 0) & ((code // 2) % 2 == 1)
+        diag_def = (code >= 0) & (code % 2 == 1)
+        m_i = torch.full((block_m,), float("-inf"))
+        l_i = torch.zeros(block_m)
+        for t in range(t_lo, t_hi):
+            k = torch.zeros(n_cols, S * d)
+            part = keys[k_group0 + t * n_cols: k_group0 + (t + 1) * n_cols]
+            k[: part.shape[0]] = part
+            sc = (q @ k.T) * qk_scale
+            if t >= full_tiles:
+                h = t * n_cols + cols
+                on_diag = h[None, :] == g_abs[:, None]
+                sc = torch.where(on_diag, (diag[rows] * qk_scale)[:, None], sc)
+                defined = ((h[None, :] < g_abs[:, None]) & present[:, None]) | (on_diag & diag_def[:, None])
+                col_ok = (t * kb + cols // G_P) < nb
+                sc = torch.where(defined & col_ok[None, :], sc, torch.tensor(float("-inf")))
+            m_new = torch.maximum(m_i, sc.max(1).values)
+            m_safe = torch.where(m_new == float("-inf"), torch.zeros(()), m_new)
+            p = torch.exp2(sc - m_safe[:, None])
+            l_i = l_i * torch.exp2(m_i - m_safe) + p.sum(1)
+            bsum[rows, t * kb:(t + 1) * kb] = p.reshape(block_m, kb, G_P).sum(2)
+            tmax[rows, t] = m_new
+            m_i = m_new
+        ml[pid * block_m:(pid + 1) * block_m, 0] = m_i
+        ml[pid * block_m:(pid + 1) * block_m, 1] = l_i
+
+
+@pytest.mark.parametrize("config", [
+    dict(est_key_splits=2, est_head_major=1),  # head size 128's defaults
+    dict(est_key_splits=1, est_head_major=0),
+    dict(est_key_splits=3, est_head_major=1),
+])
+def test_gluon_loop_plumbing_gives_the_torch_ops_masses(monkeypatch, config):
+    """``est_gluon``: the program-info launch, the loop's scratch and running max and sum (the
+    loop itself emulated in float32, :func:`_gluon_loop_in_float32`) and the final launch give the
+    CPU op's masses, with padded head rows, chunks cut inside blocks and key tiles in parts."""
+    from vllm_trianglemix.ops.xattention_triton import estimate_gluon
+
+    ran = []
+    monkeypatch.setattr(estimate_gluon, "unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(estimate_gluon, "run_loop", lambda *a, **k: ran.append(1) or _gluon_loop_in_float32(*a, **k))
+    params = DynamicParams("xattention", 32, 2, 0.6, 0.25, 16)
+    dyn, _ = _triton_ops(6, 2, 64, est_gluon=1, est_tma=1, est_block_n=16, **config)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 6, 2, 64, 16, seed=4)
+    plan = _assert_masses_are_the_torch_ops(dyn, batch, params)
+    assert ran and int(plan.q_block.max()) >= 2
+
+
+def test_gluon_loop_where_it_cannot_run_is_the_triton_loop_with_one_warning(caplog):
+    """``est_gluon=1`` on a machine without Hopper: the Triton loop, the same masses, one warning."""
+    from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
+
+    params = PARAMS["tau_and_budget"]
+    dyn, _ = _triton_ops(8, 2, 64, est_gluon=1, est_tma=1)
+    batch = make_batch(BATCHES["chunk_cuts_in_blocks"], 8, 2, 64, 16, seed=2)
+    estimate_stage._GLUON_WARNED.clear()
+    with caplog.at_level("WARNING", logger="vllm.trianglemix"):
+        _assert_masses_are_the_torch_ops(dyn, batch, params)
+        _assert_masses_are_the_torch_ops(dyn, batch, params)
+    lines = [r.getMessage() for r in caplog.records if "est_gluon=1" in r.getMessage()]
+    assert len(lines) == 1 and "Hopper" in lines[0]
+
+
 @pytest.mark.parametrize("heads,params", [
     ((6, 2), DynamicParams("xattention", 32, 2, 0.6, 0.25, 16)),  # 3 heads per KV head: padded rows
     ((8, 2), DynamicParams("xattention", 48, 4, 0.6, 0.25, 16)),  # 12 groups per block: padded columns
@@ -389,6 +471,19 @@ def test_a_head_dimension_step_that_cannot_work_is_refused_naming_the_field(bloc
     with pytest.raises(ValueError, match=f"TRIANGLEMIX_XATTN_CONFIG: est_block_d={block_d}: .*head size 64"):
         xt.TritonXAttentionOp(8, 2, 64, config=xt.XAttnKernelConfig(est_block_d=block_d))
     assert xt.TritonXAttentionOp(8, 2, 64, config=xt.XAttnKernelConfig(est_block_d=64)).config.est_block_d == 64
+
+
+@pytest.mark.parametrize("lag", [-1, 4, 9])
+def test_a_gluon_lag_that_cannot_work_is_refused_naming_the_field(lag):
+    """``est_gluon_lag`` must leave the loads at least one slot of ``est_num_stages``: refused when
+    the op is built; the default (0, half the slots) and a lag that fits are taken."""
+    xt = pytest.importorskip("vllm_trianglemix.ops.xattention_triton")
+    with pytest.raises(ValueError, match=f"TRIANGLEMIX_XATTN_CONFIG: est_gluon_lag={lag}: .*3"):
+        xt.TritonXAttentionOp(8, 2, 64, config=xt.XAttnKernelConfig(est_gluon=1, est_num_stages=4,
+                                                                    est_gluon_lag=lag))
+    for ok in (0, 3):
+        cfg = xt.XAttnKernelConfig(est_gluon=1, est_num_stages=4, est_gluon_lag=ok)
+        assert xt.TritonXAttentionOp(8, 2, 64, config=cfg).config.est_gluon_lag == ok
 
 
 def _e4m3(x):
@@ -841,3 +936,28 @@ def test_triton_interpreted_cute_attention_where_it_cannot_run(caplog, asked):
                              params.block_size)
     assert why and all(why in m for _, m in said)
     assert dyn.not_run() == ({"attn_cute": why} if asked == 1 else {})
+
+
+def test_gluon_estimate_compiles_for_hopper_without_spills():
+    """The Gluon loop (``est_gluon``) compiles for sm_90a with the installed Triton (front end, NVIDIA
+    back end, ptxas; no GPU needed): registers within the two warpgroups' budget, nothing spilled.
+    (In a process without TRITON_INTERPRET: the interpreter replaces Gluon's builtins.)"""
+    import re
+    import subprocess
+    import sys
+
+    eg = pytest.importorskip("vllm_trianglemix.ops.xattention_triton.estimate_gluon")
+    if eg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build has no ptxas (no NVIDIA back end)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_gluon_estimate.py")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("stages")]
+    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-2000:]
+    regs = int(re.search(r"REG:(\d+)", lines[0]).group(1))
+    assert regs <= 255 and "LOCAL:0" in lines[0] and "STACK:0" in lines[0], lines[0]

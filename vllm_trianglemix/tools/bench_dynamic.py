@@ -16,7 +16,8 @@ K/V in vLLM's FlashAttention paged cache (page 16):
   (``--variants``, VARIANTS below): ``default`` (the kernels' defaults, or the
   sweep's choice; on Hopper the attention is FA4's CuTe-DSL block-sparse
   forward) and others (``triton``: the Triton attention, which runs where FA4's
-  cannot; ``fp8-score``: the estimate on e4m3 roundings; ...), on the same
+  cannot; ``fp8-score``: the estimate on e4m3 roundings; ``gluon``: the estimate's
+  loop in Gluon; ...), on the same
   cache and queries, FA3 in the same run.
 
 Random data gives diffuse attention (a threshold would keep nearly every
@@ -63,6 +64,8 @@ VARIANTS = {
     "pointers": "est_tma=0",  # the estimate's operands by pointers (the default where TMA is absent)
     "triton": "attn_cute=0",  # the Triton attention (the default where FA4's cannot run)
     "cute": "attn_cute=1",  # FA4's CuTe-DSL block-sparse forward asked for (named where it cannot run)
+    "gluon": "est_gluon=1",  # the estimate's loop in Gluon, two warpgroups overlapping epilogue and dots (Hopper)
+    "gluon-32": "est_gluon=1,est_block_d=32,est_num_stages=9,est_gluon_lag=5",  # the same, 32-wide steps, a deeper ring
 }
 DEFAULT_VARIANTS = ["default", "triton", "fp8-score"]
 EST_SWEEP = [  # the defaults first, then the runners-up (BENCHMARKS.md section 3)

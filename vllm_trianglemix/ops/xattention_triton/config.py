@@ -77,6 +77,16 @@ class XAttnKernelConfig:
     # estimate at 128K / 10% took 17.1-17.3 ms against 18.7-21.3 ms without, in three interleaved
     # rounds of one run (BENCHMARKS.md section 3). The masses move by float rounding (3.8e-6).
     est_key_splits: int = 1
+    # 1: the key-tile loop in Gluon for Hopper (estimate_gluon.py): each program's two warpgroups of
+    # 64 rows issue their own asynchronous wgmmas on a shared ring of TMA-loaded tiles and run their
+    # own tile epilogues, so one's epilogue overlaps the other's dots. Same scores (the masses move
+    # by float rounding). Where it cannot run (not Hopper, fp8, est_block_m other than 128, key
+    # blocks of a non-power-of-two number of groups), the Triton loop runs, with one warning.
+    # Off by default: not yet measured against the Triton loop.
+    est_gluon: int = 0
+    # est_gluon's loads run est_num_stages - est_gluon_lag steps ahead, and its second warpgroup
+    # starts est_gluon_lag - 1 steps behind the first (0: half of est_num_stages).
+    est_gluon_lag: int = 0
     # 3. Attention over the kept blocks.
     # FlashAttention's CuTe-DSL Hopper forward that vLLM ships (vllm.vllm_flash_attn.cute: TMA
     # loads, warp-specialised producer and consumers) in its block-sparse mode, on the repacked

@@ -25,10 +25,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from vllm.logger import init_logger
 
 from vllm_trianglemix.ops.triangle_triton import LOG2E, _fp8_scales, _next_pow2
 from vllm_trianglemix.ops.xattention_triton.config import has_tma
 from vllm_trianglemix.ops.xattention_triton.plan import round_up
+
+logger = init_logger("vllm.trianglemix")
+_GLUON_WARNED: set[str] = set()
 
 
 @triton.jit
@@ -306,6 +310,20 @@ def _final_kernel(
                 num_kv_heads, kv_head, rt, max_blocks, KB, QB, ROW_TILES)
 
 
+def gluon_loop_runs(op, query, kp, shape, block_d: int) -> bool:
+    """Whether ``est_gluon``'s loop (estimate_gluon.py) runs for this step; where it cannot, the
+    Triton loop runs, with one warning naming why."""
+    G, G_P, kb, block_m, _, _ = shape
+    from vllm_trianglemix.ops.xattention_triton import estimate_gluon
+
+    reason = estimate_gluon.unsupported_reason(op.config, query, kp, G, G_P, block_m, kb * G_P, block_d)
+    if reason is not None and reason not in _GLUON_WARNED:
+        _GLUON_WARNED.add(reason)
+        logger.warning("TriangleMix dynamic layers: est_gluon=1 but the Gluon estimate cannot run here: %s; "
+                       "using the Triton estimate", reason)
+    return reason is None
+
+
 def estimate_block_d(config, head_size: int) -> int:
     """The head-dimension step of the estimate's dots (``est_block_d``; 0: the whole head)."""
     d = config.est_block_d
@@ -375,6 +393,10 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
         qd = TensorDescriptor.from_tensor(qp, [block_m, block_d])
         if tma_k:
             kd = TensorDescriptor.from_tensor(kp.view(-1, S * op.head_size), [kb * G_P, block_d])
+    shape = (G, G_P, kb, block_m, qb, row_tiles)
+    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(op, query, kp, shape, block_d)
+    if use_gluon and ks == 1:  # (the Gluon loop always leaves its running max and sum to _final_kernel)
+        ml = torch.empty((programs * block_m, 2), dtype=torch.float32, device=query.device)
     for first in range(0, groups.num_supers, supers_per_launch):
         n = min(supers_per_launch, groups.num_supers - first)
         if tma:
@@ -384,19 +406,26 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
                 BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
                 HEAD_MAJOR=bool(cfg.est_head_major), num_warps=4,
             )
-        _estimate_kernel[(n * per_super * ks,)](
-            query, kp, qd, kd, mass, bsum, tmax, ml, prepared.items, groups.supers,
-            query.stride(0), query.stride(1), kp.shape[1],
-            op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first, n,
-            *fp8.pointers, *fp8.strides,
-            GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
-            BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
-            BLOCK_D=block_d,
-            Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
-            TMA_Q=tma, TMA_K=tma_k, HEAD_MAJOR=bool(cfg.est_head_major), KS=ks,
-            num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
-        )
-        if ks > 1:
+        if use_gluon:
+            from vllm_trianglemix.ops.xattention_triton import estimate_gluon
+
+            pinfo, rinfo, diag = estimate_gluon.program_info(op, query, kp, prepared, groups, params, first, n, shape)
+            estimate_gluon.run_loop(op, qp, kp, pinfo, rinfo, diag, bsum, tmax, ml, max_tiles, scale / S * LOG2E,
+                                    params, shape, block_d)
+        else:
+            _estimate_kernel[(n * per_super * ks,)](
+                query, kp, qd, kd, mass, bsum, tmax, ml, prepared.items, groups.supers,
+                query.stride(0), query.stride(1), kp.shape[1],
+                op.num_kv_heads, mass.shape[-1], max_tiles, scale / S * LOG2E, first, n,
+                *fp8.pointers, *fp8.strides,
+                GROUP=op.group, GROUP_P=op.group_p, S=S, HALF=(S - 1) // 2 + 1, G=G, G_P=G_P, KB=kb,
+                BLOCK_M=block_m, QB=qb, ROW_TILES=row_tiles, HEAD_D=op.head_size,
+                BLOCK_D=block_d,
+                Q_FP8=fp8.q_fp8, KV_FP8=fp8.kv_fp8, FP8_DOT=fp8_dot, FP8_PRECISE_ACC=not cfg.est_fp8_fast_acc,
+                TMA_Q=tma, TMA_K=tma_k, HEAD_MAJOR=bool(cfg.est_head_major), KS=ks,
+                num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
+            )
+        if ks > 1 or use_gluon:
             _final_kernel[(n * per_super,)](
                 mass, bsum, tmax, ml, prepared.items, groups.supers, op.num_kv_heads, mass.shape[-1], max_tiles,
                 first, n, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P, KB=kb, BLOCK_M=block_m, QB=qb,

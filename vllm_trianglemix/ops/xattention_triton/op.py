@@ -16,6 +16,7 @@ from vllm_trianglemix.ops.triangle_triton import _next_pow2
 from vllm_trianglemix.ops.xattention_triton import attend as attend_stage
 from vllm_trianglemix.ops.xattention_triton import attend_cute
 from vllm_trianglemix.ops.xattention_triton import estimate as estimate_stage
+from vllm_trianglemix.ops.xattention_triton import estimate_gluon
 from vllm_trianglemix.ops.xattention_triton import select as select_stage
 from vllm_trianglemix.ops.xattention_triton.config import CONFIG_ENV, XAttnKernelConfig, has_tma
 from vllm_trianglemix.ops.xattention_triton.plan import (
@@ -58,6 +59,8 @@ class TritonXAttentionOp:
         self.config = config if config is not None else XAttnKernelConfig.from_env(head_size)
         try:  # a setting that cannot work is refused when the engine starts, naming the field
             estimate_stage.estimate_block_d(self.config, head_size)
+            if self.config.est_gluon:
+                estimate_gluon.gluon_stages(self.config)
         except ValueError as e:
             raise ValueError(f"{CONFIG_ENV}: {e}") from None
         self.blocks_width = 16  # the selection's block axis; warm_up sets it for the longest prompt
@@ -136,7 +139,8 @@ class TritonXAttentionOp:
 
         return self._built(run, "the estimate kernel", ("est_block_m", "est_block_n", "est_block_d",
                                                         "est_num_warps", "est_num_stages", "est_fp8_dot",
-                                                        "est_fp8_score", "est_fp8_fast_acc", "est_tma"))
+                                                        "est_fp8_score", "est_fp8_fast_acc", "est_tma",
+                                                        "est_gluon", "est_gluon_lag"))
 
     def _built(self, fn, what: str, fields: tuple[str, ...]):
         """``fn()``; if its kernel does not build on this GPU (shared memory, registers), first the
