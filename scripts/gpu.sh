@@ -17,6 +17,10 @@
 #                                    configuration in /tmp/tmx/dynamic.env, which later ttft steps use;
 #                                    DYNAMIC_ARGS: more bench dynamic options, e.g. --lengths 128000;
 #                                    DYNAMIC_TEST_S=0: the bench only)
+#   bash scripts/gpu.sh estimate [CONFIG ...]   the exact-estimate GPU tests (ESTIMATE_K: pytest -k within
+#                                    them, e.g. gluon), then benchmarks/estimate_variants.py on the CONFIGs
+#                                    (TRIANGLEMIX_XATTN_CONFIG syntax; "default"; repeat them to interleave), e.g.
+#                                    ESTIMATE_K=gluon bash scripts/gpu.sh estimate default est_gluon=1 default est_gluon=1
 #   bash scripts/gpu.sh ray test     the Ray executor test (tests/gpu/test_ray_gpu.py)
 #   bash scripts/gpu.sh ray ttft [mp|ray]    TriangleMix TTFT at 32K and 64K on the mp and Ray executors
 #   bash scripts/gpu.sh tp2 test|ttft|256k|all   TP=2 exactness (mp and Ray) / TTFT (two GPUs)
@@ -240,6 +244,21 @@ print('engine start s:', {k: round(v['engine_start_s']) for k, v in r.items()})"
     grep -E "^(sweep|config:)" /tmp/tmx/dynamic.log || true
     grep -E "^\|" /tmp/tmx/dynamic.log || tail -5 /tmp/tmx/dynamic.log
     ;;
+  estimate)
+    # the exact-estimate GPU tests (ESTIMATE_K: pytest -k within them), then the estimate under each
+    # configuration given (TRIANGLEMIX_XATTN_CONFIG syntax, "default" for none; repeat entries to interleave)
+    install_plugin
+    shift
+    timeout "${ESTIMATE_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_xattention_gpu.py \
+      -k "estimate_is_exact${ESTIMATE_K:+ and ($ESTIMATE_K)}" > /tmp/tmx/estimate_tests.log 2>&1 || true
+    grep -E "^(FAILED|ERROR)" /tmp/tmx/estimate_tests.log | head -8 || true
+    tail -1 /tmp/tmx/estimate_tests.log
+    timeout "${ESTIMATE_BENCH_S:-300}" python3 benchmarks/estimate_variants.py --configs "${@:-default}" \
+      --out /tmp/tmx/estimate-variants.json > /tmp/tmx/estimate-variants.log 2>&1 || true
+    cp /tmp/tmx/estimate_tests.log /tmp/tmx/estimate-variants.log /tmp/tmx/estimate-variants.json "$OUT"/ 2>/dev/null || true
+    grep -E "Error|Traceback|warning" /tmp/tmx/estimate-variants.log | tail -3 || true
+    grep -E "^\|" /tmp/tmx/estimate-variants.log || tail -5 /tmp/tmx/estimate-variants.log
+    ;;
   hybrid-check)
     install_plugin
     python3 -m pytest -q -p no:cacheprovider tests/gpu/test_hybrid_gpu.py > /tmp/tmx/gpu_hybrid_tests.log 2>&1 || true
@@ -345,5 +364,5 @@ PY
     grep -E "Error|Traceback|: error: " "$OUT/accuracy.log" | tail -3 || true
     tail -40 "$OUT/accuracy/results.md" 2>/dev/null || tail -20 "$OUT/accuracy.log"
     ;;
-  *) echo "usage: $0 pair STEPS STEPS | prepare | prepare-flashinfer | suite | kernel | ttft BACKENDS [ARGS] | dynamic | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer | accuracy" >&2; exit 2 ;;
+  *) echo "usage: $0 pair STEPS STEPS | prepare | prepare-flashinfer | suite | kernel | ttft BACKENDS [ARGS] | dynamic | estimate [CONFIG ...] | ray test | ray ttft [mp|ray] | tp2 test|ttft|256k|all | hybrid-check | hybrid-ttft [BACKENDS] | breadth-tests | breadth-bench fp8|flashinfer | accuracy" >&2; exit 2 ;;
 esac
