@@ -417,7 +417,9 @@ def test_estimate_is_exact_against_float32_op(overrides, monkeypatch):
         worst = max(worst, float((mass[i, :, : b + 1] - expect).abs().max() / expect.abs().max()))
     # (the tensor cores' own fp8 accumulation rounds the scores further)
     assert worst < (1e-2 if "est_fp8_fast_acc=1" in overrides else 1e-4), worst
+    # (the Gluon loop ran, and was not dropped for the Triton loop after a build failure)
     assert bool(gluon_runs) == ("est_gluon=1" in overrides and torch.cuda.get_device_capability()[0] == 9)
+    assert dyn.config.est_gluon == int("est_gluon=1" in overrides)
     assert not math.isnan(worst)
 
 
