@@ -122,6 +122,31 @@ def _program_rows(items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR
     return pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs
 
 
+@triton.jit
+def _program_facts(Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs, stride_qt, stride_qh,
+                   rows_per_head, S: tl.constexpr, HALF: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                   KB: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
+    """What a row program's loop needs besides its tiles: its keys' base in the repacked buffer and
+    their first key group there, and per row its first position, whether its group holds a query,
+    whether its diagonal score is defined, that score (unscaled), and the key tiles below every
+    row's own group (scored without masks)."""
+    kp_off = tl.load(sp + 1)
+    # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
+    kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
+    k_group0 = (kv_head * rows_per_head + kp_off) // S  # (TMA_K: a whole number, offsets are whole blocks)
+    grow0 = g_abs * S
+    present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
+    diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
+    diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
+                           S, HALF, BLOCK_M, HEAD_D)
+    # Key tiles ending at or before the program's first query block are below every row's own
+    # group, every column a key group (G == G_P): their epilogue needs no masks.
+    full_tiles = tl.min(tl.where(row_ok, g_abs // G, 2**30), 0) // KB
+    if G != G_P:
+        full_tiles = full_tiles * 0
+    return kp_base, k_group0, grow0, present_any, diag_def, diag, full_tiles
+
+
 @triton.jit(do_not_specialize=["super0", "launch_supers"])
 def _query_repack_kernel(
     Q, QP, items, supers, stride_qt, stride_qh, num_kv_heads, super0, launch_supers,
@@ -171,25 +196,13 @@ def _estimate_kernel(
     pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
         items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR, KS, QB, ROW_TILES, GROUP, GROUP_P, G,
         G_P, BLOCK_M)
-    kp_off = tl.load(sp + 1)
     nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
     n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
-    # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
-    kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
-    k_group0 = (kv_head * rows_per_head + kp_off) // S  # (TMA_K: a whole number, offsets are whole blocks)
+    kp_base, k_group0, grow0, present_any, diag_def, diag, full_tiles = _program_facts(
+        Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs, stride_qt, stride_qh, rows_per_head,
+        S, HALF, G, G_P, KB, BLOCK_M, HEAD_D)
     qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
                               stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
-
-    grow0 = g_abs * S
-    present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
-    diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
-    diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
-                           S, HALF, BLOCK_M, HEAD_D)
-    # Key tiles ending at or before the program's first query block are below every row's own
-    # group, every column a key group (G == G_P): their epilogue needs no masks.
-    full_tiles = tl.min(tl.where(row_ok, g_abs // G, 2**30), 0) // KB
-    if G != G_P:
-        full_tiles = full_tiles * 0
 
     DC: tl.constexpr = HEAD_D // BLOCK_D  # head-dimension steps per stride offset
     offs_dc = tl.arange(0, BLOCK_D)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_trianglemix.ops.xattention_triton.estimate import _diagonal_group, _program_rows
+from vllm_trianglemix.ops.xattention_triton.estimate import _program_facts, _program_rows
 
 try:  # Gluon (Triton >= 3.5); without it est_gluon falls back to the Triton loop
     from triton.experimental import gluon
@@ -57,16 +57,10 @@ def _program_info_kernel(
     pid, rt, kv_head, sp, qb, row_ok, q_head, q_tok, q_pos0, end, g_abs = _program_rows(
         items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR, 1, QB, ROW_TILES, GROUP, GROUP_P, G,
         G_P, BLOCK_M)
-    kp_off = tl.load(sp + 1)
     nb = tl.load(sp + 2)
-    kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
-    k_group0 = (kv_head * rows_per_head + kp_off) // S
-    grow0 = g_abs * S
-    present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
-    diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
-    diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
-                           S, HALF, BLOCK_M, HEAD_D)
-    full_tiles = tl.min(tl.where(row_ok, g_abs // G, 2**30), 0) // KB
+    _, k_group0, _, present_any, diag_def, diag, full_tiles = _program_facts(
+        Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs, stride_qt, stride_qh, rows_per_head,
+        S, HALF, G, G_P, KB, BLOCK_M, HEAD_D)
     n_tiles = tl.cdiv(nb, KB)
     per_split = tl.cdiv(n_tiles, KS)
     for k in tl.static_range(KS):
