@@ -399,17 +399,17 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
           if tma else query)
     assert query.stride(-1) == 1
     block_d = estimate_block_d(cfg, op.head_size)
+    shape = (G, G_P, kb, block_m, qb, row_tiles)
+    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(op, query, kp, shape, block_d)
+    if use_gluon and ks == 1:  # (the Gluon loop always leaves its running max and sum to _final_kernel)
+        ml = torch.empty((programs * block_m, 2), dtype=torch.float32, device=query.device)
     qd, kd = qp, kp
-    if tma:
+    if tma and not use_gluon:  # (the Gluon loop makes its own descriptors)
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         qd = TensorDescriptor.from_tensor(qp, [block_m, block_d])
         if tma_k:
             kd = TensorDescriptor.from_tensor(kp.view(-1, S * op.head_size), [kb * G_P, block_d])
-    shape = (G, G_P, kb, block_m, qb, row_tiles)
-    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(op, query, kp, shape, block_d)
-    if use_gluon and ks == 1:  # (the Gluon loop always leaves its running max and sum to _final_kernel)
-        ml = torch.empty((programs * block_m, 2), dtype=torch.float32, device=query.device)
     for first in range(0, groups.num_supers, supers_per_launch):
         n = min(supers_per_launch, groups.num_supers - first)
         if tma:
