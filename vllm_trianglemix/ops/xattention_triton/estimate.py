@@ -323,13 +323,13 @@ def _final_kernel(
                 num_kv_heads, kv_head, rt, max_blocks, KB, QB, ROW_TILES)
 
 
-def gluon_loop_runs(op, query, kp, shape, block_d: int) -> bool:
+def gluon_loop_runs(query, kp, shape) -> bool:
     """Whether ``est_gluon``'s loop (estimate_gluon.py) runs for this step; where it cannot, the
     Triton loop runs, with one warning naming why."""
     G, G_P, kb, block_m, _, _ = shape
     from vllm_trianglemix.ops.xattention_triton import estimate_gluon
 
-    reason = estimate_gluon.unsupported_reason(op.config, query, kp, G, G_P, block_m, kb * G_P, block_d)
+    reason = estimate_gluon.unsupported_reason(query, kp, G, G_P, block_m, kb * G_P)
     if reason is not None and reason not in _GLUON_WARNED:
         _GLUON_WARNED.add(reason)
         logger.warning("TriangleMix dynamic layers: est_gluon=1 but the Gluon estimate cannot run here: %s; "
@@ -400,7 +400,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     assert query.stride(-1) == 1
     block_d = estimate_block_d(cfg, op.head_size)
     shape = (G, G_P, kb, block_m, qb, row_tiles)
-    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(op, query, kp, shape, block_d)
+    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(query, kp, shape)
     if use_gluon and ks == 1:  # (the Gluon loop always leaves its running max and sum to _final_kernel)
         ml = torch.empty((programs * block_m, 2), dtype=torch.float32, device=query.device)
     qd, kd = qp, kp

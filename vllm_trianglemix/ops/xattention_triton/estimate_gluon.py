@@ -228,8 +228,8 @@ def gluon_stages(config) -> tuple[int, int]:
     return stages, lag
 
 
-def unsupported_reason(config, query: torch.Tensor, keys: torch.Tensor, G: int, G_P: int, block_m: int,
-                       n_cols: int, block_d: int) -> str | None:
+def unsupported_reason(query: torch.Tensor, keys: torch.Tensor, G: int, G_P: int, block_m: int,
+                       n_cols: int) -> str | None:
     """Why the Gluon loop cannot run for this step (None: it can)."""
     if gluon is None:
         return "this Triton has no Gluon"
@@ -272,7 +272,7 @@ def run_loop(op, qp, kp, pinfo, rinfo, diag, bsum, tmax, ml, max_tiles: int, qk_
     """The Gluon key-tile loop over every part of the launch's row programs."""
     cfg = op.config
     S = params.stride
-    G, G_P, kb, block_m, qb, row_tiles = shape
+    _, G_P, kb, block_m, _, _ = shape
     ks = max(1, cfg.est_key_splits)
     n_cols = kb * G_P
     dtype = gl.bfloat16 if qp.dtype == torch.bfloat16 else gl.float16
