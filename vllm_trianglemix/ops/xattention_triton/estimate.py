@@ -124,12 +124,14 @@ def _program_rows(items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR
 
 @triton.jit
 def _program_facts(Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs, stride_qt, stride_qh,
-                   rows_per_head, S: tl.constexpr, HALF: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                   rows_per_head, t_hi, S: tl.constexpr, HALF: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                    KB: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
     """What a row program's loop needs besides its tiles: its keys' base in the repacked buffer and
     their first key group there, and per row its first position, whether its group holds a query,
     whether its diagonal score is defined, that score (unscaled), and the key tiles below every
-    row's own group (scored without masks)."""
+    row's own group (scored without masks). ``t_hi``: the end of the key tiles the program scores;
+    where they are all below every row's own group (the first parts of ``est_key_splits``), the
+    diagonal scores are never read and not computed (zeros)."""
     kp_off = tl.load(sp + 1)
     # (a multiple of HEAD_D: aligned rows, whatever the buffer's length)
     kp_base = KP + (kv_head.to(tl.int64) * rows_per_head + kp_off) * HEAD_D
@@ -137,13 +139,16 @@ def _program_facts(Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs
     grow0 = g_abs * S
     present_any = row_ok & (tl.maximum(grow0, q_pos0) < tl.minimum(grow0 + S, end))
     diag_def = row_ok & (tl.maximum(grow0 + S - HALF, q_pos0) < tl.minimum(grow0 + S, end))
-    diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
-                           S, HALF, BLOCK_M, HEAD_D)
     # Key tiles ending at or before the program's first query block are below every row's own
     # group, every column a key group (G == G_P): their epilogue needs no masks.
     full_tiles = tl.min(tl.where(row_ok, g_abs // G, 2**30), 0) // KB
     if G != G_P:
         full_tiles = full_tiles * 0
+    if t_hi > full_tiles:  # masked tiles: they read the diagonal scores
+        diag = _diagonal_group(Q, kp_base, q_tok, q_pos0, end, grow0, row_ok, q_head, stride_qt, stride_qh,
+                               S, HALF, BLOCK_M, HEAD_D)
+    else:
+        diag = tl.zeros([BLOCK_M], dtype=tl.float32)
     return kp_base, k_group0, grow0, present_any, diag_def, diag, full_tiles
 
 
@@ -198,9 +203,14 @@ def _estimate_kernel(
         G_P, BLOCK_M)
     nb = tl.load(sp + 2)  # key blocks of the group's last query block (its index + 1)
     n_keys = tl.load(sp + 3)  # keys the group reads (the end of its last present row)
+    n_tiles = tl.cdiv(nb, KB)
+    split = tl.program_id(0) % KS  # this program's part of the key tiles (KS == 1: all of them)
+    per_split = tl.cdiv(n_tiles, KS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(n_tiles, t_lo + per_split)
     kp_base, k_group0, grow0, present_any, diag_def, diag, full_tiles = _program_facts(
         Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs, stride_qt, stride_qh, rows_per_head,
-        S, HALF, G, G_P, KB, BLOCK_M, HEAD_D)
+        t_hi, S, HALF, G, G_P, KB, BLOCK_M, HEAD_D)
     qk_scale, _ = _fp8_scales(qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr, kv_head,
                               stride_q_scale, stride_k_scale, stride_v_scale, Q_FP8, KV_FP8)
 
@@ -208,17 +218,12 @@ def _estimate_kernel(
     offs_dc = tl.arange(0, BLOCK_D)
     N: tl.constexpr = KB * G_P
     cols = tl.arange(0, N)
-    n_tiles = tl.cdiv(nb, KB)
     local = tl.arange(0, BLOCK_M).to(tl.int64)
     bsum_rows = BSUM + (pid.to(tl.int64) * BLOCK_M + local) * (max_tiles * KB)
     tmax_rows = TMAX + (pid.to(tl.int64) * BLOCK_M + local) * max_tiles
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, N], dtype=tl.float32)
-    split = tl.program_id(0) % KS  # this program's part of the key tiles (KS == 1: all of them)
-    per_split = tl.cdiv(n_tiles, KS)
-    t_lo = split * per_split
-    t_hi = tl.minimum(n_tiles, t_lo + per_split)
     for ts in range(t_lo * S * DC, t_hi * S * DC):  # (key tile, stride offset, d step): loads pipelined across tiles
         t = ts // (S * DC)  # (DC == 1, the whole head: the divisions by 1 fold when compiling)
         s = (ts // DC) % S

@@ -58,10 +58,10 @@ def _program_info_kernel(
         items, supers, num_kv_heads, super0, launch_supers, HEAD_MAJOR, 1, QB, ROW_TILES, GROUP, GROUP_P, G,
         G_P, BLOCK_M)
     nb = tl.load(sp + 2)
+    n_tiles = tl.cdiv(nb, KB)
     _, k_group0, _, present_any, diag_def, diag, full_tiles = _program_facts(
         Q, KP, sp, kv_head, row_ok, q_head, q_tok, q_pos0, end, g_abs, stride_qt, stride_qh, rows_per_head,
-        S, HALF, G, G_P, KB, BLOCK_M, HEAD_D)
-    n_tiles = tl.cdiv(nb, KB)
+        n_tiles, S, HALF, G, G_P, KB, BLOCK_M, HEAD_D)
     per_split = tl.cdiv(n_tiles, KS)
     for k in tl.static_range(KS):
         t_lo = tl.minimum(k * per_split, n_tiles)
