@@ -398,16 +398,16 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
     bsum = torch.empty((programs * block_m, max_tiles * kb), dtype=torch.float32, device=query.device)
     tmax = torch.empty((programs * block_m, max_tiles), dtype=torch.float32, device=query.device)
     ks = max(1, cfg.est_key_splits)
+    shape = (G, G_P, kb, block_m, qb, row_tiles)
+    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(query, kp, shape)
+    # the parts' running maxima and sums, for _final_kernel (the Gluon loop always leaves them to it)
+    final_launch = ks > 1 or use_gluon
     ml = (torch.empty((programs * ks * block_m, 2), dtype=torch.float32, device=query.device)
-          if ks > 1 else tmax)  # (the parts' running maxima and sums)
+          if final_launch else tmax)
     qp = (torch.empty((programs * S * block_m, op.head_size), dtype=query.dtype, device=query.device)
           if tma else query)
     assert query.stride(-1) == 1
     block_d = estimate_block_d(cfg, op.head_size)
-    shape = (G, G_P, kb, block_m, qb, row_tiles)
-    use_gluon = tma_k and bool(cfg.est_gluon) and gluon_loop_runs(query, kp, shape)
-    if use_gluon and ks == 1:  # (the Gluon loop always leaves its running max and sum to _final_kernel)
-        ml = torch.empty((programs * block_m, 2), dtype=torch.float32, device=query.device)
     qd, kd = qp, kp
     if tma and not use_gluon:  # (the Gluon loop makes its own descriptors)
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -443,7 +443,7 @@ def estimate(op, query, kp, prepared, groups, params, scale: float, fp8) -> torc
                 TMA_Q=tma, TMA_K=tma_k, HEAD_MAJOR=bool(cfg.est_head_major), KS=ks,
                 num_warps=cfg.est_num_warps, num_stages=cfg.est_num_stages,
             )
-        if ks > 1 or use_gluon:
+        if final_launch:
             _final_kernel[(n * per_super,)](
                 mass, bsum, tmax, ml, prepared.items, groups.supers, op.num_kv_heads, mass.shape[-1], max_tiles,
                 first, n, GROUP=op.group, GROUP_P=op.group_p, S=S, G=G, G_P=G_P, KB=kb, BLOCK_M=block_m, QB=qb,
